@@ -1,0 +1,3 @@
+from heygem_watch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""Audio: take a recording's sound once, on the recording's own timeline.
+
+extract_audio() decodes the recording's first audio stream in one streaming pass and writes two files to the
+recording's work folder:
+  audio16k.f32  raw little-endian float32 mono at SAMPLE_RATE: what every engine analyses
+  audio.m4a     AAC at the source rate (mono/stereo): what every output copies, packet for packet
+Sample 0 of both is the container's timeline origin (the earliest stream start), so an FLV whose timestamps start at
+3.2 s, or an AAC stream with priming, lines up with the video it was recorded with. Gaps in the timestamps become
+silence; overlaps are dropped. Nothing proportional to the recording's length stays in memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from heygem_watch.media import AUDIO_BITRATE, MediaError, open_container
+
+SAMPLE_RATE = 16000  # Hz, what speech analysis and Wav2Lip models expect
+PCM_NAME = "audio16k.f32"
+M4A_NAME = "audio.m4a"
+INFO_NAME = "audio.json"
+GAP_TOLERANCE_S = 0.010  # timestamp jitter below this is ignored (FLV has 1 ms timestamps)
+MAX_LEADING_GAP_S = 600.0  # a later audio start than this is a broken timestamp, not silence
+OUT_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+
+
+@dataclass
+class AudioTrack:
+    """16 kHz mono float32 samples in a file; read windows of it without loading it all."""
+
+    path: Path  # the raw .f32 file
+    n_samples: int
+    m4a_path: Path | None = None
+    notes: tuple[str, ...] = ()
+    sample_rate: int = SAMPLE_RATE
+
+    @property
+    def duration(self) -> float:
+        """Seconds."""
+        return self.n_samples / self.sample_rate
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Samples [start, start+count) as float32 (count,), zero-padded outside the signal."""
+        out = np.zeros(max(0, count), np.float32)
+        lo, hi = max(0, start), min(self.n_samples, start + count)
+        if hi > lo:
+            with open(self.path, "rb") as f:
+                f.seek(lo * 4)
+                data = np.frombuffer(f.read((hi - lo) * 4), dtype="<f4")
+            out[lo - start: lo - start + len(data)] = data
+        return out
+
+    def iter_chunks(self, seconds: float = 30.0) -> Iterator[tuple[int, np.ndarray]]:
+        """(start_sample, samples) in order, each at most `seconds` long."""
+        step = max(1, int(seconds * self.sample_rate))
+        for start in range(0, self.n_samples, step):
+            yield start, self.read(start, min(step, self.n_samples - start))
+
+    def all(self) -> np.ndarray:
+        """The whole signal; only for short audio (tests, analysis of a few minutes)."""
+        return self.read(0, self.n_samples)
+
+    @classmethod
+    def from_array(cls, samples: np.ndarray, work_dir: os.PathLike | str, write_m4a: bool = False) -> "AudioTrack":
+        """Build a track from 16 kHz mono samples (tests and tools)."""
+        work_dir = Path(work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        pcm = work_dir / PCM_NAME
+        samples = np.asarray(samples, dtype="<f4").reshape(-1)
+        samples.tofile(pcm)
+        m4a = None
+        if write_m4a:
+            m4a = work_dir / M4A_NAME
+            _write_m4a_from_array(samples, m4a)
+        return cls(pcm, len(samples), m4a)
+
+    @classmethod
+    def open(cls, work_dir: os.PathLike | str) -> "AudioTrack | None":
+        """A track extract_audio() finished earlier in work_dir, or None."""
+        work_dir = Path(work_dir)
+        try:
+            info = json.loads((work_dir / INFO_NAME).read_text())
+            pcm, m4a = work_dir / PCM_NAME, work_dir / M4A_NAME
+            if pcm.stat().st_size != info["n_samples"] * 4 or not m4a.exists():
+                return None
+            return cls(pcm, int(info["n_samples"]), m4a, tuple(info.get("notes", ())))
+        except (OSError, ValueError, KeyError):
+            return None
+
+
+class _Aligner:
+    """Places decoded chunks on the timeline: pads gaps with silence, drops overlaps."""
+
+    def __init__(self, rate: int, origin: float):
+        self.rate, self.origin, self.written = rate, origin, 0
+        self.gaps = 0
+
+    def place(self, t: float | None, data: np.ndarray) -> np.ndarray:
+        """data (channels, n) starting at t seconds -> samples to append (channels, m)."""
+        if t is None:
+            expected = self.written
+        else:
+            expected = int(round((t - self.origin) * self.rate))
+        delta = expected - self.written
+        if delta > GAP_TOLERANCE_S * self.rate and delta < MAX_LEADING_GAP_S * self.rate:
+            data = np.concatenate([np.zeros((data.shape[0], delta), np.float32), data], axis=1)
+            self.gaps += 1
+        elif delta < -GAP_TOLERANCE_S * self.rate:
+            data = data[:, min(-delta, data.shape[1]):]
+        self.written += data.shape[1]
+        return data
+
+
+def extract_audio(recording: os.PathLike | str, work_dir: os.PathLike | str) -> AudioTrack:
+    """Decode the recording's audio once (see module docstring). Raises MediaError naming the file and reason."""
+    import av
+
+    recording, work_dir = Path(recording), Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if not recording.exists():
+        raise MediaError(recording, "file not found")
+    if recording.stat().st_size == 0:
+        raise MediaError(recording, "file is empty (0 bytes)")
+    notes: list[str] = []
+    with open_container(recording) as c:
+        if not c.streams.audio:
+            raise MediaError(recording, "has no audio track (nothing to lip-sync to)")
+        ain = c.streams.audio[0]
+        starts = [s.start_time * s.time_base for s in c.streams if s.start_time is not None and s.type in ("audio", "video")]
+        origin = float(min(starts)) if starts else 0.0
+        src_rate = ain.codec_context.sample_rate or 48000
+        out_rate = src_rate if src_rate in OUT_RATES else 48000
+        channels = 1 if (ain.codec_context.channels or 1) == 1 else 2
+        layout = "mono" if channels == 1 else "stereo"
+        to_native = av.AudioResampler(format="fltp", layout=layout, rate=out_rate)
+        to_16k = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        align = _Aligner(out_rate, origin)
+        pcm_path, m4a_path = work_dir / PCM_NAME, work_dir / M4A_NAME
+        n16 = 0
+        with open(pcm_path, "wb") as pcm, av.open(str(m4a_path), "w", format="mp4") as m4a:
+            aout = m4a.add_stream("aac", rate=out_rate, layout=layout)
+            aout.bit_rate = AUDIO_BITRATE
+            enc_pts = 0
+
+            def emit(block: np.ndarray) -> None:
+                nonlocal n16, enc_pts
+                if block.shape[1] == 0:
+                    return
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block, np.float32), format="fltp", layout=layout)
+                frame.sample_rate = out_rate
+                frame.pts = enc_pts
+                enc_pts += block.shape[1]
+                for pkt in aout.encode(frame):
+                    m4a.mux(pkt)
+                frame16 = av.AudioFrame.from_ndarray(np.ascontiguousarray(block, np.float32), format="fltp", layout=layout)
+                frame16.sample_rate = out_rate
+                frame16.pts = None
+                for r in to_16k.resample(frame16):
+                    arr = r.to_ndarray().reshape(-1).astype("<f4")
+                    arr.tofile(pcm)
+                    n16 += len(arr)
+
+            try:
+                for packet in c.demux(ain):
+                    try:
+                        frames = packet.decode()
+                    except av.error.FFmpegError as exc:
+                        notes.append(f"skipped a corrupt audio packet ({exc.strerror or exc})")
+                        continue
+                    for frame in frames:
+                        t = float(frame.pts * frame.time_base) if frame.pts is not None else None
+                        for r in to_native.resample(frame):
+                            emit(align.place(t, r.to_ndarray()))
+                            t = None  # later chunks of the same frame follow on directly
+            except av.error.FFmpegError as exc:
+                notes.append(f"recording is truncated or damaged; used the first {align.written / out_rate:.1f} s "
+                             f"of audio ({exc.strerror or exc})")
+            for r in to_native.resample(None):
+                emit(align.place(None, r.to_ndarray()))
+            for pkt in aout.encode(None):
+                m4a.mux(pkt)
+            frame16 = None
+            for r in to_16k.resample(None):
+                arr = r.to_ndarray().reshape(-1).astype("<f4")
+                arr.tofile(pcm)
+                n16 += len(arr)
+    # Resampler latency can leave the 16 kHz track a few samples off the native one; make them agree exactly.
+    want = int(round(align.written / out_rate * SAMPLE_RATE))
+    if n16 != want:
+        with open(pcm_path, "r+b") as pcm:
+            if n16 > want:
+                pcm.truncate(want * 4)
+            else:
+                pcm.seek(0, 2)
+                np.zeros(want - n16, "<f4").tofile(pcm)
+        n16 = want
+    if n16 == 0:
+        raise MediaError(recording, "audio track holds no decodable audio")
+    if align.gaps:
+        notes.append(f"filled {align.gaps} gap(s) in the audio timestamps with silence")
+    if float(np.abs(_peak(pcm_path, n16))) < 1e-4:
+        notes.append("audio is silent: the avatar will keep its mouth closed")
+    (work_dir / INFO_NAME).write_text(json.dumps({"n_samples": n16, "source": str(recording), "notes": notes,
+                                                  "origin_s": origin, "rate": out_rate}))
+    return AudioTrack(pcm_path, n16, m4a_path, tuple(notes))
+
+
+def _peak(pcm_path: Path, n: int, chunk: int = 1 << 20) -> float:
+    peak = 0.0
+    with open(pcm_path, "rb") as f:
+        for _ in range(0, n, chunk):
+            data = np.frombuffer(f.read(chunk * 4), dtype="<f4")
+            if len(data):
+                peak = max(peak, float(np.abs(data).max()))
+    return peak
+
+
+def _write_m4a_from_array(samples: np.ndarray, m4a_path: Path) -> None:
+    import av
+
+    with av.open(str(m4a_path), "w", format="mp4") as m4a:
+        aout = m4a.add_stream("aac", rate=SAMPLE_RATE, layout="mono")
+        aout.bit_rate = AUDIO_BITRATE
+        step = 1024
+        for s in range(0, len(samples), step):
+            frame = av.AudioFrame.from_ndarray(samples[None, s:s + step].astype(np.float32), format="flt", layout="mono")
+            frame.sample_rate = SAMPLE_RATE
+            frame.pts = s
+            for pkt in aout.encode(frame):
+                m4a.mux(pkt)
+        for pkt in aout.encode(None):
+            m4a.mux(pkt)

@@ -1,0 +1,33 @@
+"""Engine factory: pick a lip-sync engine by name (rembg-style: one module per backend)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from heygem_watch.engines.base import Engine, EngineError, FrameJob
+
+ENGINE_NAMES = ("auto", "builtin", "onnx")
+
+__all__ = ["Engine", "EngineError", "FrameJob", "ENGINE_NAMES", "resolve_engine_name", "create_engine"]
+
+
+def resolve_engine_name(name: str, model: Path | None) -> str:
+    """auto -> onnx when a model is configured, else builtin."""
+    if name not in ENGINE_NAMES:
+        raise EngineError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
+    if name == "auto":
+        return "onnx" if model else "builtin"
+    return name
+
+
+def create_engine(name: str = "auto", model: Path | None = None, **options) -> Engine:
+    """Build the engine; heavy models load here, once."""
+    name = resolve_engine_name(name, model)
+    if name == "builtin":
+        from heygem_watch.engines.builtin import BuiltinEngine
+
+        return BuiltinEngine(**options)
+    if model is None:
+        raise EngineError("engine 'onnx' needs a model: pass --model PATH or set HEYGEM_MODEL")
+    from heygem_watch.engines.onnx import OnnxEngine
+
+    return OnnxEngine(Path(model), **options)

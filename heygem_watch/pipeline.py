@@ -1,0 +1,188 @@
+"""The pipeline: one recording's audio, once, fanned out over templates through an engine.
+
+    RecordingJob.prepare(recording)          audio decoded once -> AudioTrack (+ speech analysis, once per engine)
+    run_task(job, template, engine, out)     template (cached) -> FrameJobs (ping-pong) -> engine -> VideoWriter
+                                             -> temporary file -> atomic rename to `out`
+Output: the template's size and frame rate, H.264 + AAC, duration = the recording's audio.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from heygem_watch.audio import AudioTrack, extract_audio
+from heygem_watch.engines.base import Engine, FrameJob
+from heygem_watch.media import EncoderSettings, MediaError, VideoWriter
+from heygem_watch.template import Template, load_template
+
+PROGRESS_EVERY_S = 2.0  # progress callbacks at most this often (the daemon logs every 5 s)
+TMP_PREFIX = ".partial-"
+
+Progress = Callable[[int, int, float, float], None]  # (frames_done, frames_total, fps, eta_s)
+
+
+class Cancelled(Exception):
+    """The task was asked to stop (shutdown); nothing was filed."""
+
+
+@dataclass
+class RenderResult:
+    template: str
+    output: Path
+    frames: int
+    duration_s: float  # output length
+    wall_s: float
+    fps: float  # frames per wall second, whole task
+    template_analysis_s: float
+    template_cache_hit: bool
+    face_fraction: float
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["output"] = str(self.output)
+        return d
+
+
+def frame_count(duration_s: float, fps: Fraction) -> int:
+    """Frames covering duration_s at fps (at least one)."""
+    return max(1, int(round(duration_s * Fraction(fps))))
+
+
+def pingpong_index(i: int, n: int) -> int:
+    """Template frame for output frame i: forward, then backward, then forward... never a jump."""
+    if n <= 1:
+        return 0
+    period = 2 * (n - 1)
+    k = i % period
+    return k if k < n else period - k
+
+
+class RecordingJob:
+    """A recording whose audio has been taken once; shared by all its templates."""
+
+    def __init__(self, path: Path, work_dir: Path, track: AudioTrack):
+        self.path, self.work_dir, self.track = path, work_dir, track
+        self._speech: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def prepare(cls, recording: os.PathLike | str, work_dir: os.PathLike | str) -> "RecordingJob":
+        """Decode the audio (or reuse what an earlier, interrupted run left in work_dir)."""
+        recording, work_dir = Path(recording), Path(work_dir)
+        track = AudioTrack.open(work_dir) or extract_audio(recording, work_dir)
+        return cls(recording, work_dir, track)
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self.track.notes)
+
+    def speech_for(self, engine: Engine):
+        """Engine.analyse_speech, once per (recording, engine)."""
+        with self._lock:
+            key = id(engine)
+            if key not in self._speech:
+                self._speech[key] = engine.analyse_speech(self.track)
+            return self._speech[key]
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+# Engine state per template stays in memory for the life of the process (the daemon renders the same templates
+# for every recording); keyed by engine instance and template fingerprint.
+_STATES: dict[tuple[int, str], object] = {}
+_STATES_LOCK = threading.Lock()
+
+
+def _template_state(engine: Engine, tpl: Template):
+    key = (id(engine), tpl.fingerprint)
+    with _STATES_LOCK:
+        if key not in _STATES:
+            if len(_STATES) > 64:
+                _STATES.clear()
+            _STATES[key] = engine.prepare_template(tpl)
+        return _STATES[key]
+
+
+def _jobs(tpl: Template, n_out: int, fps: Fraction, cancel: threading.Event | None) -> Iterator[FrameJob]:
+    for i in range(n_out):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        k = pingpong_index(i, tpl.n_frames)
+        yield FrameJob(i, float(i / fps), k, tpl.frame(k))
+
+
+def run_task(job: RecordingJob, template_path: os.PathLike | str, engine: Engine, out_path: os.PathLike | str,
+             tmp_dir: os.PathLike | str, cache_root: os.PathLike | str, *, progress: Progress | None = None,
+             cancel: threading.Event | None = None, encoder: EncoderSettings | None = None, log=None) -> RenderResult:
+    """Render one template for one recording into out_path (atomic: complete file or nothing)."""
+    t0 = time.monotonic()
+    out_path, tmp_dir = Path(out_path), Path(tmp_dir)
+    tpl = load_template(template_path, cache_root, log=log)
+    state = _template_state(engine, tpl)
+    speech = job.speech_for(engine)
+    fps = tpl.fps
+    n_out = frame_count(job.track.duration, fps)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f"{TMP_PREFIX}{uuid.uuid4().hex}.mp4"
+    writer = VideoWriter(tmp, tpl.width, tpl.height, fps, job.track.m4a_path, encoder)
+    last = t_start = time.monotonic()
+    try:
+        for frame in engine.render(tpl, state, speech, _jobs(tpl, n_out, fps, cancel)):
+            writer.write(frame)
+            now = time.monotonic()
+            if progress is not None and (now - last >= PROGRESS_EVERY_S or writer.frames_written == n_out):
+                done = writer.frames_written
+                rate = done / max(now - t_start, 1e-6)
+                progress(done, n_out, rate, (n_out - done) / rate if rate > 0 else 0.0)
+                last = now
+        if writer.frames_written != n_out:
+            raise RuntimeError(f"engine {engine.name} returned {writer.frames_written} frames for {n_out} jobs")
+        writer.close()
+    except BaseException:
+        writer.abort()
+        tmp.unlink(missing_ok=True)
+        raise
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out_path)
+    wall = time.monotonic() - t0
+    return RenderResult(tpl.path.name, out_path, n_out, float(n_out / fps), wall, n_out / max(wall, 1e-6),
+                        tpl.analysis_s, tpl.cache_hit, tpl.face_fraction, job.notes + tpl.notes)
+
+
+def process_files(recording: os.PathLike | str, templates: Sequence[os.PathLike | str],
+                  outputs: Sequence[os.PathLike | str], engine: Engine, var_dir: os.PathLike | str, *,
+                  encoder: EncoderSettings | None = None, log=None,
+                  on_result: Callable[[str, RenderResult | BaseException], None] | None = None
+                  ) -> list[RenderResult | BaseException]:
+    """`heygem-watch process`: no daemon, no ledger. One result (or the exception) per template, in order.
+
+    A broken recording raises MediaError; one failing template never stops the others.
+    """
+    var_dir = Path(var_dir)
+    work = var_dir / "tmp" / f"process-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    results: list[RenderResult | BaseException] = []
+    try:
+        job = RecordingJob.prepare(recording, work)
+        for tpl, out in zip(templates, outputs):
+            try:
+                res: RenderResult | BaseException = run_task(job, tpl, engine, out, work, var_dir / "cache",
+                                                             encoder=encoder, log=log)
+            except Cancelled:
+                raise
+            except Exception as exc:  # one failing template never stops the others
+                res = exc
+            results.append(res)
+            if on_result is not None:
+                on_result(str(tpl), res)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
