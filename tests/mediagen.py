@@ -1,0 +1,133 @@
+"""Synthetic media for tests: a real face (a public-domain photo shipped inside matplotlib, which mediapipe
+depends on), moved a little from frame to frame, and speech-like audio. Nothing here is copied from ../shared/media."""
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+SR = 16000
+
+
+def face_photo() -> np.ndarray:
+    """Grace Hopper (US Navy photo, public domain), (600, 512, 3) uint8 BGR."""
+    import cv2
+    import matplotlib.cbook as cbook
+
+    img = cv2.imread(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)), cv2.IMREAD_COLOR)
+    assert img is not None
+    return img
+
+
+def face_frames(n: int, size: tuple[int, int] = (320, 384), faceless: set[int] | frozenset = frozenset(),
+                mouth_open: np.ndarray | None = None):
+    """n BGR frames (h, w = size) of the photo with a slow head sway; frames in `faceless` show a plain wall.
+    mouth_open: optional (n,) 0..1, stretches the lower lip region downwards to fake an opening mouth."""
+    import cv2
+
+    base = face_photo()
+    h, w = size
+    for i in range(n):
+        if i in faceless:
+            yield np.full((h, w, 3), (90, 120, 150), np.uint8)
+            continue
+        dx, dy = 6 * np.sin(i / 9.0), 4 * np.sin(i / 13.0)
+        img = base
+        if mouth_open is not None and mouth_open[i] > 0:
+            img = _open_mouth(base, float(mouth_open[i]))
+        m = np.float32([[w / base.shape[1], 0, dx], [0, w / base.shape[1], dy - 20]])
+        yield cv2.warpAffine(img, m, (w, h), borderMode=cv2.BORDER_REPLICATE)
+
+
+def _open_mouth(img: np.ndarray, amount: float) -> np.ndarray:
+    """Crude jaw drop below the lip line of the photo (lips at y~279, x 230..305) with a dark gap."""
+    import cv2
+
+    out = img.copy()
+    y0, x0, x1 = 279, 228, 308
+    gap = int(round(amount * 14))
+    if gap <= 0:
+        return out
+    below = img[y0:y0 + 60, x0:x1]
+    out[y0 + gap:y0 + 60 + gap, x0:x1] = below[: out[y0 + gap:y0 + 60 + gap, x0:x1].shape[0]]
+    out[y0:y0 + gap, x0 + 8:x1 - 8] = (40, 30, 60)
+    return cv2.GaussianBlur(out, (3, 3), 0)
+
+
+def write_video(path: Path, frames, fps: Fraction | float = 25, audio: np.ndarray | None = None,
+                audio_rate: int = SR, fmt: str | None = None) -> Path:
+    """H.264 (+ AAC when audio is given) in MP4/FLV/MKV by extension."""
+    import av
+
+    frames = iter(frames)
+    first = next(frames)
+    h, w = first.shape[:2]
+    fps = Fraction(fps).limit_denominator(100000)
+    with av.open(str(path), "w", format=fmt) as out:
+        vs = out.add_stream("libx264", rate=fps)
+        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+        vs.codec_context.options = {"preset": "ultrafast"}
+        as_ = out.add_stream("aac", rate=audio_rate, layout="mono") if audio is not None else None
+
+        def put(img):
+            for p in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="bgr24")):
+                out.mux(p)
+
+        put(first)
+        for img in frames:
+            put(img)
+        for p in vs.encode(None):
+            out.mux(p)
+        if as_ is not None:
+            for s in range(0, len(audio), 1024):
+                fr = av.AudioFrame.from_ndarray(audio[None, s:s + 1024].astype(np.float32), format="flt", layout="mono")
+                fr.sample_rate, fr.pts = audio_rate, s
+                for p in as_.encode(fr):
+                    out.mux(p)
+            for p in as_.encode(None):
+                out.mux(p)
+    return path
+
+
+def write_audio(path: Path, audio: np.ndarray, rate: int = SR) -> Path:
+    """Audio-only file (WAV/M4A/MP3... by extension)."""
+    import av
+
+    codec = {".wav": "pcm_s16le", ".m4a": "aac", ".aac": "aac", ".mp3": "libmp3lame", ".flac": "flac",
+             ".ogg": "libvorbis"}[path.suffix.lower()]
+    with av.open(str(path), "w") as out:
+        st = out.add_stream(codec, rate=rate, layout="mono")
+        fmt = "s16" if codec == "pcm_s16le" else st.codec_context.format.name
+        for s in range(0, len(audio), 1024):
+            chunk = audio[s:s + 1024].astype(np.float32)
+            if fmt.startswith("s16"):
+                arr = (np.clip(chunk, -1, 1) * 32767).astype(np.int16)[None]
+            else:
+                arr = chunk[None]
+            fr = av.AudioFrame.from_ndarray(arr, format=fmt if fmt in ("s16", "flt", "fltp", "s16p") else "flt",
+                                            layout="mono")
+            fr.sample_rate, fr.pts = rate, s
+            for p in st.encode(fr):
+                out.mux(p)
+        for p in st.encode(None):
+            out.mux(p)
+    return path
+
+
+def speech_like(seconds: float, rate: int = SR, gaps: list[tuple[float, float]] | None = None, seed: int = 0) -> np.ndarray:
+    """Voiced 'syllables' (120 Hz harmonics through two formants, ~4 per second) separated by short pauses;
+    `gaps` lists (start_s, end_s) of digital silence. float32 in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * rate)
+    t = np.arange(n) / rate
+    f0 = 120 + 15 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    src = sum(np.sin(k * phase) / k for k in range(1, 25))
+    env = np.clip(np.sin(2 * np.pi * 4.0 * t + rng.uniform(0, 6)), 0, None) ** 0.7
+    env *= 0.6 + 0.4 * np.sin(2 * np.pi * 0.3 * t) ** 2
+    x = (src * env).astype(np.float32)
+    x += 0.003 * rng.standard_normal(n).astype(np.float32)
+    for a, b in gaps or []:
+        x[int(a * rate):int(b * rate)] = 0
+    return (0.3 * x / (np.abs(x).max() + 1e-9)).astype(np.float32)

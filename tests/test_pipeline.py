@@ -1,0 +1,104 @@
+"""pipeline.py: frame timing, ping-pong, atomic output, fan-out, cancellation."""
+import threading
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from heygem_watch import pipeline
+from heygem_watch.audio import SAMPLE_RATE
+from heygem_watch.engines.base import Engine
+from tests import mediagen
+
+
+class Passthrough(Engine):
+    name = "passthrough"
+
+    def __init__(self):
+        self.speech_calls = 0
+
+    def analyse_speech(self, audio):
+        self.speech_calls += 1
+        return audio.duration
+
+    def render(self, template, state, speech, jobs):
+        for j in jobs:
+            yield j.image
+
+
+def test_pingpong_never_jumps():
+    for n in (1, 2, 3, 10):
+        seq = [pipeline.pingpong_index(i, n) for i in range(5 * n + 3)]
+        assert all(0 <= k < n for k in seq)
+        assert all(abs(a - b) <= 1 for a, b in zip(seq, seq[1:]))
+        if n > 1:
+            assert seq[:n] == list(range(n)) and seq[n] == n - 2
+
+
+@pytest.mark.parametrize("fps", [Fraction(1350, 61), Fraction(25), Fraction(30000, 1001), Fraction(30), Fraction(60)])
+def test_frame_timing_stays_within_one_frame_over_ten_minutes(fps):
+    duration = 600.0 + 0.0123
+    n = pipeline.frame_count(duration, fps)
+    assert abs(n / fps - duration) <= 0.5 / fps
+    # frame i is shown at exactly i/fps: no accumulated rounding over 10 minutes
+    last = n - 1
+    assert abs(float(Fraction(last) / fps) - last / float(fps)) < 1e-9
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("p")
+    tpl = mediagen.write_video(d / "tpl a.mp4", mediagen.face_frames(12, size=(160, 192)), Fraction(1350, 61))
+    audio = mediagen.speech_like(3.0)
+    rec = mediagen.write_video(d / "-rec 'quoted' 录音.flv", (np.zeros((64, 64, 3), np.uint8) for _ in range(75)), 25,
+                               audio=audio)
+    return d, tpl, rec
+
+
+def test_output_has_template_geometry_and_audio_length(media, tmp_path):
+    d, tpl, rec = media
+    eng = Passthrough()
+    out = tmp_path / "out dir" / "o.mp4"
+    res = pipeline.process_files(rec, [tpl], [out], eng, tmp_path / "var")
+    assert isinstance(res[0], pipeline.RenderResult), res
+    with av.open(str(out)) as c:
+        v, a = c.streams.video[0], c.streams.audio[0]
+        assert (v.codec_context.width, v.codec_context.height) == (192, 160)
+        assert v.codec_context.name == "h264" and a.codec_context.name == "aac"
+        assert v.average_rate == Fraction(1350, 61)
+        n = sum(1 for _ in c.decode(v))
+    assert abs(n / (1350 / 61) - 3.0) <= 1 / (1350 / 61)
+    assert res[0].frames == n
+    # nothing left behind in the work area
+    assert not list((tmp_path / "var" / "tmp").glob("**/*.mp4"))
+
+
+def test_fan_out_takes_audio_once(media, tmp_path):
+    d, tpl, rec = media
+    eng = Passthrough()
+    job = pipeline.RecordingJob.prepare(rec, tmp_path / "w")
+    for k in range(3):
+        pipeline.run_task(job, tpl, eng, tmp_path / f"o{k}.mp4", tmp_path / "w", tmp_path / "cache")
+    assert eng.speech_calls == 1
+    assert all((tmp_path / f"o{k}.mp4").exists() for k in range(3))
+
+
+def test_cancel_leaves_no_file(media, tmp_path):
+    d, tpl, rec = media
+    job = pipeline.RecordingJob.prepare(rec, tmp_path / "w")
+    ev = threading.Event()
+    ev.set()
+    with pytest.raises(pipeline.Cancelled):
+        pipeline.run_task(job, tpl, Passthrough(), tmp_path / "o.mp4", tmp_path / "w", tmp_path / "cache", cancel=ev)
+    assert not (tmp_path / "o.mp4").exists()
+    assert not list((tmp_path / "w").glob("*.mp4"))
+
+
+def test_one_bad_template_does_not_stop_the_others(media, tmp_path):
+    d, tpl, rec = media
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("not a video")
+    res = pipeline.process_files(rec, [bad, tpl], [tmp_path / "a.mp4", tmp_path / "b.mp4"], Passthrough(), tmp_path / "v")
+    assert isinstance(res[0], Exception) and "notes.mp4" in str(res[0])
+    assert isinstance(res[1], pipeline.RenderResult) and (tmp_path / "b.mp4").exists()

@@ -1,0 +1,79 @@
+"""template.py: analysed once, cached by content, frames readable without decoding, damage rebuilt."""
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from heygem_watch import face
+from heygem_watch.media import MediaError
+from heygem_watch.template import TemplateError, load_template
+from tests import mediagen
+
+
+@pytest.fixture(scope="module")
+def tpl_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tpl")
+    return mediagen.write_video(d / "host video.mp4", mediagen.face_frames(20, faceless={7, 8}), 25)
+
+
+def test_analysis_finds_the_face_and_caches(tpl_file, tmp_path):
+    t = load_template(tpl_file, tmp_path)
+    assert (t.n_frames, t.width, t.height, float(t.fps)) == (20, 384, 320, 25.0)
+    assert not t.cache_hit and t.analysis_s > 0
+    assert t.face_found.tolist() == [i not in (7, 8) for i in range(20)]
+    assert np.isnan(t.landmarks[7]).all() and not np.isnan(t.landmarks[0]).any()
+    # the mouth sits in the lower middle of the face, below the eyes
+    lm = t.landmarks[0]
+    assert lm[face.UPPER_LIP_INNER_MID, 1] > lm[face.EYE_OUTER_L, 1] + 20
+    again = load_template(tpl_file, tmp_path)
+    assert again.cache_hit and again.analysis_s == 0.0
+    assert np.allclose(again.landmarks[0], lm)
+
+
+def test_cached_frames_match_the_decoded_video(tpl_file, tmp_path):
+    t = load_template(tpl_file, tmp_path)
+    decoded = list(mediagen_decode(tpl_file))
+    for i in (0, 5, 19):
+        assert np.abs(t.frame(i).astype(int) - decoded[i]).mean() < 3.0
+    with pytest.raises(IndexError):
+        t.frame(20)
+
+
+def mediagen_decode(path):
+    from heygem_watch.media import iter_video_frames
+    return iter_video_frames(path)
+
+
+def test_changed_file_gets_new_entry_and_damage_is_rebuilt(tpl_file, tmp_path):
+    t1 = load_template(tpl_file, tmp_path)
+    (t1.cache_dir / "track.npz").write_bytes(b"garbage")
+    t2 = load_template(tpl_file, tmp_path)
+    assert not t2.cache_hit and t2.face_found.sum() == 18
+    copy = tmp_path / "edited.mp4"
+    shutil.copy(tpl_file, copy)
+    with open(copy, "ab") as f:
+        f.write(b"\0")
+    t3 = load_template(copy, tmp_path)
+    assert t3.fingerprint != t2.fingerprint and t3.cache_dir != t2.cache_dir
+
+
+def test_still_photo_is_a_one_frame_template(tmp_path):
+    p = tmp_path / "photo.jpg"
+    cv2.imwrite(str(p), mediagen.face_photo())
+    t = load_template(p, tmp_path / "c")
+    assert t.is_image and t.n_frames == 1 and float(t.fps) == 25 and t.face_found[0]
+
+
+def test_template_without_face_is_refused_with_reason(tmp_path):
+    p = mediagen.write_video(tmp_path / "wall.mp4", (np.full((64, 64, 3), 128, np.uint8) for _ in range(5)), 25)
+    with pytest.raises(TemplateError, match="no face found"):
+        load_template(p, tmp_path / "c")
+
+
+def test_missing_and_empty(tmp_path):
+    with pytest.raises(MediaError, match="not found"):
+        load_template(tmp_path / "nope.mp4", tmp_path)
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(MediaError, match="empty"):
+        load_template(tmp_path / "empty.mp4", tmp_path)
