@@ -26,7 +26,7 @@ fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 if [[ ",$EXTRAS," == *",export,"* ]]; then
   # torch for the export extra: the CPU build (any newer release pulls a multi-GB CUDA build)
-  "${PIP[@]}" install "torch==2.13.0" || "${PIP[@]}" install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+  "${PIP[@]}" install "torch==2.13.0"
 fi
 "${PIP[@]}" install -e ".[${EXTRAS}]"
 if [ "${HEYGEM_GPU:-0}" = 1 ]; then

@@ -26,6 +26,7 @@ M4A_NAME = "audio.m4a"
 INFO_NAME = "audio.json"
 GAP_TOLERANCE_S = 0.010  # timestamp jitter below this is ignored (FLV has 1 ms timestamps)
 MAX_LEADING_GAP_S = 600.0  # a later audio start than this is a broken timestamp, not silence
+MAX_PRIMING_SHIFT_S = 0.5  # a larger audio/video start difference is real content, not encoder priming
 OUT_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 
 
@@ -131,8 +132,7 @@ def extract_audio(recording: os.PathLike | str, work_dir: os.PathLike | str) -> 
         if not c.streams.audio:
             raise MediaError(recording, "has no audio track (nothing to lip-sync to)")
         ain = c.streams.audio[0]
-        starts = [s.start_time * s.time_base for s in c.streams if s.start_time is not None and s.type in ("audio", "video")]
-        origin = float(min(starts)) if starts else 0.0
+        origin = _timeline_origin(c, ain)
         src_rate = ain.codec_context.sample_rate or 48000
         out_rate = src_rate if src_rate in OUT_RATES else 48000
         channels = 1 if (ain.codec_context.channels or 1) == 1 else 2
@@ -208,6 +208,19 @@ def extract_audio(recording: os.PathLike | str, work_dir: os.PathLike | str) -> 
     (work_dir / INFO_NAME).write_text(json.dumps({"n_samples": n16, "source": str(recording), "notes": notes,
                                                   "origin_s": origin, "rate": out_rate}))
     return AudioTrack(pcm_path, n16, m4a_path, tuple(notes))
+
+
+def _timeline_origin(container, ain) -> float:
+    """Time (s) that becomes sample 0. With video, the first video frame: muxers shift AAC priming in front of it
+    (FLV cannot store negative timestamps), and the recording's picture starts there. Audio-only: the audio start."""
+    a0 = float(ain.start_time * ain.time_base) if ain.start_time is not None else 0.0
+    vs = container.streams.video[0] if container.streams.video else None
+    if vs is not None and vs.start_time is not None:
+        v0 = float(vs.start_time * vs.time_base)
+        if abs(v0 - a0) < MAX_PRIMING_SHIFT_S:
+            return v0
+        return min(v0, a0)
+    return a0
 
 
 def _peak(pcm_path: Path, n: int, chunk: int = 1 << 20) -> float:
