@@ -140,7 +140,7 @@ def child_job(args) -> dict:
     t0 = time.monotonic()
     engine = _Passthrough() if args.engine == "none" else create_engine(args.engine)
     outs = [Path(args.out_dir) / f"{Path(t).stem}.mp4" for t in args.tpl]
-    res = pipeline.process_files(args.recording, args.tpl, outs, engine, args.var, encoder=enc)
+    res = pipeline.process_files(args.recording, args.tpl, outs, engine, var_dir=args.var, encoder=enc)
     wall = time.monotonic() - t0
     bad = [str(r) for r in res if isinstance(r, BaseException)]
     return {"wall_s": wall, "errors": bad, "out_s": sum(r.duration_s for r in res if not isinstance(r, BaseException)),

@@ -159,14 +159,21 @@ def run_task(job: RecordingJob, template_path: os.PathLike | str, engine: Engine
 
 
 def process_files(recording: os.PathLike | str, templates: Sequence[os.PathLike | str],
-                  outputs: Sequence[os.PathLike | str], engine: Engine, var_dir: os.PathLike | str, *,
+                  outputs: Sequence[os.PathLike | str], engine: Engine | str = "auto",
+                  model: os.PathLike | str | None = None, var_dir: os.PathLike | str = "var", *,
                   encoder: EncoderSettings | None = None, log=None,
                   on_result: Callable[[str, RenderResult | BaseException], None] | None = None
                   ) -> list[RenderResult | BaseException]:
     """`heygem-watch process`: no daemon, no ledger. One result (or the exception) per template, in order.
 
+    engine: an Engine, or a name for engines.create_engine (with model).
+
     A broken recording raises MediaError; one failing template never stops the others.
     """
+    if isinstance(engine, str):
+        from heygem_watch.engines import create_engine
+
+        engine = create_engine(engine, Path(model) if model else None)
     var_dir = Path(var_dir)
     work = var_dir / "tmp" / f"process-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     results: list[RenderResult | BaseException] = []

@@ -60,7 +60,7 @@ def test_output_has_template_geometry_and_audio_length(media, tmp_path):
     d, tpl, rec = media
     eng = Passthrough()
     out = tmp_path / "out dir" / "o.mp4"
-    res = pipeline.process_files(rec, [tpl], [out], eng, tmp_path / "var")
+    res = pipeline.process_files(rec, [tpl], [out], eng, var_dir=tmp_path / "var")
     assert isinstance(res[0], pipeline.RenderResult), res
     with av.open(str(out)) as c:
         v, a = c.streams.video[0], c.streams.audio[0]
@@ -99,6 +99,6 @@ def test_one_bad_template_does_not_stop_the_others(media, tmp_path):
     d, tpl, rec = media
     bad = tmp_path / "notes.mp4"
     bad.write_text("not a video")
-    res = pipeline.process_files(rec, [bad, tpl], [tmp_path / "a.mp4", tmp_path / "b.mp4"], Passthrough(), tmp_path / "v")
+    res = pipeline.process_files(rec, [bad, tpl], [tmp_path / "a.mp4", tmp_path / "b.mp4"], Passthrough(), var_dir=tmp_path / "v")
     assert isinstance(res[0], Exception) and "notes.mp4" in str(res[0])
     assert isinstance(res[1], pipeline.RenderResult) and (tmp_path / "b.mp4").exists()
