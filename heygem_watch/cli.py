@@ -1,0 +1,287 @@
+"""`heygem-watch` command line: run | process | status | check | export-model | web.
+
+Thin on purpose: argument parsing here, work in the modules. Heavy imports (numpy, PyAV, MediaPipe,
+ONNX Runtime) happen inside the commands, so `--help` and `status` start fast.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from heygem_watch import __version__
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="heygem-watch", description="Recordings dropped into a folder become one "
+                                "lip-synced video per avatar template.")
+    p.add_argument("--version", action="version", version=f"heygem-watch {__version__}")
+    p.add_argument("--config", metavar="PATH", help="config.env to read (default: ./config.env if present)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    sub.add_parser("run", help="the daemon, in the foreground (systemd runs this)")
+    pr = sub.add_parser("process", help="render one recording once, no daemon, no ledger")
+    pr.add_argument("recording", type=Path)
+    pr.add_argument("--template", "-t", dest="templates", type=Path, action="append", required=True,
+                    help="avatar video or image (repeat for several)")
+    out = pr.add_mutually_exclusive_group(required=True)
+    out.add_argument("--output", "-o", type=Path, help="output MP4 (exactly one --template)")
+    out.add_argument("--out-dir", type=Path, help="writes DIR/<template-stem>.mp4 per template")
+    pr.add_argument("--engine", choices=("auto", "builtin", "onnx"), default=None,
+                    help="default: HEYGEM_ENGINE (auto = onnx when a model is set, else builtin)")
+    pr.add_argument("--model", type=Path, default=None, help="ONNX model (default: HEYGEM_MODEL)")
+    st = sub.add_parser("status", help="ledger summary: counts, running task, last recordings")
+    st.add_argument("--limit", type=int, default=20)
+    sub.add_parser("check", help="validate config, folders, disk, templates and model; print fixes")
+    ex = sub.add_parser("export-model", help="convert a Wav2Lip checkpoint to ONNX (needs the 'export' extra)")
+    ex.add_argument("checkpoint", type=Path)
+    ex.add_argument("output", type=Path)
+    ex.add_argument("--opset", type=int, default=17)
+    ex.add_argument("--fp16", action="store_true")
+    ex.add_argument("--int8", action="store_true")
+    web = sub.add_parser("web", help="the web dashboard (its own process, same ledger and folders)")
+    web.add_argument("--host", default=None)
+    web.add_argument("--port", type=int, default=None)
+    return p
+
+
+def _settings(args):
+    from heygem_watch.config import ConfigError, load_settings
+
+    try:
+        return load_settings(args.config)
+    except ConfigError as exc:
+        print(f"heygem-watch: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_run(args, settings) -> int:
+    from heygem_watch.daemon import Daemon
+    from heygem_watch.logs import configure
+
+    configure(settings.log_format, settings.log_level)
+    try:
+        daemon = Daemon(settings, config_path=args.config)
+    except OSError as exc:
+        print(f"heygem-watch: cannot prepare the folders: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    try:
+        rc = daemon.run()
+    except Exception as exc:
+        daemon.log.exception("fatal", error=str(exc))
+        rc = EXIT_FAIL
+    # Everything is filed and the ledger closed; skip the interpreter's slow teardown of native libraries
+    # (MediaPipe, ONNX Runtime) so SIGTERM -> exit stays well within systemd's and the issue's 10 s.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
+def cmd_process(args, settings) -> int:
+    templates: list[Path] = args.templates
+    if args.output is not None:
+        if len(templates) != 1:
+            print("heygem-watch process: --output takes exactly one --template; use --out-dir for several",
+                  file=sys.stderr)
+            return EXIT_CONFIG
+        outputs = [args.output]
+    else:
+        stems = [t.stem for t in templates]
+        outputs = [args.out_dir / (f"{t.stem}.mp4" if stems.count(t.stem) == 1 else f"{t.name.replace('.', '-')}.mp4")
+                   for t in templates]
+    if not args.recording.is_file():
+        print(f"heygem-watch process: {args.recording}: recording not found", file=sys.stderr)
+        return EXIT_FAIL
+    from heygem_watch import engines, pipeline
+    from heygem_watch.logs import configure, get_logger
+
+    configure(settings.log_format if os.environ.get("HEYGEM_LOG_FORMAT") else "console", settings.log_level,
+              stream=sys.stderr)  # stdout carries only the summary lines
+    model = args.model if args.model is not None else settings.model
+    try:
+        engine = engines.create_engine(args.engine or settings.engine, model)
+    except Exception as exc:
+        print(f"heygem-watch process: engine: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+
+    def report(tpl: str, res) -> None:
+        if isinstance(res, BaseException):
+            print(f"FAIL {Path(tpl).name}: {res}", flush=True)
+        else:
+            print(f"OK   {Path(tpl).name} -> {res.output}  {res.frames} frames, {res.duration_s:.2f} s, "
+                  f"{res.wall_s:.1f} s wall ({res.fps:.1f} fps)" + (f"  [{'; '.join(res.notes)}]" if res.notes else ""),
+                  flush=True)
+
+    from heygem_watch.media import MediaError
+
+    try:
+        results = pipeline.process_files(args.recording, templates, outputs, engine, settings.var_dir,
+                                         encoder=settings.encoder, log=get_logger(), on_result=report)
+    except MediaError as exc:
+        print(f"FAIL {args.recording.name}: recording unusable: {exc.reason}", flush=True)
+        return EXIT_FAIL
+    finally:
+        engine.close()
+    return EXIT_OK if results and all(not isinstance(r, BaseException) for r in results) else EXIT_FAIL
+
+
+def _fmt_time(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def cmd_status(args, settings) -> int:
+    from heygem_watch.ledger import Ledger
+
+    if not settings.ledger_path.exists():
+        print(f"no ledger yet at {settings.ledger_path} (the daemon has not run here)")
+        return EXIT_OK
+    with Ledger(settings.ledger_path) as led:
+        c = led.counts()
+        print("tasks: " + "  ".join(f"{k} {v}" for k, v in c.items()))
+        running = led.running_tasks()
+        for t in running:
+            rec = led.recording(t.recording_id)
+            pct = 100.0 * t.progress_done / t.progress_total if t.progress_total else 0.0
+            eta = f"{t.eta_s:.0f} s" if t.eta_s is not None else "-"
+            print(f"running: task {t.id} {rec.name} x {t.template_name}: {t.progress_done}/{t.progress_total} frames "
+                  f"({pct:.0f}%), {t.fps:.1f} fps, ETA {eta}")
+        if not running:
+            print("running: none")
+        recs = led.recent_recordings(args.limit)
+        print(f"last {len(recs)} recordings:")
+        for r in recs:
+            tasks = led.tasks_for(r.id)
+            done = sum(t.state == "done" for t in tasks)
+            err = f"  error: {r.error}" if r.error else ""
+            print(f"  #{r.id:<5} {r.state:<8} {done}/{len(tasks)} done  {_fmt_time(r.created_at)}  {r.name}{err}")
+    return EXIT_OK
+
+
+MIN_FACE_FRACTION = 0.5  # `check` wants a face in most template frames
+
+
+def _writable_dir(path: Path) -> str | None:
+    """None if path is (or can be created as) a writable folder, else the problem in words."""
+    p = path
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is not a folder"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is not writable by {_user()}"
+    return None
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return "this user"
+
+
+def cmd_check(args, settings) -> int:
+    """Print OK/PROBLEM lines (each problem with its fix); exit 1 if there is any problem."""
+    import shutil
+
+    problems: list[tuple[str, str]] = []
+    ok = lambda msg: print(f"ok       {msg}")  # noqa: E731
+
+    def bad(msg: str, fix: str) -> None:
+        problems.append((msg, fix))
+        print(f"PROBLEM  {msg}\n         fix: {fix}")
+
+    ok(f"config {settings.config_file or '(defaults + environment)'}")
+    for name, d in (("var", settings.var_dir), ("incoming", settings.incoming_dir),
+                    ("templates", settings.template_dir), ("outputs", settings.outputs_dir),
+                    ("archive", settings.archive_dir), ("failed", settings.failed_dir), ("logs", settings.logs_dir),
+                    ("cache", settings.cache_dir)):
+        why = _writable_dir(d)
+        if why:
+            bad(f"{name} folder {d}: {why}", f"sudo install -d -o {_user()} {d}  (or set the HEYGEM_* path)")
+        else:
+            ok(f"{name} folder {d}" + ("" if d.exists() else " (created on start)"))
+    p = settings.var_dir
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    free_mb = shutil.disk_usage(p).free / 2**20
+    if free_mb < settings.min_free_mb:
+        bad(f"only {free_mb:.0f} MB free in {p} (HEYGEM_MIN_FREE_MB={settings.min_free_mb})",
+            "free disk space or lower HEYGEM_MIN_FREE_MB; new tasks wait until then")
+    else:
+        ok(f"free disk {free_mb:.0f} MB (minimum {settings.min_free_mb} MB)")
+    try:
+        import onnxruntime as ort
+
+        ok(f"onnxruntime {ort.__version__}, providers: {', '.join(ort.get_available_providers())}")
+    except Exception as exc:  # noqa: BLE001 - any import failure is the same problem
+        bad(f"onnxruntime cannot be imported ({exc})", "run ./setup.sh again (pip install -e .)")
+    from heygem_watch.daemon import list_templates
+
+    tpls = list_templates(settings.template_dir)
+    if not tpls:
+        bad(f"no templates in {settings.template_dir}",
+            "copy at least one avatar video (a talking head, face visible) or photo there")
+    if tpls:
+        from heygem_watch.media import MediaError
+        from heygem_watch.template import load_template
+
+        for t in tpls:
+            try:
+                tpl = load_template(t, settings.cache_dir)
+            except MediaError as exc:
+                bad(f"template {t.name}: {exc.reason}", f"replace {t} with a video or image showing a face")
+                continue
+            except Exception as exc:  # noqa: BLE001
+                bad(f"template {t.name}: {type(exc).__name__}: {exc}", f"replace or remove {t}")
+                continue
+            desc = f"template {t.name}: {tpl.width}x{tpl.height}, {tpl.n_frames} frames, face in {tpl.face_fraction:.0%}"
+            if tpl.face_fraction < MIN_FACE_FRACTION:
+                bad(desc, "use a clip where the face is visible in most frames (face-less frames pass through "
+                          "without lip-sync)")
+            else:
+                ok(desc)
+    from heygem_watch import engines
+
+    try:
+        name = engines.resolve_engine_name(settings.engine, settings.model)
+        if settings.model is not None and not settings.model.is_file():
+            bad(f"model {settings.model} does not exist", "fix HEYGEM_MODEL or put the .onnx file there "
+                "(see README: Using your own Wav2Lip model)")
+        elif name == "onnx" or settings.model is not None:
+            t0 = time.monotonic()
+            eng = engines.create_engine(settings.engine, settings.model)
+            ok(f"engine {name}: loaded in {time.monotonic() - t0:.1f} s {eng.describe()}")
+            eng.close()
+        else:
+            ok(f"engine {name} (no model configured)")
+    except Exception as exc:  # noqa: BLE001
+        bad(f"engine {settings.engine}: {exc}", "check HEYGEM_ENGINE / HEYGEM_MODEL")
+    print(f"{len(problems)} problem(s)" if problems else "all checks passed")
+    return EXIT_FAIL if problems else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "export-model":
+        from heygem_watch.export import cli_export
+
+        return cli_export(args)
+    settings = _settings(args)
+    if settings is None:
+        return EXIT_CONFIG
+    if args.command == "web":
+        from heygem_watch.web.server import cli_web
+
+        return cli_web(args, settings)
+    return {"run": cmd_run, "process": cmd_process, "status": cmd_status, "check": cmd_check}[args.command](
+        args, settings)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

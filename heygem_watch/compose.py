@@ -1,0 +1,387 @@
+"""Compositing for the built-in engine: landmark-driven warps, colour matching, feathered masks, mouth synthesis.
+
+All work happens in a crop around the lower face (a few hundred pixels on a side whatever the frame size):
+  rig = MouthRig.from_shape(landmarks)             mesh over the lower face (once per template)
+  t = rig.target_shape(src_lm -> cur frame, open, width)   where lips/jaw must be in the current frame
+  crop = compose_mouth(cur_img, cur_lm, src_img, src_lm, t, ...)   paste, blend, fill the mouth interior
+The current frame is warped so its own lips, jaw and chin move (no double chin: one continuous warp of the lower
+face, nothing pasted on the jaw line); lips, teeth and mouth interior come from the selected template frame,
+warped onto the same shape and blended through a feathered mask around the lips with no hard edge (reaching a
+little lower when this frame's own mouth was open wider, so no trace of its lower lip is left). Where the target
+mouth is more open than the source frame's, the interior is filled with a shaded cavity and upper teeth (still
+photos, silent presenters).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from heygem_watch import face
+from heygem_watch.mouth import (CORNERS, DEFAULT_TEETH_BGR, LOWER_INNER, LOWER_OUTER, UPPER_INNER, UPPER_OUTER,
+                                apply_affine, head_frame, similarity)
+
+# Mesh points: lips, jaw line, chin and cheeks below the nose (MediaPipe indices); the upper ones are anchors.
+CHEEK_CHIN = [18, 200, 199, 175, 57, 287, 212, 432, 202, 422, 204, 424, 210, 430, 83, 313, 201, 421]
+ANCHORS = [2, 98, 327, 164, 167, 393, 206, 426, 205, 425, 36, 266, 123, 352, 50, 280]
+MESH_POINTS = list(dict.fromkeys(face.LIPS_OUTER + face.LIPS_INNER + face.JAW + CHEEK_CHIN + ANCHORS))
+BOX_PAD = 0.18  # crop box margin around the mesh, inter-ocular units
+MIN_GAP = 0.004  # closest the inner lips come in a "closed" mouth (iod units): keeps the mesh from folding
+LIP_HALF = 0.30  # lower-lip drop falls to zero this far from the mouth centre (iod units)
+JAW_SPREAD = 0.6  # lateral fall-off of the jaw drop (iod units): wide, so the chin outline keeps its shape
+JAW_FOLLOW = 0.7  # the chin drops this much of the lip opening
+JAW_RAMP = 0.3  # below the mouth line the jaw drop grows over this distance (iod): gentle, so the skin never folds
+UPPER_LIFT = 0.12  # the upper lip rises this much of the opening
+MASK_MARGIN = 0.07  # the pasted mouth extends this far beyond the outer lip line (iod units)
+MASK_SOFT = 0.045  # Gaussian feather of the mouth mask (sigma, iod units)
+GHOST_COVER = 0.5  # the mask reaches this fraction of (this frame's opening - the drawn one) further down
+CAVITY_BGR = (28, 22, 52)  # mouth interior (dark, reddish), scaled by the local brightness
+TONGUE_BGR = (70, 72, 150)  # the tongue at the bottom of a wide-open mouth, scaled likewise
+TEETH_HEIGHT = 0.035  # visible upper-teeth height at full opening (iod units)
+WORK_IOD = 110  # maps and masks are planned on a grid this many pixels per inter-ocular distance (speed)
+
+
+@dataclass
+class MouthRig:
+    """Triangle mesh (indices into MESH_POINTS + 8 box points) built once on a template's typical face."""
+
+    tris: np.ndarray  # (t, 3) int
+    box: np.ndarray  # (8, 2) head-normalised box points
+
+    @classmethod
+    def from_shape(cls, lm: np.ndarray) -> "MouthRig":
+        from scipy.spatial import Delaunay
+
+        origin, rot, iod = head_frame(lm)
+        p = (lm[MESH_POINTS] - origin) @ rot.T / iod
+        # triangulate with the mouth held open so inner-lip triangles span the gap and never fold when it closes
+        p = p.copy()
+        lower = np.isin(MESH_POINTS, LOWER_INNER + LOWER_OUTER) | ((p[:, 1] > 0.02) & ~np.isin(MESH_POINTS, CORNERS))
+        p[lower, 1] += 0.12
+        lo, hi = p.min(0) - BOX_PAD, p.max(0) + BOX_PAD
+        mid = 0.5 * (lo + hi)
+        box = np.array([[lo[0], lo[1]], [mid[0], lo[1]], [hi[0], lo[1]], [hi[0], mid[1]], [hi[0], hi[1]],
+                        [mid[0], hi[1]], [lo[0], hi[1]], [lo[0], mid[1]]])
+        tris = Delaunay(np.vstack([p, box])).simplices.astype(np.int32)
+        return cls(tris, box)
+
+    def box_points(self, lm: np.ndarray) -> np.ndarray:
+        """The 8 fixed box points in the pixel frame of a face with landmarks lm."""
+        origin, rot, iod = head_frame(lm)
+        return self.box * iod @ rot + origin
+
+    def target_shape(self, cur_lm: np.ndarray, src_aligned: np.ndarray, open_t: float, width_t: float | None,
+                     open_weight: float = 1.0) -> np.ndarray:
+        """Mesh points (len(MESH_POINTS), 2) where the mouth must be drawn in the current frame.
+
+        cur_lm: current frame landmarks; src_aligned: the source frame's landmarks mapped into the current frame;
+        open_t: wanted inner-lip gap, width_t: wanted mouth width (both / iod; width None = keep)."""
+        origin, rot, iod = head_frame(cur_lm)
+        idx = np.array(MESH_POINTS)
+        p = (src_aligned[idx] - origin) @ rot.T / iod
+        cur = (cur_lm[idx] - origin) @ rot.T / iod
+        anchor = np.isin(idx, ANCHORS)
+        p[anchor] = cur[anchor]  # above the mouth the current frame stays where it is
+        i13, i14 = MESH_POINTS.index(13), MESH_POINTS.index(14)
+        gap = p[i14, 1] - p[i13, 1]
+        delta = (max(open_t, 0.0) - gap) * open_weight
+        u, v = p[:, 0] - 0.5 * (p[i13, 0] + p[i14, 0]), p[:, 1] - 0.5 * (p[i13, 1] + p[i14, 1])
+        lip_w = np.clip(1.0 - (u / LIP_HALF) ** 2, 0.0, 1.0)
+        is_lower_lip = np.isin(idx, LOWER_INNER + LOWER_OUTER)
+        is_upper_lip = np.isin(idx, UPPER_INNER + UPPER_OUTER)
+        is_corner = np.isin(idx, CORNERS)
+        below = ~(is_lower_lip | is_upper_lip | is_corner | anchor) & (v > 0)
+        dv = np.zeros(len(idx))
+        # lower lip: each point's gap to its upper partner scales when closing (a wide smile shuts everywhere, not
+        # only in the middle) and grows by the wanted opening, most in the middle, when opening
+        iu = np.array([MESH_POINTS.index(k) for k in UPPER_INNER])
+        il = np.array([MESH_POINTS.index(k) for k in LOWER_INNER])
+        io = np.array([MESH_POINTS.index(k) for k in LOWER_OUTER])
+        gaps = p[il, 1] - p[iu, 1]
+        want = max(open_t, 0.0)
+        if want < gap:
+            ratio = want / max(gap, 1e-6)
+            dv_lip = gaps * (ratio - 1.0)
+        else:  # the upper lip takes a small share of the opening
+            dv_lip = (1.0 - UPPER_LIFT) * delta * lip_w[il]
+            dv[is_upper_lip] = -UPPER_LIFT * delta * lip_w[is_upper_lip]
+        dv[il] = dv_lip
+        dv[io] = dv_lip
+        jaw = JAW_FOLLOW * np.exp(-(u / JAW_SPREAD) ** 2) * np.clip(v / JAW_RAMP, 0.0, 1.0)
+        dv[below] = delta * jaw[below]
+        p[:, 1] += dv
+        if width_t is not None:
+            il, ir = MESH_POINTS.index(61), MESH_POINTS.index(291)
+            dw = 0.5 * (width_t - (p[ir, 0] - p[il, 0]))
+            for ic, sgn in ((il, -1.0), (ir, 1.0)):
+                d2 = (p[:, 0] - p[ic, 0]) ** 2 + (p[:, 1] - p[ic, 1]) ** 2
+                p[~anchor, 0] += sgn * dw * np.exp(-d2[~anchor] / 0.15 ** 2)
+        # lips never cross: each lower point stays below its upper partner
+        for up, lo_, gap_min in ((UPPER_INNER, LOWER_INNER, MIN_GAP), (UPPER_OUTER, LOWER_OUTER, 0.03)):
+            iu = [MESH_POINTS.index(k) for k in up]
+            il_ = [MESH_POINTS.index(k) for k in lo_]
+            p[il_, 1] = np.maximum(p[il_, 1], p[iu, 1] + gap_min * lip_w[il_] + 0.5 * MIN_GAP)
+        return p * iod @ rot + origin
+
+
+def _tri_affines(dst: np.ndarray, src: np.ndarray, tris: np.ndarray) -> np.ndarray:
+    """Per triangle, the affine (t, 2, 3) taking dst vertices onto src vertices (degenerate ones: a translation)."""
+    d0, s0 = dst[tris[:, 0]], src[tris[:, 0]]
+    e1, e2 = dst[tris[:, 1]] - d0, dst[tris[:, 2]] - d0
+    f1, f2 = src[tris[:, 1]] - s0, src[tris[:, 2]] - s0
+    det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
+    ok = np.abs(det) > 1e-6
+    inv_det = np.where(ok, 1.0 / np.where(ok, det, 1.0), 0.0)
+    # inverse of [e1 e2] (columns), then A = [f1 f2] @ inv
+    i00, i01 = e2[:, 1] * inv_det, -e2[:, 0] * inv_det
+    i10, i11 = -e1[:, 1] * inv_det, e1[:, 0] * inv_det
+    m = np.empty((len(tris), 2, 3))
+    m[:, :, 0] = f1 * i00[:, None] + f2 * i10[:, None]
+    m[:, :, 1] = f1 * i01[:, None] + f2 * i11[:, None]
+    m[~ok, :, :2] = np.eye(2)
+    m[:, :, 2] = s0 - (m[:, :, 0] * d0[:, :1] + m[:, :, 1] * d0[:, 1:])
+    return m
+
+
+def _grid(rect, step: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Sample positions (full-frame pixels) of a grid coarser by `step` over rect: xs (1, cw), ys (ch, 1).
+    With step > 1 the grid has one extra sample beyond each side, so upsample() interpolates all the way to the
+    rect's edges instead of clamping there."""
+    x0, y0, w, h = rect
+    if step == 1:
+        return (np.arange(x0, x0 + w, dtype=np.float32)[None, :], np.arange(y0, y0 + h, dtype=np.float32)[:, None],
+                w, h)
+    cw, ch = -(-w // step) + 2, -(-h // step) + 2
+    off = (step - 1) / 2.0 - step
+    xs = (x0 + off + step * np.arange(cw, dtype=np.float32))[None, :]
+    ys = (y0 + off + step * np.arange(ch, dtype=np.float32))[:, None]
+    return xs, ys, cw, ch
+
+
+def upsample(a: np.ndarray, rect, step: int) -> np.ndarray:
+    """A coarse grid (from _grid) back to rect's full size (bilinear; cv2.resize puts coarse sample j at full
+    pixel (j + 0.5) * step - 0.5, which is where _grid took it)."""
+    if step == 1:
+        return a
+    _, _, w, h = rect
+    big = cv2.resize(a, (a.shape[1] * step, a.shape[0] * step), interpolation=cv2.INTER_LINEAR)
+    return big[step:step + h, step:step + w]
+
+
+def mesh_labels(dst: np.ndarray, tris: np.ndarray, rect: tuple[int, int, int, int], step: int = 1) -> np.ndarray:
+    """(ch, cw) int32 on the coarse grid of rect: index of the triangle (drawn at dst) covering each sample,
+    len(tris) outside the mesh."""
+    xs, ys, cw, ch = _grid(rect, step)
+    label = np.full((ch, cw), len(tris), np.int32)
+    pts = np.round((dst - (xs[0, 0], ys[0, 0])) / step * 16).astype(np.int32)
+    for t, tri in enumerate(tris):
+        cv2.fillConvexPoly(label, pts[tri], int(t), lineType=cv2.LINE_8, shift=4)
+    return label
+
+
+def piecewise_map(dst: np.ndarray, src: np.ndarray, tris: np.ndarray, label: np.ndarray, rect, step: int = 1
+                  ) -> tuple:
+    """Backward map for cv2.remap over rect=(x0, y0, w, h): pixel p (inside the mesh drawn at dst, as labelled)
+    samples the source at the piecewise-affine image of p; outside the mesh the map is the identity. Computed on
+    the coarse grid and upsampled: the map is continuous and piecewise linear, so bilinear upsampling is exact
+    inside triangles and off by a fraction of a pixel at their edges."""
+    xs, ys, _, _ = _grid(rect, step)
+    m = _tri_affines(dst, src, tris)
+    table = np.zeros((len(tris) + 1, 6), np.float32)
+    table[:-1] = m.reshape(-1, 6)
+    table[-1] = (1, 0, 0, 0, 1, 0)
+    c = [table[:, k][label] for k in range(6)]
+    mx = c[0] * xs + c[1] * ys + c[2]
+    my = c[3] * xs + c[4] * ys + c[5]
+    return upsample(mx, rect, step), upsample(my, rect, step)
+
+
+def crop_rect(points: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
+    """Integer (x0, y0, w, h) covering points, clipped to the frame."""
+    x0, y0 = np.floor(points.min(0)).astype(int) - 2
+    x1, y1 = np.ceil(points.max(0)).astype(int) + 3
+    x0, y0 = max(0, x0), max(0, y0)
+    x1, y1 = min(width, x1), min(height, y1)
+    return int(x0), int(y0), int(max(0, x1 - x0)), int(max(0, y1 - y0))
+
+
+def feathered_mask(poly: np.ndarray, centre: np.ndarray, iod: float, rect, margin: float = MASK_MARGIN,
+                   soft: float = MASK_SOFT, step: int = 1, down: np.ndarray | None = None,
+                   extra: float = 0.0) -> np.ndarray:
+    """Soft mask (h, w) float32 0..1 for the polygon grown by margin*iod, feathered by a Gaussian of soft*iod:
+    1 inside the lips, falling smoothly to 0 (no step anywhere). Drawn on the coarse grid, then upsampled.
+    down (unit vector) and extra (iod units): the lower half of the polygon also grows this much downwards."""
+    xs, ys, cw, ch = _grid(rect, step)
+    d = poly - centre
+    n = np.linalg.norm(d, axis=1, keepdims=True) + 1e-6
+    grown = centre + d + d / n * (margin * iod)
+    if down is not None and extra > 0:
+        lower = np.clip((d @ down) / (np.abs(d @ down).max() + 1e-6), 0.0, 1.0)[:, None]
+        grown = grown + lower * down[None, :] * (extra * iod)
+    m = np.zeros((ch, cw), np.float32)
+    pts = np.round((grown - (xs[0, 0], ys[0, 0])) / step * 16).astype(np.int32)
+    cv2.fillPoly(m, [pts], 1.0, lineType=cv2.LINE_AA, shift=4)
+    m = cv2.GaussianBlur(m, (0, 0), max(1.0, soft * iod / step))
+    return upsample(m, rect, step)
+
+
+def cavity(rect, head, inner: np.ndarray, open_px: float, iod: float, light: float, teeth_bgr,
+           step: int = 1) -> tuple:
+    """Synthetic mouth interior over rect: (image (h, w, 3) float32, alpha (h, w) float32).
+
+    Inside the inner-lip polygon: a dark cavity, darker at the back and towards the corners, a dim tongue at the
+    bottom; upper teeth hang from the upper lip (height grows with the opening, shaded at their lower edge and
+    towards the corners, faint gaps between them)."""
+    xs, ys, cw, ch = _grid(rect, step)
+    origin, rot, _ = head
+    u = ((xs - origin[0]) * rot[0, 0] + (ys - origin[1]) * rot[0, 1]) / iod
+    v = ((xs - origin[0]) * rot[1, 0] + (ys - origin[1]) * rot[1, 1]) / iod
+    up = (inner[LIPS_INNER_UPPER] - origin) @ rot.T / iod  # upper inner lip, corner to corner
+    lo = (inner[LIPS_INNER_LOWER] - origin) @ rot.T / iod
+    o1, o2 = np.argsort(up[:, 0]), np.argsort(lo[:, 0])
+    v_up = np.interp(u, up[o1, 0], up[o1, 1])
+    v_lo = np.interp(u, lo[o2, 0], lo[o2, 1])
+    half = max(1e-3, 0.5 * (up[:, 0].max() - up[:, 0].min()))
+    gap = open_px / iod
+    lateral = np.clip(1.0 - (u / half) ** 2, 0.0, 1.0)
+    span = np.maximum(v_lo - v_up, 1e-3)
+    depth = np.clip((v - v_up) / span, 0.0, 1.0)  # 0 at the upper lip, 1 at the lower lip
+    dark = np.array(CAVITY_BGR, np.float32) * light
+    tongue = np.array(TONGUE_BGR, np.float32) * light
+    shade = (0.5 + 0.5 * np.sqrt(lateral))[..., None]
+    tw = np.clip((depth - 0.55) / 0.45, 0.0, 1.0)[..., None] * min(1.0, gap / 0.12)
+    img = (dark * (1 - tw) + tongue * tw) * shade
+    teeth = np.asarray(teeth_bgr, np.float32)
+    if not teeth.max() > 0:  # the template never showed teeth: off-white, a touch of the skin's hue, its light
+        teeth = np.array(DEFAULT_TEETH_BGR, np.float32) * float(np.clip(light * 1.05, 0.55, 1.1))
+    # upper teeth: a band under the upper lip, its lower edge a gentle arc, shaded towards the corners
+    th = min(TEETH_HEIGHT, 0.33 * gap) * np.sqrt(lateral)
+    band = np.clip(((v_up + th) - v) * iod / max(1.2, 0.6 * step), 0.0, 1.0) * (v > v_up - 0.03) * (th > 0.004)
+    gaps = 1.0 - 0.12 * np.exp(-((np.abs(u) % 0.075 - 0.0375) / 0.006) ** 2 / 2) * (np.abs(u) > 0.03)
+    rel = np.clip((v - v_up) / np.maximum(th, 1e-3), 0, 1)  # 0 under the lip .. 1 at the biting edge
+    tshade = ((0.6 + 0.4 * lateral) * (0.82 + 0.18 * np.sin(np.pi * np.clip(rel * 1.3, 0, 1))))[..., None]
+    img = img * (1 - band[..., None]) + teeth * tshade * gaps[..., None] * band[..., None]
+    a = np.zeros((ch, cw), np.float32)
+    pts = np.round((inner - (xs[0, 0], ys[0, 0])) / step * 16).astype(np.int32)
+    cv2.fillPoly(a, [pts], 1.0, lineType=cv2.LINE_AA, shift=4)
+    a = cv2.GaussianBlur(a, (0, 0), max(0.5, 0.006 * iod / step))
+    img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), max(0.5, 0.004 * iod / step))
+    return upsample(img, rect, step), upsample(a, rect, step)
+
+
+# positions of the upper / lower inner lip (corner to corner) within face.LIPS_INNER
+LIPS_INNER_UPPER = [face.LIPS_INNER.index(k) for k in [78] + UPPER_INNER + [308]]
+LIPS_INNER_LOWER = [face.LIPS_INNER.index(k) for k in [78] + LOWER_INNER + [308]]
+
+
+def _usable(px: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """Per-frame landmarks when they are complete and agree with the smoothed ones (within a quarter of the
+    inter-ocular distance), else the smoothed ones."""
+    px = np.asarray(px, np.float64)
+    if px.shape != lm.shape or not np.isfinite(px).all():
+        return lm
+    if np.abs(px - lm).max() > 0.25 * (face.inter_ocular(lm) + 1e-6):
+        return lm
+    return px
+
+
+def _inverse_similarity(a: np.ndarray) -> np.ndarray:
+    r = a[:, :2]
+    det = r[0, 0] * r[1, 1] - r[0, 1] * r[1, 0]
+    ri = np.array([[r[1, 1], -r[0, 1]], [-r[1, 0], r[0, 0]]]) / det
+    return np.hstack([ri, (-ri @ a[:, 2])[:, None]])
+
+
+def work_step(iod: float) -> int:
+    """Grid step for maps and masks: faces larger than WORK_IOD pixels between the eyes are planned coarser."""
+    return max(1, int(iod // WORK_IOD))
+
+
+def compose_mouth(cur_img: np.ndarray, cur_lm: np.ndarray, src_img, src_lm: np.ndarray, rig: MouthRig,
+                  open_t: float, width_t: float | None, teeth_bgr, fill: float | None = None,
+                  cur_px: np.ndarray | None = None, src_px: np.ndarray | None = None) -> np.ndarray:
+    """Draw the mouth of the source frame into cur_img (in place) with inner-lip gap open_t and width width_t
+    (iod units) and return cur_img. src_img: the source frame, the same object as cur_img for "this frame", or a
+    callable (x0, y0, w, h) -> BGR crop (reads only what is needed). fill: how much of the interior to synthesise
+    (None: as much as the source frame lacks).
+    cur_lm/src_lm (smoothed over time) place the mouth, so it does not shimmer; cur_px/src_px (this frame's own,
+    unsmoothed detection, default: the same) say where the lips really are in the pixels being warped: with
+    smoothed points there, a fast-opening mouth leaves a ghost of its lower lip below the drawn one."""
+    cur_lm, src_lm = cur_lm.astype(np.float64), src_lm.astype(np.float64)
+    cur_px = cur_lm if cur_px is None else _usable(cur_px, cur_lm)
+    src_px = src_lm if src_px is None else _usable(src_px, src_lm)
+    same = src_img is cur_img
+    stable = face.STABLE_POINTS
+    a = np.array([[1.0, 0, 0], [0, 1.0, 0]]) if same else similarity(src_lm[stable], cur_lm[stable])
+    target = rig.target_shape(cur_lm, apply_affine(a, src_lm), open_t, width_t)
+    box_cur = rig.box_points(cur_lm)
+    dst = np.vstack([target, box_cur])
+    h_img, w_img = cur_img.shape[:2]
+    rect = crop_rect(box_cur, w_img, h_img)
+    x0, y0, w, h = rect
+    if w < 8 or h < 8:
+        return cur_img
+    head = head_frame(cur_lm)
+    iod = head[2]
+    step = work_step(iod)
+    outer = target[[MESH_POINTS.index(k) for k in face.LIPS_OUTER]]
+    inner = target[[MESH_POINTS.index(k) for k in face.LIPS_INNER]]
+    # the mouth rect: where the mask is non-zero (grown outer lips + 3 sigma of feather)
+    grow = (MASK_MARGIN + 3 * MASK_SOFT + GHOST_COVER * 0.4) * iod + 2
+    mx0, my0 = np.maximum(np.floor(outer.min(0) - grow).astype(int), (x0, y0))
+    mx1, my1 = np.minimum(np.ceil(outer.max(0) + grow).astype(int), (x0 + w, y0 + h))
+    mrect = (int(mx0), int(my0), int(mx1 - mx0), int(my1 - my0))
+    sl = (slice(my0 - y0, my1 - y0), slice(mx0 - x0, mx1 - x0))
+    label = mesh_labels(dst, rig.tris, rect, step)
+    idx = MESH_POINTS
+    bmx, bmy = piecewise_map(dst, np.vstack([cur_px[idx], box_cur]), rig.tris, label, rect, step)
+    bg = cv2.remap(cur_img, bmx, bmy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    bgf = bg[sl].astype(np.float32)
+    if same:
+        fgf = bgf.copy()
+    else:
+        src_pts = np.vstack([src_px[idx], apply_affine(_inverse_similarity(a), box_cur)])
+        if step == 1:  # only the mouth rect is needed
+            fmx, fmy = piecewise_map(dst, src_pts, rig.tris, label[sl], mrect, 1)
+        else:
+            fmx, fmy = piecewise_map(dst, src_pts, rig.tris, label, rect, step)
+            fmx, fmy = fmx[sl], fmy[sl]
+        if callable(src_img):  # read only the source pixels the map touches
+            sx0, sy0 = max(0, int(fmx.min()) - 2) & ~1, max(0, int(fmy.min()) - 2) & ~1
+            sx1, sy1 = int(fmx.max()) + 3, int(fmy.max()) + 3
+            crop = src_img((sx0, sy0, sx1 - sx0, sy1 - sy0))
+            fmx, fmy = fmx - sx0, fmy - sy0
+        else:
+            crop = src_img
+        fgf = cv2.remap(crop, fmx, fmy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT).astype(np.float32)
+    # where this frame's own mouth was open wider than the drawn one, its lower lip may survive below the drawn
+    # lips (landmarks sit high on a wide-open lower lip): the pasted mouth reaches further down there
+    cur_gap = float(np.linalg.norm(cur_px[13] - cur_px[14]) / iod)
+    extra = GHOST_COVER * max(0.0, cur_gap - open_t)
+    mask = feathered_mask(outer, outer.mean(0), iod, mrect, step=step, down=head[1][1], extra=0.0 if same else extra)
+    if not same:
+        # colour matching: the mean difference where the mask fades (skin around the lips) moves the source to
+        # the current frame's light
+        ring = mask * (1.0 - mask)
+        wsum = float(ring.sum())
+        if wsum > 1.0:
+            fgf += ((bgf - fgf) * ring[..., None]).reshape(-1, 3).sum(0) / wsum
+    src_gap = float(np.linalg.norm(src_px[13] - src_px[14]) / (face.inter_ocular(src_px) + 1e-6))
+    if fill is None:
+        fill = float(np.clip((open_t - src_gap) / max(open_t, 1e-3) * 1.4, 0.0, 1.0))
+    if fill > 0.02 and open_t > 0.01:
+        # the interior only: its own small rect inside the mouth rect
+        ix0, iy0 = np.maximum(np.floor(inner.min(0)).astype(int) - 2, (mx0, my0))
+        ix1, iy1 = np.minimum(np.ceil(inner.max(0)).astype(int) + 3, (mx1, my1))
+        if ix1 - ix0 > 2 and iy1 - iy0 > 2:
+            irect = (int(ix0), int(iy0), int(ix1 - ix0), int(iy1 - iy0))
+            isl = (slice(iy0 - my0, iy1 - my0), slice(ix0 - mx0, ix1 - mx0))
+            skin = bgf[(mask > 0.02) & (mask < 0.5)]
+            light = float(np.clip(skin.mean() / 160.0, 0.35, 1.25)) if len(skin) else 1.0
+            img, alpha = cavity(irect, head, inner, open_t * iod, iod, light, teeth_bgr, step)
+            alpha *= fill
+            fgf[isl] += (img - fgf[isl]) * alpha[..., None]
+    bg[sl] = np.clip(bgf + (fgf - bgf) * mask[..., None] + 0.5, 0, 255).astype(np.uint8)
+    cur_img[y0:y0 + h, x0:x0 + w] = bg
+    return cur_img

@@ -1,0 +1,254 @@
+"""Settings from config.env (python-dotenv) and the environment; real environment variables win.
+
+Every key is HEYGEM_*; `load_settings` returns the Settings plus nothing else, raising ConfigError that lists
+every bad or unknown key by name. Relative paths resolve against the current directory at load time.
+Kept light (no numpy/av imports): `heygem-watch` imports it on every start.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+DEFAULT_CONFIG = Path("config.env")  # read from the current directory when --config is not given
+PREFIX = "HEYGEM_"
+DEFAULT_EXTENSIONS = ".flv,.mp4,.mkv,.mov,.avi,.webm,.wav,.mp3,.m4a,.aac,.flac,.ogg"
+ON_DONE_CHOICES = ("archive", "keep", "delete")
+LOG_FORMATS = ("json", "console")
+ENGINE_CHOICES = ("auto", "builtin", "onnx")
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+
+# key -> (default as text, one-line description). The README's table and config.env.example follow this order.
+KEYS: dict[str, tuple[str, str]] = {
+    "HEYGEM_VAR_DIR": ("./var", "state, outputs, archive, logs, cache"),
+    "HEYGEM_INCOMING_DIR": ("$HEYGEM_VAR_DIR/incoming", "folder watched for recordings"),
+    "HEYGEM_TEMPLATE_DIR": ("$HEYGEM_VAR_DIR/templates", "every video or image in it is an avatar template"),
+    "HEYGEM_MODEL_DIR": ("./models", "where models live (relative HEYGEM_MODEL paths resolve here too)"),
+    "HEYGEM_MODEL": ("", "ONNX lip-sync model; empty = none"),
+    "HEYGEM_ENGINE": ("auto", "auto | builtin | onnx (auto = onnx when a model is set)"),
+    "HEYGEM_EXTENSIONS": (DEFAULT_EXTENSIONS, "recording file types taken from incoming"),
+    "HEYGEM_SETTLE_SECONDS": ("10", "a file must be unchanged (and closed) this long before it is taken"),
+    "HEYGEM_POLLING": ("false", "poll the folder instead of inotify (network shares)"),
+    "HEYGEM_RESCAN_SECONDS": ("60", "periodic rescan of incoming (catches missed events)"),
+    "HEYGEM_ON_DONE": ("archive", "archive | keep | delete the source when finished"),
+    "HEYGEM_RETENTION_DAYS": ("30", "delete dated folders older than this; 0 keeps forever"),
+    "HEYGEM_MIN_FREE_MB": ("2048", "below this free space in var, new tasks wait"),
+    "HEYGEM_LOG_FORMAT": ("", "json | console (default: console on a TTY, else json)"),
+    "HEYGEM_LOG_LEVEL": ("info", "debug | info | warning | error"),
+    "HEYGEM_X264_PRESET": ("veryfast", "x264 preset for outputs"),
+    "HEYGEM_X264_CRF": ("18", "x264 quality (0-51, lower is better)"),
+    "HEYGEM_ENCODER_THREADS": ("0", "x264 threads, 0 = auto"),
+    "HEYGEM_WEB_HOST": ("127.0.0.1", "web dashboard address"),
+    "HEYGEM_WEB_PORT": ("8765", "web dashboard port"),
+    "HEYGEM_WEB_TOKEN": ("", "web dashboard access token; empty = no login (only safe on 127.0.0.1)"),
+    "HEYGEM_WEB_MAX_UPLOAD_MB": ("4096", "largest upload accepted by the dashboard"),
+}
+# HEYGEM_* variables read by setup.sh, not by the service: present in an operator's shell, not a mistake
+NON_RUNTIME_KEYS = ("HEYGEM_SKIP_APT", "HEYGEM_EXTRAS", "HEYGEM_GPU")
+
+
+class ConfigError(ValueError):
+    """One or more settings are wrong; .problems lists 'KEY: reason' strings."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+@dataclass
+class EncoderSettings:
+    """libx264 settings for outputs (media.VideoWriter reads preset, crf, threads)."""
+
+    preset: str = "veryfast"
+    crf: int = 18
+    threads: int = 0  # 0 = let x264 choose
+
+
+@dataclass
+class Settings:
+    var_dir: Path
+    incoming_dir: Path
+    template_dir: Path
+    model_dir: Path
+    model: Path | None
+    engine: str
+    extensions: tuple[str, ...]
+    settle_seconds: float
+    polling: bool
+    rescan_seconds: float
+    on_done: str
+    retention_days: int
+    min_free_mb: int
+    log_format: str  # json | console (resolved)
+    log_level: str
+    encoder: EncoderSettings
+    web_host: str
+    web_port: int
+    web_token: str
+    web_max_upload_mb: int
+    config_file: Path | None = None  # the file read, None when none
+
+    # Folders under var/; the daemon creates them.
+    @property
+    def outputs_dir(self) -> Path:
+        return self.var_dir / "outputs"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.var_dir / "archive"
+
+    @property
+    def failed_dir(self) -> Path:
+        return self.var_dir / "failed"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.var_dir / "logs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.var_dir / "cache"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.var_dir / "tmp"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.var_dir / "ledger.sqlite3"
+
+    def as_dict(self) -> dict:
+        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items() if k != "encoder"}
+        d["encoder"] = dict(self.encoder.__dict__)
+        d["extensions"] = list(self.extensions)
+        d.pop("web_token", None)  # never logged
+        return d
+
+
+def _read_file(path: Path) -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    return {k: (v if v is not None else "") for k, v in dotenv_values(path).items()}
+
+
+def _bool(key: str, raw: str, problems: list[str]) -> bool:
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("", "0", "false", "no", "off"):
+        return False
+    problems.append(f"{key}: expected true/false, got {raw!r}")
+    return False
+
+
+def _number(key: str, raw: str, problems: list[str], kind=int, lo: float | None = None, hi: float | None = None):
+    try:
+        v = kind(raw.strip())
+    except ValueError:
+        problems.append(f"{key}: expected a{'n integer' if kind is int else ' number'}, got {raw!r}")
+        return kind(KEYS[key][0])
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
+        problems.append(f"{key}: {v} is out of range {rng}")
+        return kind(KEYS[key][0])
+    return v
+
+
+def _choice(key: str, raw: str, choices: tuple[str, ...], problems: list[str]) -> str:
+    v = raw.strip().lower()
+    if v not in choices:
+        problems.append(f"{key}: {raw!r} is not one of {', '.join(choices)}")
+        return KEYS[key][0] or choices[0]
+    return v
+
+
+def load_settings(config: os.PathLike | str | None = None, environ: Mapping[str, str] | None = None,
+                  cwd: os.PathLike | str | None = None, isatty: bool | None = None) -> Settings:
+    """Read config (default ./config.env if present), overlay the environment, validate everything.
+
+    Raises ConfigError listing every problem (unknown HEYGEM_* keys included) by key name.
+    """
+    environ = os.environ if environ is None else environ
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    problems: list[str] = []
+    values: dict[str, str] = {}
+    config_file: Path | None = None
+    if config is not None:
+        cp = Path(config)
+        cp = cp if cp.is_absolute() else base / cp
+        if not cp.is_file():
+            raise ConfigError([f"--config: {cp} does not exist or is not a file"])
+        config_file = cp
+    elif (base / DEFAULT_CONFIG).is_file():
+        config_file = base / DEFAULT_CONFIG
+    if config_file is not None:
+        try:
+            values.update(_read_file(config_file))
+        except OSError as exc:
+            raise ConfigError([f"{config_file}: cannot read ({exc.strerror or exc})"]) from None
+    values.update({k: v for k, v in environ.items() if k.startswith(PREFIX)})
+    for k in sorted(values):
+        if k.startswith(PREFIX) and k not in KEYS and k not in NON_RUNTIME_KEYS:
+            problems.append(f"{k}: unknown setting (known: see config.env.example)")
+
+    def raw(key: str) -> str:
+        v = values.get(key)
+        return KEYS[key][0] if v is None or v.strip() == "" else v.strip()
+
+    def path(p: str, rel: Path) -> Path:
+        p = os.path.expanduser(p)
+        return Path(os.path.normpath(p if os.path.isabs(p) else rel / p))
+
+    var_dir = path(raw("HEYGEM_VAR_DIR"), base)
+    incoming = path(values["HEYGEM_INCOMING_DIR"], base) if values.get("HEYGEM_INCOMING_DIR", "").strip() \
+        else var_dir / "incoming"
+    templates = path(values["HEYGEM_TEMPLATE_DIR"], base) if values.get("HEYGEM_TEMPLATE_DIR", "").strip() \
+        else var_dir / "templates"
+    model_dir = path(raw("HEYGEM_MODEL_DIR"), base)
+    model = None
+    if values.get("HEYGEM_MODEL", "").strip():
+        m = os.path.expanduser(values["HEYGEM_MODEL"].strip())
+        # a bare name or models/-relative path is looked up in the model dir first, then the cwd
+        model = Path(m) if os.path.isabs(m) else (model_dir / m if (model_dir / m).exists() else path(m, base))
+    engine = _choice("HEYGEM_ENGINE", raw("HEYGEM_ENGINE"), ENGINE_CHOICES, problems)
+    if engine == "onnx" and model is None:
+        problems.append("HEYGEM_ENGINE: 'onnx' needs HEYGEM_MODEL (path to an .onnx file)")
+    exts = []
+    for e in raw("HEYGEM_EXTENSIONS").split(","):
+        e = e.strip().lower()
+        if e:
+            exts.append(e if e.startswith(".") else "." + e)
+    if not exts:
+        problems.append("HEYGEM_EXTENSIONS: no extensions given")
+    log_format = values.get("HEYGEM_LOG_FORMAT", "").strip().lower()
+    if log_format:
+        log_format = _choice("HEYGEM_LOG_FORMAT", log_format, LOG_FORMATS, problems)
+    else:
+        tty = sys.stdout.isatty() if isatty is None else isatty
+        log_format = "console" if tty else "json"
+    encoder = EncoderSettings(
+        preset=_choice("HEYGEM_X264_PRESET", raw("HEYGEM_X264_PRESET"), X264_PRESETS, problems),
+        crf=_number("HEYGEM_X264_CRF", raw("HEYGEM_X264_CRF"), problems, int, 0, 51),
+        threads=_number("HEYGEM_ENCODER_THREADS", raw("HEYGEM_ENCODER_THREADS"), problems, int, 0, 256))
+    s = Settings(
+        var_dir=var_dir, incoming_dir=incoming, template_dir=templates, model_dir=model_dir, model=model,
+        engine=engine, extensions=tuple(dict.fromkeys(exts)),
+        settle_seconds=_number("HEYGEM_SETTLE_SECONDS", raw("HEYGEM_SETTLE_SECONDS"), problems, float, 0, 86400),
+        polling=_bool("HEYGEM_POLLING", raw("HEYGEM_POLLING"), problems),
+        rescan_seconds=_number("HEYGEM_RESCAN_SECONDS", raw("HEYGEM_RESCAN_SECONDS"), problems, float, 1, 86400),
+        on_done=_choice("HEYGEM_ON_DONE", raw("HEYGEM_ON_DONE"), ON_DONE_CHOICES, problems),
+        retention_days=_number("HEYGEM_RETENTION_DAYS", raw("HEYGEM_RETENTION_DAYS"), problems, int, 0, 36500),
+        min_free_mb=_number("HEYGEM_MIN_FREE_MB", raw("HEYGEM_MIN_FREE_MB"), problems, int, 0),
+        log_format=log_format,
+        log_level=_choice("HEYGEM_LOG_LEVEL", raw("HEYGEM_LOG_LEVEL"), ("debug", "info", "warning", "error"), problems),
+        encoder=encoder,
+        web_host=raw("HEYGEM_WEB_HOST"),
+        web_port=_number("HEYGEM_WEB_PORT", raw("HEYGEM_WEB_PORT"), problems, int, 1, 65535),
+        web_token=values.get("HEYGEM_WEB_TOKEN", "").strip(),
+        web_max_upload_mb=_number("HEYGEM_WEB_MAX_UPLOAD_MB", raw("HEYGEM_WEB_MAX_UPLOAD_MB"), problems, int, 1),
+        config_file=config_file)
+    if problems:
+        raise ConfigError(problems)
+    return s

@@ -1,0 +1,145 @@
+"""The built-in lip-sync engine: no model, CPU only, the person's own mouths re-timed to the speech.
+
+    analyse_speech(track)      -> speech curve (heygem_watch.speech): wanted openness / width / closure over time
+    prepare_template(template) -> BuiltinState: mouth library (mouth.py, cached on disk) + lower-face mesh
+    render(...)                -> per output frame: Selector picks a template frame whose mouth fits (temporally
+                                  coherent), compose.compose_mouth draws it into the current frame at exactly the
+                                  wanted opening, synthesising the interior when the template never opens that far.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from heygem_watch.compose import MouthRig, compose_mouth
+from heygem_watch.engines.base import Engine, EngineError, FrameJob
+from heygem_watch.mouth import MouthLibrary, Selector, analyse_mouths, descriptors, read_crop
+
+OPEN_MIN = 0.18  # widest wanted opening (inner gap / iod) is at least this, even for a template that barely opens
+OPEN_MAX = 0.28  # ...and at most this (wider looks like shouting)
+WIDTH_GAIN = 0.10  # speech width -1..1 moves the mouth width by this fraction
+FALLBACK_HOP_S = 0.01
+RAW_TRACK_NAME = "track.npz"  # template.py's face-track file; its "raw" array is the unsmoothed track
+
+
+@dataclass
+class BuiltinState:
+    lib: MouthLibrary
+    rig: MouthRig
+    open_hi: float  # wanted gap (iod) at speech openness 1
+    width_mid: float  # the person's typical mouth width (iod)
+    raw: np.ndarray | None = None  # (n, 478, 2) per-frame (unsmoothed) landmarks, when the template cache has them
+
+
+class _EnergyCurve:
+    """Stand-in speech curve from loudness alone, used only when heygem_watch.speech is not available."""
+
+    rate = 100
+
+    def __init__(self, track):
+        hop = int(track.sample_rate * FALLBACK_HOP_S)
+        db = []
+        for _, x in track.iter_chunks(30.0):
+            n = len(x) // hop
+            fr = x[: n * hop].reshape(n, hop)
+            db.append(10 * np.log10((fr ** 2).mean(1) + 1e-10))
+        db = np.concatenate(db) if db else np.zeros(1)
+        peak = np.percentile(db, 95)
+        o = np.clip((db - (peak - 28.0)) / 22.0, 0.0, 1.0)
+        k = np.ones(5) / 5
+        self.open = np.convolve(o, k, "same")
+        self.speech = bool((db > peak - 20).any())
+
+    def sample(self, times):
+        t = np.atleast_1d(np.asarray(times, np.float64))
+        o = np.interp(t * self.rate, np.arange(len(self.open)), self.open, left=0.0, right=0.0)
+        z = np.zeros_like(o)
+        return o, z, z
+
+
+class BuiltinEngine(Engine):
+    name = "builtin"
+
+    def __init__(self, **options):
+        self.options = dict(options)
+        self.open_max = float(options.get("open_max", OPEN_MAX))
+
+    def describe(self) -> dict:
+        return {"engine": self.name, "model": None}
+
+    def analyse_speech(self, audio) -> Any:
+        try:
+            from heygem_watch.speech import analyse_speech
+        except ImportError:
+            return _EnergyCurve(audio)
+        return analyse_speech(audio)
+
+    def prepare_template(self, template) -> BuiltinState:
+        lib = analyse_mouths(template)
+        valid = np.flatnonzero(lib.valid)
+        if len(valid) == 0:
+            raise EngineError(f"{template.path}: no face in the template")
+        # the mesh is built on a typical frame: median openness among the valid ones
+        ref = valid[np.argsort(lib.openness[valid])[len(valid) // 2]]
+        rig = MouthRig.from_shape(np.asarray(template.landmarks[ref], np.float64))
+        _, hi = lib.open_range()
+        return BuiltinState(lib, rig, float(np.clip(hi, OPEN_MIN, self.open_max)),
+                            float(np.median(lib.width[valid])), _raw_landmarks(template))
+
+    def targets(self, state: BuiltinState, speech, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Wanted (inner gap, width) in iod units at times (s)."""
+        if speech is None:
+            z = np.zeros(len(times))
+            return z, z + state.width_mid
+        o, w, c = speech.sample(np.asarray(times, np.float64))
+        o = np.clip(np.asarray(o, np.float64), 0.0, 1.0) * (1.0 - np.clip(np.asarray(c, np.float64), 0.0, 1.0))
+        return o * state.open_hi, state.width_mid * (1.0 + WIDTH_GAIN * np.clip(np.asarray(w, np.float64), -1, 1))
+
+    def render(self, template, state: BuiltinState, speech, jobs: Iterable[FrameJob]) -> Iterator[np.ndarray]:
+        if state is None:
+            state = self.prepare_template(template)
+        sel = Selector(state.lib)
+        pending: deque = deque()
+        lms = template.landmarks
+        found = np.asarray(template.face_found, bool)
+        for job in jobs:
+            gap, width = self.targets(state, speech, np.array([job.time]))
+            ti = job.template_index
+            pose = descriptors(np.asarray(lms[ti], np.float64))[3:5] if found[ti] else None
+            pending.append((job, float(gap[0]), float(width[0])))
+            for s in sel.push(float(gap[0]), float(width[0]), pose):
+                yield self._draw(template, state, pending.popleft(), s)
+        for s in sel.flush():
+            yield self._draw(template, state, pending.popleft(), s)
+        while pending:  # only when the selector had nothing to decide (cannot happen with a valid library)
+            yield pending.popleft()[0].image
+
+    def _draw(self, template, state: BuiltinState, item, s: int) -> np.ndarray:
+        job, gap, width = item
+        ti = job.template_index
+        if not template.face_found[ti] or not np.isfinite(template.landmarks[ti]).all():
+            return job.image
+        cur_lm = np.asarray(template.landmarks[ti], np.float64)
+        if s == ti:
+            src, src_lm = job.image, cur_lm
+        else:
+            src, src_lm = partial(read_crop, template, s), np.asarray(template.landmarks[s], np.float64)
+        raw = state.raw
+        return compose_mouth(job.image, cur_lm, src, src_lm, state.rig, gap, width, state.lib.teeth_bgr,
+                             cur_px=None if raw is None else raw[ti], src_px=None if raw is None else raw[s])
+
+
+def _raw_landmarks(template) -> np.ndarray | None:
+    """The unsmoothed face track the template cache keeps beside the smoothed one (track.npz, key "raw"), or None.
+    The warps sample pixels where this frame's lips really are (see compose.compose_mouth)."""
+    try:
+        with np.load(Path(template.cache_dir) / RAW_TRACK_NAME) as z:
+            raw = z["raw"].astype(np.float32)
+    except (OSError, KeyError, ValueError, EOFError):
+        return None
+    return raw if raw.shape == np.shape(template.landmarks) else None

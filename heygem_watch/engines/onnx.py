@@ -1,0 +1,422 @@
+"""The ONNX engine: a user's Wav2Lip-format model (exported by `heygem-watch export-model`) on onnxruntime.
+
+    analyse_speech(track)      -> MelSource: the Wav2Lip mel, computed lazily in chunks (heygem_watch.mel)
+    prepare_template(template) -> OnnxState: per template frame a face box from the landmark track, padded
+                                  (0, 10, 0, 0) and smoothed over 5 frames (the conventions of the weights)
+    render(...)                -> three stages overlap: [prep thread] frames + BGR 96x96 crops (lower half masked,
+                                  reference) + 16-column mel windows, batched -> [infer thread] session.run ->
+                                  [caller] feathered, colour-matched paste of mouth and chin, then the pipeline
+                                  encodes. Bounded queues keep memory flat however long the recording.
+Model inputs: audio (B, 1, 80, 16) mel window, face (B, 6, 96, 96) BGR/255; output (B, 3, 96, 96) BGR in [0, 1].
+The session is created once per engine (the daemon keeps it for its lifetime). Providers: TensorRT when present,
+CUDA when onnxruntime-gpu is installed and its libraries load, else CPU; which one runs and why is logged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import cv2
+import numpy as np
+
+from heygem_watch import face, mel
+from heygem_watch.engines.base import Engine, EngineError, FrameJob
+
+FACE_SIZE = 96
+BOX_PADS = (0, 10, 0, 0)  # (top, bottom, left, right) pixels, Wav2Lip's default
+BOX_SMOOTH = 5  # frames in the mean filter over box corners
+MIN_BOX = 24  # pixels; a smaller face box is treated as no face
+DEFAULT_BATCH = {"cpu": 8, "gpu": 64}  # CPU gains nothing from larger batches; GPU wants them
+MAX_BATCH = 256
+SAMPLE_BYTES = {"cpu": 48 << 20, "gpu": 40 << 20}  # generous activation memory per sample (fp32 workspace)
+MEMORY_SHARE = 0.4  # of free RAM / VRAM the batch may take
+FRAME_BUDGET = 1536 << 20  # bytes of full-size frames in flight across the stages
+IN_FLIGHT = 5  # batches alive at once: being prepared, queued, in inference, queued, being pasted
+FEATHER = 0.035  # mask feather sigma, face-width units
+EDGE_SIGMAS = 2.5  # the hard mask stops this many sigmas inside the box
+OOM_MARKERS = ("out of memory", "failed to allocate", "alloc_failed", "bad_alloc", "cudaerrormemoryallocation",
+               "cudnn_status_alloc_failed", "cublas_status_alloc_failed")
+BROWS = [70, 63, 105, 66, 107, 336, 296, 334, 293, 300]
+FOREHEAD = 10
+# Pasted region: jaw from mouth level round the chin, and the cheeks beside and just under the nose.
+MASK_POINTS = [58, 172, 136, 150, 149, 176, 148, 152, 377, 400, 378, 379, 365, 397, 288,
+               206, 216, 92, 165, 167, 164, 393, 391, 322, 436, 426]
+
+
+@dataclass
+class OnnxState:
+    boxes: np.ndarray  # (n_frames, 4) int32 x1, y1, x2, y2 (padded, smoothed, clipped)
+    valid: np.ndarray  # (n_frames,) bool: a usable face box
+
+
+class MelSource:
+    """What analyse_speech returns: the recording's track; each render opens its own chunked mel cursor."""
+
+    def __init__(self, track):
+        self.track = track
+
+    def cursor(self) -> mel.MelSpectrogram:
+        return mel.MelSpectrogram(self.track)
+
+
+def face_boxes(landmarks: np.ndarray, found: np.ndarray, width: int, height: int, pads=BOX_PADS,
+               smooth: int = BOX_SMOOTH) -> tuple[np.ndarray, np.ndarray]:
+    """Detector-style face boxes from a (n, 478, 2) landmark track -> (boxes (n, 4) int32, valid (n,) bool).
+
+    Box: face-oval width, from midway between brows and forehead top down to the chin (an S3FD-like box, what
+    the weights were trained on), then padded (top, bottom, left, right) and averaged over `smooth` frames
+    (centred, within runs of frames with a face so a cut never blends two positions)."""
+    n = len(landmarks)
+    raw = np.zeros((n, 4), np.float64)
+    found = np.asarray(found, bool) & np.isfinite(landmarks[:, face.FACE_OVAL]).all(axis=(1, 2))
+    if found.any():
+        lm = landmarks[found].astype(np.float64)
+        oval = lm[:, face.FACE_OVAL]
+        top = 0.5 * (lm[:, BROWS, 1].min(1) + lm[:, FOREHEAD, 1])
+        raw[found] = np.stack([oval[:, :, 0].min(1), top, oval[:, :, 0].max(1), lm[:, face.CHIN, 1]], 1)
+    pt, pb, pl, pr = pads
+    raw += np.array([-pl, -pt, pr, pb], np.float64)
+    out = raw.copy()
+    r = smooth // 2
+    start = 0
+    while start < n:  # mean over the window, inside each run of found frames
+        if not found[start]:
+            start += 1
+            continue
+        end = start
+        while end < n and found[end]:
+            end += 1
+        seg = raw[start:end]
+        c = np.vstack([np.zeros((1, 4)), np.cumsum(seg, 0)])
+        idx = np.arange(len(seg))
+        lo, hi = np.maximum(idx - r, 0), np.minimum(idx + r + 1, len(seg))
+        out[start:end] = (c[hi] - c[lo]) / (hi - lo)[:, None]
+        start = end
+    boxes = np.round(out).astype(np.int64)
+    boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width)
+    boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height)
+    valid = found & (boxes[:, 2] - boxes[:, 0] >= MIN_BOX) & (boxes[:, 3] - boxes[:, 1] >= MIN_BOX)
+    return boxes.astype(np.int32), valid
+
+
+def crop_input(image: np.ndarray, box) -> np.ndarray:
+    """(H, W, 3) uint8 BGR frame + box -> (6, 96, 96) float32: masked crop (rows 48..95 zero) + reference crop."""
+    x1, y1, x2, y2 = box
+    crop = cv2.resize(image[y1:y2, x1:x2], (FACE_SIZE, FACE_SIZE))
+    ref = crop.astype(np.float32).transpose(2, 0, 1) * (1 / 255.0)
+    masked = ref.copy()
+    masked[:, FACE_SIZE // 2:] = 0
+    return np.concatenate([masked, ref], 0)
+
+
+def paste_mask(lm: np.ndarray, box) -> np.ndarray:
+    """Soft mask (h, w) float32 over the box: mouth, chin and jaw below the nose, feathered, zero at the box edge.
+
+    Convex hull of the lower jaw line (mouth level round the chin) and the cheek points beside and under the
+    nose: a rounded region with no straight edge. Kept 2.5 sigma inside the box, so after the Gaussian it is
+    below 1% at every box edge and no seam can show."""
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    sigma = max(1.0, FEATHER * w)
+    hard = np.zeros((h, w), np.float32)
+    hull = cv2.convexHull(np.round((lm[MASK_POINTS] - (x1, y1)) * 16).astype(np.int32))
+    cv2.fillConvexPoly(hard, hull, 1.0, lineType=cv2.LINE_AA, shift=4)
+    e = int(np.ceil(EDGE_SIGMAS * sigma))
+    hard[:e], hard[h - e:], hard[:, :e], hard[:, w - e:] = 0, 0, 0, 0
+    return cv2.GaussianBlur(hard, (0, 0), sigma, borderType=cv2.BORDER_CONSTANT)
+
+
+def paste(image: np.ndarray, box, pred: np.ndarray, lm: np.ndarray) -> None:
+    """Blend the model's (96, 96, 3) float BGR [0, 1] output into image (in place) through paste_mask.
+
+    Colour matching: the mean BGR difference between frame and prediction along the feathered seam (weights
+    m*(1-m)) shifts the prediction, so lighting and white balance follow the frame; shape is untouched."""
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    m = paste_mask(lm, box)
+    if not m.any():
+        return
+    gen = cv2.resize(pred * 255.0, (w, h), interpolation=cv2.INTER_LINEAR)
+    region = image[y1:y2, x1:x2].astype(np.float32)
+    seam = m * (1 - m)
+    s = float(seam.sum())
+    if s > 1e-3:
+        gen += ((region - gen) * seam[..., None]).sum((0, 1)) / s
+    out = gen * m[..., None] + region * (1 - m[..., None])
+    image[y1:y2, x1:x2] = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower().replace(" ", "")
+    return any(k.replace(" ", "") in text for k in OOM_MARKERS)
+
+
+def _free_gpu_bytes() -> int | None:
+    """Free memory of GPU 0 from nvidia-smi, or None."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=5)
+        return int(out.stdout.strip().splitlines()[0]) << 20
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+class OnnxEngine(Engine):
+    name = "onnx"
+
+    def __init__(self, model_path: Path, **options):
+        import onnxruntime as ort
+
+        from heygem_watch.logs import get_logger
+
+        self.log = options.pop("log", None) or get_logger(engine="onnx")
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise EngineError(f"{self.model_path}: model file not found")
+        self.meta = self._read_sidecar()
+        pads = self.meta.get("box_pads") or {}
+        self.pads = tuple(int(pads.get(k, d)) for k, d in zip(("top", "bottom", "left", "right"), BOX_PADS))
+        self.smooth = int(self.meta.get("box_smooth_frames", BOX_SMOOTH))
+        threads = int(options.pop("threads", 0) or os.environ.get("HEYGEM_ONNX_THREADS", 0) or 0)
+        want = str(options.pop("provider", None) or os.environ.get("HEYGEM_ONNX_PROVIDER", "auto")).lower()
+        batch = options.pop("batch_size", None) or os.environ.get("HEYGEM_ONNX_BATCH")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        # no busy-waiting between runs: on a small CPU the spinning pool would steal the cores x264 and the frame
+        # preparation need (the GPU path is unaffected: its CPU pool is idle anyway)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session, self.provider, self.provider_reason = self._create_session(ort, so, want)
+        self._check_io()
+        self.device = "cpu" if self.provider == "CPUExecutionProvider" else "gpu"
+        self.batch_size = self._auto_batch(int(batch) if batch else None)
+        self.oom_halvings = 0
+        self.log.info("onnx_engine_ready", model=str(self.model_path), precision=self.meta.get("precision", "?"),
+                      provider=self.provider, reason=self.provider_reason, batch=self.batch_size)
+
+    # ---- set-up -------------------------------------------------------------------------------------------
+    def _read_sidecar(self) -> dict:
+        side = self.model_path.with_suffix(".json")
+        if not side.is_file():
+            return {}
+        try:
+            meta = json.loads(side.read_text())
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"{side}: unreadable model sidecar ({exc})") from None
+        if meta.get("format", "wav2lip") != "wav2lip" or int(meta.get("face_size", FACE_SIZE)) != FACE_SIZE:
+            raise EngineError(f"{side}: not a 96x96 Wav2Lip model (format {meta.get('format')!r}, "
+                              f"face_size {meta.get('face_size')}); only Wav2Lip-format models are supported")
+        return meta
+
+    def _create_session(self, ort, so, want: str):
+        avail = ort.get_available_providers()
+        plan: list = []
+        reason = ""
+        if want in ("auto", "tensorrt") and "TensorrtExecutionProvider" in avail:
+            cache = self.model_path.parent / ".trt-cache"
+            big = MAX_BATCH if want == "tensorrt" else DEFAULT_BATCH["gpu"] * 2
+            shape = lambda b: f"audio:{b}x1x80x16,face:{b}x6x96x96"  # noqa: E731
+            plan.append(("TensorrtExecutionProvider", {
+                "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                "trt_fp16_enable": self.meta.get("precision") == "fp16",
+                "trt_profile_min_shapes": shape(1), "trt_profile_opt_shapes": shape(DEFAULT_BATCH["gpu"]),
+                "trt_profile_max_shapes": shape(big)}))
+        if want in ("auto", "cuda", "tensorrt"):
+            if "CUDAExecutionProvider" in avail:
+                plan.append(("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"}))
+            else:
+                reason = ("CUDA provider not available (install onnxruntime-gpu instead of onnxruntime for GPUs); "
+                          f"providers: {', '.join(avail)}")
+        elif want != "cpu":
+            raise EngineError(f"unknown onnx provider {want!r}: use auto, cpu, cuda or tensorrt")
+        else:
+            reason = "CPU requested"
+        tries = [plan, plan[1:] if len(plan) > 1 else None, []]  # with TensorRT, then without it, then CPU only
+        last_exc = None
+        for p in tries:
+            if p is None:
+                continue
+            try:
+                sess = ort.InferenceSession(str(self.model_path), so, providers=p + ["CPUExecutionProvider"])
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind types
+                last_exc = exc
+                if not p:
+                    raise EngineError(f"{self.model_path}: onnxruntime cannot load the model "
+                                      f"({str(exc).strip().splitlines()[0] if str(exc).strip() else exc})") from None
+                reason = f"{p[0][0]} failed to start ({str(exc).splitlines()[0][:200]})"
+                continue
+            active = sess.get_providers()[0]
+            if plan and active == "CPUExecutionProvider" and not reason:
+                reason = (f"{plan[-1][0]} is installed but did not load (CUDA/cuDNN libraries missing or no GPU); "
+                          "running on CPU")
+            elif active != "CPUExecutionProvider":
+                reason = reason or f"{active} available"
+            if active == "CPUExecutionProvider" and want in ("cuda", "tensorrt"):
+                self.log.warning("onnx_gpu_unavailable", requested=want, reason=reason)
+            return sess, active, reason or "no GPU provider"
+        raise EngineError(f"{self.model_path}: cannot create a session ({last_exc})")
+
+    def _check_io(self) -> None:
+        ins = {i.name: i for i in self.session.get_inputs()}
+        outs = self.session.get_outputs()
+        shapes = {n: list(i.shape) for n, i in ins.items()}
+        if set(ins) != {"audio", "face"} or len(outs) != 1:
+            raise EngineError(f"{self.model_path}: not a model from `heygem-watch export-model` (inputs "
+                              f"{shapes}, want audio (B,1,80,16) and face (B,6,96,96)); export it with that command")
+        if shapes["audio"][1:] != [1, mel.N_MELS, mel.WINDOW] or shapes["face"][1:] != [6, FACE_SIZE, FACE_SIZE]:
+            raise EngineError(f"{self.model_path}: unexpected input shapes {shapes}")
+        self.in_types = {n: np.float16 if "float16" in i.type else np.float32 for n, i in ins.items()}
+        self.out_name = outs[0].name
+
+    def _auto_batch(self, requested: int | None) -> int:
+        """Batch size: requested, else the device default, capped by free memory and by the frames in flight."""
+        import psutil
+
+        dev = self.device
+        b = requested or DEFAULT_BATCH[dev]
+        free = psutil.virtual_memory().available if dev == "cpu" else _free_gpu_bytes()
+        if free:
+            b = min(b, max(1, int(free * MEMORY_SHARE / SAMPLE_BYTES[dev])))
+        b = min(b, MAX_BATCH)
+        return max(1, int(b))
+
+    # ---- Engine interface ---------------------------------------------------------------------------------
+    def describe(self) -> dict:
+        return {"engine": self.name, "model": self.model_path.name, "precision": self.meta.get("precision", "?"),
+                "provider": self.provider, "provider_reason": self.provider_reason, "batch_size": self.batch_size,
+                "oom_halvings": self.oom_halvings}
+
+    def analyse_speech(self, audio) -> MelSource:
+        if getattr(audio, "sample_rate", mel.SAMPLE_RATE) != mel.SAMPLE_RATE:
+            raise EngineError(f"the onnx engine needs {mel.SAMPLE_RATE} Hz audio, got {audio.sample_rate}")
+        return MelSource(audio)
+
+    def prepare_template(self, template) -> OnnxState:
+        boxes, valid = face_boxes(template.landmarks, template.face_found, template.width, template.height,
+                                  self.pads, self.smooth)
+        return OnnxState(boxes, valid)
+
+    def infer(self, audio: np.ndarray, faces: np.ndarray) -> np.ndarray:
+        """(n, 1, 80, 16), (n, 6, 96, 96) float32 -> (n, 96, 96, 3) float32 BGR [0, 1]; halves the batch on OOM."""
+        outs, i = [], 0
+        n = len(audio)
+        while i < n:
+            b = min(self.batch_size, n - i)
+            feeds = {"audio": audio[i:i + b].astype(self.in_types["audio"], copy=False),
+                     "face": faces[i:i + b].astype(self.in_types["face"], copy=False)}
+            try:
+                out = self.session.run([self.out_name], feeds)[0]
+            except Exception as exc:  # noqa: BLE001
+                if not _is_oom(exc):
+                    raise EngineError(f"{self.model_path.name}: inference failed ({str(exc)[:300]})") from exc
+                if b <= 1:
+                    raise EngineError(f"{self.model_path.name}: out of memory even at batch size 1 on "
+                                      f"{self.provider}") from exc
+                self.batch_size = max(1, b // 2)
+                self.oom_halvings += 1
+                self.log.warning("onnx_oom_batch_halved", provider=self.provider, batch=self.batch_size,
+                                 error=str(exc)[:200])
+                continue
+            outs.append(np.asarray(out, np.float32).transpose(0, 2, 3, 1))
+            i += b
+        return np.concatenate(outs) if outs else np.zeros((0, FACE_SIZE, FACE_SIZE, 3), np.float32)
+
+    def render(self, template, state: OnnxState, speech: Any, jobs: Iterable[FrameJob]) -> Iterator[np.ndarray]:
+        if not isinstance(speech, MelSource):
+            speech = self.analyse_speech(speech)
+        mels = speech.cursor()
+        fps = template.fps
+        # full-size frames in flight stay under FRAME_BUDGET whatever the batch size (4K templates on a GPU)
+        batch = max(1, min(self.batch_size, FRAME_BUDGET // (IN_FLIGHT * template.width * template.height * 3)))
+        stop = threading.Event()
+        prepped: queue.Queue = queue.Queue(maxsize=1)
+        done: queue.Queue = queue.Queue(maxsize=1)
+        end = object()
+
+        def put(q: queue.Queue, item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def prep():  # decode (the jobs iterator reads template frames) + crops + mel windows
+            try:
+                group: list = []
+                for job in jobs:
+                    k = job.template_index
+                    if state.valid[k]:
+                        group.append((job, crop_input(job.image, state.boxes[k]), mels.window(job.index, fps)))
+                    else:
+                        group.append((job, None, None))
+                    if len(group) >= batch:
+                        if not put(prepped, group):
+                            return
+                        group = []
+                if group and not put(prepped, group):
+                    return
+                put(prepped, end)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread (Cancelled included)
+                put(prepped, exc)
+
+        def infer():
+            try:
+                while True:
+                    group = prepped.get()
+                    if group is end or isinstance(group, BaseException):
+                        put(done, group)
+                        return
+                    idx = [j for j, g in enumerate(group) if g[1] is not None]
+                    preds = None
+                    if idx:
+                        faces = np.stack([group[j][1] for j in idx])
+                        audio = np.stack([group[j][2] for j in idx])[:, None]
+                        preds = self.infer(audio, faces)
+                    if not put(done, (group, idx, preds)):
+                        return
+            except BaseException as exc:  # noqa: BLE001
+                put(done, exc)
+
+        threads = [threading.Thread(target=prep, daemon=True, name="onnx-prep"),
+                   threading.Thread(target=infer, daemon=True, name="onnx-infer")]
+        for t in threads:
+            t.start()
+        try:
+            while True:
+                item = done.get()
+                if item is end:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                group, idx, preds = item
+                for p, j in enumerate(idx):
+                    job = group[j][0]
+                    k = job.template_index
+                    paste(job.image, state.boxes[k], preds[p], template.landmarks[k])
+                for job, _, _ in group:
+                    yield job.image
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=5)
+
+    def close(self) -> None:
+        self.session = None

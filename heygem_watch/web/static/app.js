@@ -1,0 +1,270 @@
+// heygem-watch dashboard: polls the JSON API (docs/web.md); all state lives in the ledger, so a reload loses nothing.
+"use strict";
+
+const STATUS_EVERY_MS = 1000;   // progress bar refresh
+const HISTORY_EVERY_MS = 4000;  // history refresh when nothing changed
+const $ = (sel) => document.querySelector(sel);
+let lastStatusKey = "";
+let templatesCache = [];
+let historySeq = 0;      // responses of overlapping history requests are applied newest-first only
+
+function esc(s) {
+  return String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+}
+function fmtTime(s) {
+  if (s == null || !isFinite(s)) return "–";
+  s = Math.max(0, Math.round(s));
+  const m = Math.floor(s / 60), r = s % 60;
+  return m ? `${m}m ${String(r).padStart(2, "0")}s` : `${r}s`;
+}
+function fmtDur(s) { return s ? `${Number(s).toFixed(1)} s` : "–"; }
+function enc(name) { return encodeURIComponent(name); }
+
+async function api(path, opts = {}) {
+  const resp = await fetch(path, Object.assign({credentials: "same-origin"}, opts));
+  if (resp.status === 401) { askToken(); throw new Error("token required"); }
+  const body = resp.headers.get("content-type")?.includes("json") ? await resp.json() : null;
+  if (!resp.ok) throw new Error(body?.error || body?.detail?.[0]?.msg || `HTTP ${resp.status}`);
+  return body;
+}
+
+function askToken() {
+  const d = $("#token-dialog");
+  if (!d.open) d.showModal();
+}
+$("#token-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const fd = new FormData();
+  fd.append("token", $("#token-input").value);
+  const r = await fetch("/api/login", {method: "POST", body: fd});
+  if (r.ok) { $("#token-dialog").close(); loadConfig(); refreshAll(); }
+  else $("#token-msg").textContent = "wrong token";
+});
+
+// ------------------------------------------------------------------ status: running + queue
+async function refreshStatus() {
+  const st = await api("/api/status");
+  const c = st.counts || {};
+  $("#counts").innerHTML = ["queued", "running", "done", "failed"]
+    .map((k) => `<span class="chip ${k}">${k} ${c[k] ?? 0}</span>`).join("");
+  $("#running-list").innerHTML = st.running.length ? st.running.map(runView).join("")
+    : '<p class="hint">Nothing is running.</p>';
+  $("#queue-list").innerHTML = st.queued.length ? st.queued.map((q) =>
+    `<li data-task="${q.task_id}">#${q.position ?? "?"} &nbsp;${esc(q.recording)} &times; ${esc(q.template)}</li>`).join("")
+    : '<li class="hint">empty</li>';
+  // when a task starts or ends, the history changes: refresh it now instead of waiting
+  const key = JSON.stringify([c, st.running.map((r) => r.task.id)]);
+  if (key !== lastStatusKey) { lastStatusKey = key; refreshHistory(); }
+}
+
+function runView(r) {
+  const t = r.task;
+  const total = t.progress_total || 0, done = t.progress_done || 0;
+  const pct = total ? Math.min(100, (100 * done) / total) : 0;
+  const batch = r.n > 1 ? `Batch: ${r.k} of ${r.n} &middot; ` : "";
+  return `<div class="run" data-task="${t.id}">
+    <div class="run-title">${esc(r.recording.name)}</div>
+    <div class="run-sub">${batch}template <b class="run-template">${esc(t.template_name)}</b></div>
+    <div class="bar"><div class="progress-fill" data-done="${done}" style="width:${pct.toFixed(1)}%"></div></div>
+    <div class="bar-text"><span class="frames">${done} / ${total || "?"} frames</span>
+      <span>${t.fps ? t.fps.toFixed(1) : "–"} fps</span><span>ETA ${fmtTime(t.eta_s)}</span></div></div>`;
+}
+
+// ------------------------------------------------------------------ history
+async function refreshHistory() {
+  const seq = ++historySeq;
+  const h = await api("/api/recordings?limit=100");
+  if (seq !== historySeq) return;  // a newer request was sent meanwhile: its answer wins
+  if (!h.days.length) { $("#history-list").innerHTML = '<p class="hint">No recordings yet.</p>'; return; }
+  const open = new Set([...document.querySelectorAll("#history-list details[open]")].map((d) => d.dataset.rec));
+  $("#history-list").innerHTML = h.days.map((d) =>
+    `<div class="day"><div class="day-title">${esc(d.day)}</div>${d.recordings.map(recView).join("")}</div>`).join("");
+  for (const id of open) {
+    const d = document.querySelector(`#history-list details[data-rec="${id}"]`);
+    if (d) { d.open = true; loadLog(d); }
+  }
+}
+
+function recView(r) {
+  const batch = r.batch ? `<span class="hint">batch &middot; ${r.n_done} of ${r.n_tasks} done</span>` : "";
+  const zip = r.n_done ? `<a class="zip-link button" href="/api/recordings/${r.id}/zip" download>Download ZIP</a>` : "";
+  const busy = r.tasks.some((t) => t.state === "queued" || t.state === "running");
+  const del = busy ? "" : `<button class="danger del-rec" data-rec="${r.id}" data-name="${esc(r.name)}">Delete</button>`;
+  // the recording's reason (error.json when the daemon wrote one); each failed template says why in its card
+  const ej = r.error_json;
+  const reason = (ej && (ej.reason || ej.error)) || (r.state === "failed" ? r.error : "");
+  const err = (reason ? `<div class="error-box">${esc(reason)}</div>` : "") + (r.n_failed || reason
+    ? `<details data-rec="${r.id}"><summary>Show log</summary><pre>loading…</pre></details>` : "");
+  return `<div class="rec" data-rec="${r.id}">
+    <div class="rec-head"><span class="rec-name">${esc(r.name)}</span>
+      <span class="state ${esc(r.state)}">${esc(r.state)}</span>${batch}
+      <span class="hint">${r.created_at ? new Date(r.created_at * 1000).toLocaleString() : ""}</span>
+      <span class="rec-actions">${zip}${del}</span></div>
+    ${err}<div class="results">${r.tasks.map(taskView).join("")}</div></div>`;
+}
+
+function taskView(t) {
+  const media = t.media || {};
+  // before there is a result, the template's picture stands in, greyed
+  const thumb = t.has_output ? `<img class="thumb" loading="lazy" src="/api/tasks/${t.id}/thumb" alt="">`
+    : `<img class="thumb waiting" loading="lazy" src="/api/templates/${enc(t.template_name)}/thumb" alt=""
+        onerror="this.style.visibility='hidden'">`;
+  const links = t.has_output ? `<a href="#" class="play-btn" data-task="${t.id}" data-title="${esc(t.output_name)}">▶ Play</a>
+      <a class="mp4-link" href="/api/tasks/${t.id}/video?download=true" download>Download MP4</a>` : "";
+  const where = t.state === "queued" && t.position ? ` #${t.position} in queue` : "";
+  return `<div class="result" data-task="${t.id}" data-state="${esc(t.state)}">${thumb}<div class="result-info">
+    <span><b>${esc(t.template_name)}</b></span>
+    <span><span class="state ${esc(t.state)}">${esc(t.state)}</span>${where} &nbsp;${fmtDur(media.duration_s)}</span>
+    ${links}${t.error ? `<span class="task-error" title="${esc(t.error)}">${esc(t.error.split(": ").pop())}</span>` : ""}
+    </div></div>`;
+}
+
+async function loadLog(det) {
+  const r = await api(`/api/recordings/${det.dataset.rec}/log`);
+  det.querySelector("pre").textContent = r.lines.length ? r.lines.join("\n") : "(no log)";
+}
+
+$("#history-list").addEventListener("click", async (ev) => {
+  const play = ev.target.closest(".play-btn");
+  if (play) {
+    ev.preventDefault();
+    $("#player-title").textContent = play.dataset.title;
+    $("#player").src = `/api/tasks/${play.dataset.task}/video`;
+    $("#player-dialog").showModal();
+    $("#player").play().catch(() => {});
+  }
+  const del = ev.target.closest(".del-rec");
+  if (del && confirm(`Delete the results of “${del.dataset.name}”? This removes the MP4 files.`)) {
+    try { await api(`/api/recordings/${del.dataset.rec}`, {method: "DELETE"}); } catch (e) { alert(e.message); }
+    refreshHistory();
+  }
+});
+$("#history-list").addEventListener("toggle", (ev) => { if (ev.target.open) loadLog(ev.target); }, true);
+$("#player-close").addEventListener("click", () => { $("#player").pause(); $("#player-dialog").close(); });
+$("#player-dialog").addEventListener("close", () => $("#player").pause());
+
+// ------------------------------------------------------------------ templates
+async function refreshTemplates() {
+  const r = await api("/api/templates");
+  templatesCache = r.templates;
+  const checked = new Set([...document.querySelectorAll("#template-choices input:checked")].map((i) => i.value));
+  const batch = $("#mode-batch").checked;
+  $("#template-choices").innerHTML = r.templates.length ? r.templates.map((t) =>
+    `<label class="choice" title="${esc(t.name)}"><img src="/api/templates/${enc(t.name)}/thumb?v=${t.size}" alt="" loading="lazy">
+      <span>${esc(t.name)}</span><input type="${batch ? "checkbox" : "radio"}" name="templates" value="${esc(t.name)}"
+      ${checked.has(t.name) ? "checked" : ""}></label>`).join("")
+    : '<span class="hint">no templates yet — upload one below</span>';
+  $("#template-list").innerHTML = r.templates.map(tplView).join("") || '<p class="hint">The library is empty.</p>';
+  if (r.templates.some((t) => t.face?.state === "pending")) setTimeout(refreshTemplates, 3000);
+}
+
+function tplView(t) {
+  const f = t.face || {};
+  const cls = f.state === "done" ? (f.ok ? "ok" : "bad") : f.state === "error" ? "bad" : "pending";
+  const face = f.state === "done" ? `face ${Math.round(100 * f.face_fraction)}%` : (f.message || f.state);
+  const dur = t.is_image ? "still image" : fmtDur(t.duration_s);
+  return `<div class="tpl" data-name="${esc(t.name)}"><img src="/api/templates/${enc(t.name)}/thumb?v=${t.size}" alt="" loading="lazy">
+    <div class="tpl-name">${esc(t.name)}</div>
+    <div>${t.width}×${t.height} &middot; ${t.fps ?? "–"} fps &middot; ${dur}</div>
+    <div class="face ${cls}" title="${esc(f.message || "")}">${esc(face)}</div>
+    <button class="danger del-tpl" data-name="${esc(t.name)}">Delete</button></div>`;
+}
+
+$("#template-list").addEventListener("click", async (ev) => {
+  const b = ev.target.closest(".del-tpl");
+  if (b && confirm(`Delete template “${b.dataset.name}” from the library?`)) {
+    try { await api(`/api/templates/${enc(b.dataset.name)}`, {method: "DELETE"}); } catch (e) { alert(e.message); }
+    refreshTemplates();
+  }
+});
+$("#library-upload-input").addEventListener("change", async (ev) => {
+  const fd = new FormData();
+  for (const f of ev.target.files) fd.append("files", f);
+  $("#library-msg").textContent = "uploading…";
+  try {
+    await api("/api/templates", {method: "POST", body: fd});
+    $("#library-msg").textContent = "added";
+    $("#library-msg").className = "msg ok";
+    setTimeout(() => { $("#library-msg").textContent = ""; }, 4000);
+  } catch (e) { $("#library-msg").textContent = e.message; $("#library-msg").className = "msg error"; }
+  ev.target.value = "";
+  refreshTemplates();
+});
+
+// ------------------------------------------------------------------ new job
+function setMode() {
+  const batch = $("#mode-batch").checked;
+  $("#pick-hint").textContent = batch ? "pick several" : "pick one";
+  $("#template-upload-input").multiple = batch;
+  refreshTemplates();
+}
+$("#mode-single").addEventListener("change", setMode);
+$("#mode-batch").addEventListener("change", setMode);
+
+const drop = $("#recording-drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault(); drop.classList.remove("over");
+  if (e.dataTransfer.files.length) $("#recording-input").files = e.dataTransfer.files;
+});
+
+$("#job-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const msg = $("#submit-msg");
+  const rec = $("#recording-input").files[0];
+  const picked = [...document.querySelectorAll("#template-choices input:checked")].map((i) => i.value);
+  const uploads = [...$("#template-upload-input").files];
+  if (!rec) { msg.textContent = "choose a recording"; msg.className = "msg error"; return; }
+  if (!picked.length && !uploads.length) { msg.textContent = "pick or upload a template"; msg.className = "msg error"; return; }
+  const fd = new FormData();
+  fd.append("recording", rec);
+  picked.forEach((n) => fd.append("templates", n));
+  uploads.forEach((f) => fd.append("template_files", f));
+  // XMLHttpRequest rather than fetch: it reports upload progress for large recordings
+  const xhr = new XMLHttpRequest();
+  const bar = $("#upload-progress");
+  bar.classList.remove("hidden");
+  $("#submit-btn").disabled = true;
+  msg.textContent = "uploading…"; msg.className = "msg";
+  xhr.upload.onprogress = (e) => { if (e.lengthComputable) bar.firstElementChild.style.width = `${(100 * e.loaded) / e.total}%`; };
+  xhr.onloadend = () => {
+    $("#submit-btn").disabled = false;
+    bar.classList.add("hidden");
+    let body = {};
+    try { body = JSON.parse(xhr.responseText); } catch (e) { /* not JSON */ }
+    if (xhr.status === 401) { askToken(); return; }
+    if (xhr.status >= 200 && xhr.status < 300) {
+      msg.textContent = body.duplicate_of != null
+        ? `already known: same content as recording #${body.duplicate_of} — not processed again`
+        : `queued: ${body.task_ids.length} job(s) for ${body.name}`;
+      msg.className = "msg ok";
+      const batch = $("#mode-batch").checked;
+      $("#job-form").reset();
+      $(batch ? "#mode-batch" : "#mode-single").checked = true;
+      setMode();
+      refreshStatus();
+    } else {
+      msg.textContent = body.error || body.detail?.[0]?.msg || `upload failed (HTTP ${xhr.status})`;
+      msg.className = "msg error";
+    }
+  };
+  xhr.open("POST", "/api/submit");
+  xhr.send(fd);
+});
+
+// ------------------------------------------------------------------ loop
+async function refreshAll() {
+  try { await Promise.all([refreshTemplates(), refreshStatus(), refreshHistory()]); } catch (e) { /* shown on next tick */ }
+}
+async function loadConfig() {
+  try {
+    const c = await api("/api/config");
+    $("#recording-input").accept = c.extensions.join(",");
+    $("#recording-hint").textContent = `${c.extensions.join(" ")} · up to ${c.max_upload_mb} MB`;
+  } catch (e) { /* token dialog */ }
+}
+loadConfig();
+refreshAll();
+setInterval(() => refreshStatus().catch(() => {}), STATUS_EVERY_MS);
+setInterval(() => refreshHistory().catch(() => {}), HISTORY_EVERY_MS);

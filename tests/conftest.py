@@ -1,0 +1,100 @@
+"""Shared fixtures: settings rooted in tmp, a passthrough engine, a face template, a daemon driven by hand."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def make_settings(root: Path, **env):
+    """Settings for a var/ under root: no settle wait, no disk minimum, JSON logs. env overrides HEYGEM_* keys."""
+    from heygem_watch.config import load_settings
+
+    base = {"HEYGEM_VAR_DIR": str(root / "var"), "HEYGEM_SETTLE_SECONDS": "0", "HEYGEM_MIN_FREE_MB": "0",
+            "HEYGEM_LOG_FORMAT": "json", "HEYGEM_X264_PRESET": "ultrafast"}
+    base.update({k: str(v) for k, v in env.items()})
+    return load_settings(None, environ=base, cwd=root, isatty=False)
+
+
+@pytest.fixture
+def settings_factory(tmp_path):
+    return lambda **env: make_settings(tmp_path, **env)
+
+
+@pytest.fixture
+def passthrough_engine():
+    from heygem_watch.engines.base import Engine
+
+    class Passthrough(Engine):
+        """Returns template frames unchanged: daemon tests are about filing, not lip-sync."""
+
+        name = "passthrough"
+
+        def render(self, template, state, speech, jobs):
+            for j in jobs:
+                yield j.image
+
+    return Passthrough()
+
+
+@pytest.fixture(scope="session")
+def face_template_file(tmp_path_factory) -> Path:
+    from tests import gen_media
+
+    return gen_media.face_png(tmp_path_factory.mktemp("tpl") / "anchor.png")
+
+
+@pytest.fixture(scope="session")
+def faceless_template_file(tmp_path_factory) -> Path:
+    from tests import gen_media
+
+    return gen_media.faceless_png(tmp_path_factory.mktemp("tpl") / "wall.png")
+
+
+@pytest.fixture
+def daemon_factory(tmp_path, passthrough_engine, face_template_file):
+    """Daemon(settings, passthrough engine) with one face template installed; not started (tests drive it)."""
+    import shutil
+
+    from heygem_watch.daemon import Daemon
+    from heygem_watch.logs import configure
+
+    made = []
+
+    def make(templates=(face_template_file,), engine=passthrough_engine, **env):
+        s = make_settings(tmp_path, **env)
+        s.template_dir.mkdir(parents=True, exist_ok=True)
+        for t in templates:
+            shutil.copy(t, s.template_dir / Path(t).name)
+        configure("json", "info")
+        d = Daemon(s, engine=engine)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.watcher.stop()
+        d.ledger.close()
+
+
+def drain(daemon, limit: int = 1000) -> int:
+    """Run queued tasks until none is left; returns how many ran."""
+    n = 0
+    while n < limit and daemon.run_one() is not None:
+        n += 1
+    return n
+
+
+@pytest.fixture
+def env_clean(monkeypatch):
+    """No HEYGEM_* from the outer environment leaks into a test."""
+    for k in list(os.environ):
+        if k.startswith("HEYGEM_") or k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            monkeypatch.delenv(k, raising=False)
+    return monkeypatch

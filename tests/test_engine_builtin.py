@@ -1,0 +1,111 @@
+"""engines/builtin.py: one frame per job in order, face-less frames untouched, the mouth follows the speech."""
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from heygem_watch import face
+from heygem_watch.engines import create_engine
+from heygem_watch.engines.base import FrameJob
+from heygem_watch.engines.builtin import BuiltinEngine
+from heygem_watch.template import load_template
+from tests import mediagen
+
+FACELESS = {5, 6}
+N_TPL = 16
+
+
+class _Curve:
+    """A stand-in speech curve: open 0..1 given per output time by a function."""
+
+    rate = 100
+    speech = True
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def sample(self, times):
+        t = np.atleast_1d(np.asarray(times, np.float64))
+        o = np.array([self.fn(x) for x in t], np.float64)
+        return o, np.zeros_like(o), np.zeros_like(o)
+
+
+@pytest.fixture(scope="module")
+def tpl(tmp_path_factory):
+    d = tmp_path_factory.mktemp("builtin")
+    # a template whose own mouth moves (so the library has variety) with two face-less frames
+    mouth = 0.5 + 0.5 * np.sin(np.arange(N_TPL) / 2.0)
+    path = mediagen.write_video(d / "host.mp4", mediagen.face_frames(N_TPL, faceless=FACELESS, mouth_open=mouth), 25)
+    return load_template(path, d / "cache")
+
+
+def _jobs(tpl, n, fps=Fraction(25)):
+    from heygem_watch.pipeline import pingpong_index
+
+    for i in range(n):
+        k = pingpong_index(i, tpl.n_frames)
+        yield FrameJob(i, float(i / fps), k, tpl.frame(k))
+
+
+def test_factory_builds_it():
+    eng = create_engine("builtin")
+    assert isinstance(eng, BuiltinEngine) and eng.name == "builtin"
+    assert eng.describe()["engine"] == "builtin"
+
+
+def test_one_frame_per_job_in_order_and_faceless_frames_untouched(tpl):
+    eng = BuiltinEngine()
+    state = eng.prepare_template(tpl)
+    jobs = list(_jobs(tpl, 40))
+    originals = [j.image.copy() for j in jobs]
+    curve = _Curve(lambda t: 0.5 + 0.5 * np.sin(7 * t))
+    out = list(eng.render(tpl, state, curve, iter(jobs)))
+    assert len(out) == len(jobs)
+    changed = 0
+    for job, orig, frame in zip(jobs, originals, out):
+        assert frame.shape == (tpl.height, tpl.width, 3) and frame.dtype == np.uint8
+        if job.template_index in FACELESS:
+            assert np.array_equal(frame, orig)
+        else:
+            changed += int(not np.array_equal(frame, orig))
+    assert changed > 20
+    # order: output k was drawn on job k's template frame (the face-less ones prove it exactly, the others are
+    # much closer to their own template frame than to a neighbour two frames away)
+    for k in (10, 20, 30):
+        own = np.abs(out[k].astype(int) - originals[k]).mean()
+        other = np.abs(out[k].astype(int) - originals[k + 2]).mean()
+        assert own <= other
+
+
+def test_fewer_jobs_than_the_selector_lag_and_no_jobs(tpl):
+    eng = BuiltinEngine()
+    state = eng.prepare_template(tpl)
+    curve = _Curve(lambda t: 0.3)
+    assert len(list(eng.render(tpl, state, curve, _jobs(tpl, 3)))) == 3
+    assert list(eng.render(tpl, state, curve, iter([]))) == []
+
+
+def test_mouth_follows_the_speech_and_shuts_in_silence(tpl):
+    eng = BuiltinEngine()
+    state = eng.prepare_template(tpl)
+    on = [0.0] * 8 + [1.0] * 8 + [0.0] * 8
+    curve = _Curve(lambda t: on[min(len(on) - 1, int(round(t * 25)))])
+    out = list(eng.render(tpl, state, curve, _jobs(tpl, len(on))))
+    with face.FaceMesh(static_image=True) as mesh:
+        measured = []
+        for k in (3, 12, 22):  # none of them face-less (ping-pong of 16 frames)
+            lm = mesh.detect(out[k])
+            assert lm is not None
+            measured.append(float(face.mouth_openness(lm)))
+    shut1, wide, shut2 = measured
+    assert wide > max(shut1, shut2) + 0.05
+    assert max(shut1, shut2) < 0.04
+
+
+def test_state_is_cached_on_disk(tpl):
+    from heygem_watch import mouth
+
+    BuiltinEngine().prepare_template(tpl)
+    assert (tpl.cache_dir / mouth.CACHE_NAME).exists()
+    lib = mouth.analyse_mouths(tpl)
+    assert lib.valid.tolist() == [i not in FACELESS for i in range(N_TPL)]

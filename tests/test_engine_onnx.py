@@ -1,0 +1,286 @@
+"""The ONNX engine with tiny hand-built ONNX models of the Wav2Lip input/output signature (no torch, fast):
+"identity" returns the reference crop, "pattern" a checkerboard; a recording session proxy checks what is fed."""
+from __future__ import annotations
+
+import threading
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from heygem_watch import mel
+from heygem_watch.audio import AudioTrack
+from heygem_watch.engines.base import EngineError, FrameJob
+from heygem_watch.engines.onnx import (BOX_PADS, FACE_SIZE, MelSource, OnnxEngine, crop_input, face_boxes,
+                                       paste_mask)
+from heygem_watch.pipeline import pingpong_index
+
+FACELESS = frozenset({4, 5})
+
+
+def tiny_model(path: Path, kind: str, inputs=("audio", "face")) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    a = helper.make_tensor_value_info(inputs[0], TensorProto.FLOAT, ["batch", 1, 80, 16])
+    f = helper.make_tensor_value_info(inputs[1], TensorProto.FLOAT, ["batch", 6, 96, 96])
+    o = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 3, 96, 96])
+    inits = [numpy_helper.from_array(np.array([3], np.int64), "s"),
+             numpy_helper.from_array(np.array([6], np.int64), "e"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax")]
+    nodes = [helper.make_node("Slice", [inputs[1], "s", "e", "ax"], ["ref"])]
+    if kind == "identity":
+        nodes.append(helper.make_node("Identity", ["ref"], ["out"]))
+    else:
+        yy, xx = np.mgrid[:96, :96]
+        pat = (((yy // 8 + xx // 8) % 2) * 0.9).astype(np.float32)[None, None].repeat(3, 1)
+        inits += [numpy_helper.from_array(pat, "pat"), numpy_helper.from_array(np.zeros(1, np.float32), "z")]
+        nodes += [helper.make_node("Mul", ["ref", "z"], ["r0"]), helper.make_node("Add", ["r0", "pat"], ["out"])]
+    g = helper.make_graph(nodes, "tiny", [a, f], [o], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tpl(tmp_path_factory):
+    """A real Template (MediaPipe track) of the test face, 12 frames, two without a face."""
+    from heygem_watch.template import load_template
+    from tests import gen_media
+
+    root = tmp_path_factory.mktemp("onnx_tpl")
+    video = gen_media.face_video(root / "face.mp4", n=12, faceless=FACELESS, size=(256, 288))
+    t = load_template(video, root / "cache")
+    assert t.face_found.sum() == 10 and not t.face_found[list(FACELESS)].any()
+    return t
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    return {k: tiny_model(d / f"{k}.onnx", k) for k in ("identity", "pattern")}
+
+
+@pytest.fixture(scope="module")
+def track(tmp_path_factory):
+    rng = np.random.default_rng(3)
+    t = np.arange(int(16000 * 1.3)) / 16000
+    x = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.01 * rng.standard_normal(len(t)))
+    return AudioTrack.from_array(x.astype(np.float32), tmp_path_factory.mktemp("audio"))
+
+
+def jobs_for(tpl, n: int):
+    fps = tpl.fps
+    for i in range(n):
+        k = pingpong_index(i, tpl.n_frames)
+        yield FrameJob(i, float(i / fps), k, tpl.frame(k))
+
+
+class Recorder:
+    """Wraps a session: records the audio windows fed; optionally fails like a GPU out of memory above a batch."""
+
+    def __init__(self, sess, oom_above: int | None = None, error: str | None = None):
+        self.sess, self.oom_above, self.error = sess, oom_above, error
+        self.audio: list[np.ndarray] = []
+        self.batches: list[int] = []
+
+    def run(self, names, feeds):
+        b = len(feeds["audio"])
+        if self.error:
+            raise RuntimeError(self.error)
+        if self.oom_above is not None and b > self.oom_above:
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA failure 2: out of memory")
+        self.audio.extend(feeds["audio"])
+        self.batches.append(b)
+        return self.sess.run(names, feeds)
+
+    def __getattr__(self, k):
+        return getattr(self.sess, k)
+
+
+def test_face_boxes_pad_smooth_and_runs():
+    rng = np.random.default_rng(0)
+    n = 9
+    base = rng.uniform(100, 200, (478, 2)).astype(np.float32)
+    lms = np.repeat(base[None], n, 0)
+    lms[3] = np.nan  # a face-less frame splits the track into two runs
+    found = np.ones(n, bool)
+    found[3] = False
+    boxes, valid = face_boxes(lms, found, 400, 300)
+    assert not valid[3] and valid[[0, 1, 2, 4, 8]].all()
+    b0 = boxes[0]
+    assert (boxes[valid] == b0).all()  # a still face: smoothing changes nothing
+    jit = lms.copy()
+    jit[4:, :, 1] += np.array([0, 8, 0, 8, 0])[:, None]  # vertical jitter of 8 px in the second run
+    boxes_j, _ = face_boxes(jit, found, 400, 300)
+    assert np.ptp(boxes_j[4:, 1]) < 8  # the 5-frame mean reduces it
+    assert (boxes_j[:3] == b0).all()  # the first run is not blended with the second
+    unpadded, _ = face_boxes(lms, found, 400, 300, pads=(0, 0, 0, 0), smooth=1)
+    assert (b0 - unpadded[0]).tolist() == [-BOX_PADS[2], -BOX_PADS[0], BOX_PADS[3], BOX_PADS[1]]
+
+
+def test_crop_input_bgr_and_masked_lower_half():
+    img = np.zeros((200, 300, 3), np.uint8)
+    img[..., 0], img[..., 1], img[..., 2] = 10, 120, 250  # B, G, R
+    x = crop_input(img, (50, 20, 250, 180))
+    assert x.shape == (6, FACE_SIZE, FACE_SIZE) and x.dtype == np.float32
+    assert np.allclose(x[3:, 0, 0], np.array([10, 120, 250]) / 255)  # reference: BGR order, /255
+    assert np.allclose(x[:3, :48], x[3:, :48]) and (x[:3, 48:] == 0).all()
+
+
+def test_paste_mask_is_feathered_on_the_mouth(tpl):
+    state_boxes, valid = face_boxes(tpl.landmarks, tpl.face_found, tpl.width, tpl.height)
+    k = int(np.flatnonzero(valid)[0])
+    x1, y1, x2, y2 = state_boxes[k]
+    m = paste_mask(tpl.landmarks[k], state_boxes[k])
+    assert m.shape == (y2 - y1, x2 - x1)
+    border = np.concatenate([m[0], m[-1], m[:, 0], m[:, -1]])
+    assert border.max() < 0.02  # no step at the box edge
+    lm = tpl.landmarks[k] - (x1, y1)
+    mouth = np.round(lm[[13, 14]].mean(0)).astype(int)
+    assert m[mouth[1], mouth[0]] > 0.95  # the mouth is replaced
+    eye = np.round(lm[33]).astype(int)
+    assert m[eye[1], eye[0]] < 0.01  # the eyes are not
+    assert 0.05 < ((m > 0.02) & (m < 0.98)).mean()  # a soft ramp, not a hard cut
+
+
+def test_render_pastes_only_on_faces_and_keeps_order(tpl, models, track):
+    eng = OnnxEngine(models["pattern"], batch_size=3)
+    assert eng.provider == "CPUExecutionProvider" and "onnxruntime-gpu" in eng.provider_reason
+    state = eng.prepare_template(tpl)
+    speech = eng.analyse_speech(track)
+    n = 26
+    out = list(eng.render(tpl, state, speech, jobs_for(tpl, n)))
+    assert len(out) == n
+    for i, frame in enumerate(out):
+        k = pingpong_index(i, tpl.n_frames)
+        orig = tpl.frame(k)
+        diff = np.abs(frame.astype(int) - orig).max(2)
+        if k in FACELESS:
+            assert (frame == orig).all()  # no face: unchanged
+            continue
+        x1, y1, x2, y2 = state.boxes[k]
+        inside = np.zeros_like(diff, bool)
+        inside[y1:y2, x1:x2] = True
+        assert diff[~inside].max() == 0  # nothing outside the face box changes
+        lm = tpl.landmarks[k]
+        mx, my = np.round(lm[[13, 14]].mean(0)).astype(int)
+        assert diff[my - 3:my + 4, mx - 3:mx + 4].mean() > 20  # the checkerboard is on the mouth
+
+
+def test_identity_model_leaves_the_face_nearly_intact(tpl, models, track):
+    eng = OnnxEngine(models["identity"])
+    state = eng.prepare_template(tpl)
+    out = list(eng.render(tpl, state, eng.analyse_speech(track), jobs_for(tpl, 3)))
+    for i, frame in enumerate(out):
+        x1, y1, x2, y2 = state.boxes[i]
+        d = np.abs(frame.astype(float) - tpl.frame(i))[y1:y2, x1:x2]
+        assert d.mean() < 4 and d.max() > 0  # pasted (96 px round trip blurs a little), no colour shift
+
+
+def test_mel_windows_follow_the_output_frame_index(tpl, models, track):
+    eng = OnnxEngine(models["identity"], batch_size=4)
+    rec = Recorder(eng.session)
+    eng.session = rec
+    state = eng.prepare_template(tpl)
+    n = 30
+    list(eng.render(tpl, state, eng.analyse_speech(track), jobs_for(tpl, n)))
+    spec = mel.MelSpectrogram(track)
+    want = [spec.window(i, tpl.fps) for i in range(n) if state.valid[pingpong_index(i, tpl.n_frames)]]
+    assert len(rec.audio) == len(want)
+    for got, w in zip(rec.audio, want):
+        assert np.array_equal(got[0], w)
+    assert max(rec.batches) <= 4
+
+
+def test_out_of_memory_halves_the_batch_and_output_is_identical(tpl, models, track):
+    ref_eng = OnnxEngine(models["pattern"], batch_size=8)
+    state = ref_eng.prepare_template(tpl)
+    speech = ref_eng.analyse_speech(track)
+    ref = list(ref_eng.render(tpl, state, speech, jobs_for(tpl, 20)))
+    eng = OnnxEngine(models["pattern"], batch_size=8)
+    rec = Recorder(eng.session, oom_above=2)
+    eng.session = rec
+    got = list(eng.render(tpl, state, speech, jobs_for(tpl, 20)))
+    assert 1 <= eng.batch_size <= 2 and eng.oom_halvings >= 2 and eng.describe()["oom_halvings"] == eng.oom_halvings
+    assert max(rec.batches) <= 2
+    assert all(np.array_equal(a, b) for a, b in zip(ref, got)) and len(got) == len(ref)
+    eng.session = Recorder(rec.sess, oom_above=0)
+    with pytest.raises(EngineError, match="out of memory even at batch size 1"):
+        list(eng.render(tpl, state, speech, jobs_for(tpl, 5)))
+    eng.session = Recorder(rec.sess, error="[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : bad input")
+    with pytest.raises(EngineError, match="inference failed"):
+        list(eng.render(tpl, state, speech, jobs_for(tpl, 5)))
+
+
+def test_errors_in_jobs_propagate_and_threads_stop(tpl, models, track):
+    eng = OnnxEngine(models["identity"], batch_size=2)
+    state = eng.prepare_template(tpl)
+    speech = eng.analyse_speech(track)
+
+    class Stop(Exception):
+        pass
+
+    def failing():
+        yield from jobs_for(tpl, 5)
+        raise Stop()
+
+    with pytest.raises(Stop):
+        list(eng.render(tpl, state, speech, failing()))
+    pulled = []
+
+    def counting():
+        for j in jobs_for(tpl, 10_000):
+            pulled.append(j.index)
+            yield j
+
+    before = {t.name for t in threading.enumerate()}
+    gen = eng.render(tpl, state, speech, counting())
+    next(gen)
+    time.sleep(0.3)
+    assert len(pulled) <= 12  # bounded read-ahead: a few batches, not the recording
+    gen.close()
+    time.sleep(0.2)
+    assert not ({"onnx-prep", "onnx-infer"} & ({t.name for t in threading.enumerate()} - before))
+
+
+def test_pipeline_renders_with_the_onnx_engine(tpl, models, track, tmp_path):
+    from heygem_watch.media import probe
+    from heygem_watch.pipeline import RecordingJob, run_task
+
+    eng = OnnxEngine(models["pattern"])
+    job = RecordingJob(Path("rec.wav"), tmp_path, AudioTrack.from_array(track.all(), tmp_path / "a", write_m4a=True))
+    out = tmp_path / "out.mp4"
+    res = run_task(job, tpl.path, eng, out, tmp_path / "tmp", tpl.cache_dir.parents[1])
+    info = probe(out)
+    assert res.frames == round(track.duration * tpl.fps) and info.has_video and info.has_audio
+    assert (info.width, info.height) == (tpl.width, tpl.height)
+
+
+def test_bad_models_are_named(tmp_path, models):
+    txt = tmp_path / "notes.onnx"
+    txt.write_text("not a model")
+    with pytest.raises(EngineError, match="notes.onnx"):
+        OnnxEngine(txt)
+    with pytest.raises(EngineError, match="not found"):
+        OnnxEngine(tmp_path / "missing.onnx")
+    other = tiny_model(tmp_path / "other.onnx", "identity", inputs=("mel", "img"))
+    with pytest.raises(EngineError, match="export-model"):
+        OnnxEngine(other)
+    with pytest.raises(EngineError, match="unknown onnx provider"):
+        OnnxEngine(models["identity"], provider="vulkan")
+    side = tmp_path / "sd.json"
+    tiny_model(tmp_path / "sd.onnx", "identity")
+    side.write_text('{"format": "wav2lip", "face_size": 256}')
+    with pytest.raises(EngineError, match="96x96"):
+        OnnxEngine(tmp_path / "sd.onnx")
+
+
+def test_frame_rate_is_exact_for_ntsc(models, track):
+    spec = mel.MelSpectrogram(track)
+    fps = Fraction(30000, 1001)
+    starts = [mel.window_start(i, fps, spec.n_cols) for i in range(20)]
+    assert starts == [min(i * 80 * 1001 // 30000, spec.n_cols - 16) for i in range(20)]
+    assert isinstance(MelSource(track).cursor(), mel.MelSpectrogram)

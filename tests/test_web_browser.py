@@ -1,0 +1,229 @@
+"""A real browser on the real thing: `heygem-watch run` and `heygem-watch web` as two processes on one var/,
+Debian's headless Chromium driven by Playwright. Upload a template into the library, then a recording (FLV, Chinese
+name) with a second template as a batch of two; watch the progress bar move; see two results; play one; download the
+ZIP and check it holds both MP4s; reload; then drop the same recording into incoming/ and see it recognised as a
+duplicate, not processed again.
+
+Screenshots go to the test's tmp dir, and also to $HEYGEM_WEB_SCREENSHOTS when set (for looking at them).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import playwright.sync_api as playwright_sync  # pip install playwright (the browser itself comes from Debian)
+
+from heygem_watch.ledger import Ledger
+from tests.mediagen import face_frames, speech_like, write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--autoplay-policy=no-user-gesture-required"]
+RECORDING_S = 16.0  # 400 frames per template: a few seconds of rendering, so progress is reported mid-way
+FPS = 25
+TEMPLATE_HW = (384, 320)  # template height, width: big enough that rendering takes a few seconds per template
+START_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tinted(frames, gain):
+    for f in frames:
+        yield np.clip(f.astype(np.float32) * np.float32(gain), 0, 255).astype(np.uint8)
+
+
+def slides(n: int):
+    import cv2
+
+    for i in range(n):
+        img = np.full((180, 320, 3), (60, 40, 30), np.uint8)
+        cv2.putText(img, f"{i / FPS:4.1f}s", (30, 110), cv2.FONT_HERSHEY_SIMPLEX, 2, (255, 255, 255), 3)
+        yield img
+
+
+def write_flv(path: Path, frames, audio: np.ndarray, rate: int = 16000) -> Path:
+    """H.264 + AAC in FLV, packets interleaved by time (FLV needs that across streams)."""
+    import av
+
+    with av.open(str(path), "w", format="flv") as out:
+        vs = out.add_stream("libx264", rate=FPS)
+        vs.width, vs.height, vs.pix_fmt = 320, 180, "yuv420p"
+        vs.codec_context.options = {"preset": "ultrafast"}
+        as_ = out.add_stream("aac", rate=rate, layout="mono")
+        pos = 0
+        for i, img in enumerate(frames):
+            out.mux(vs.encode(av.VideoFrame.from_ndarray(img, format="bgr24")))
+            while pos < min(len(audio), (i + 1) * rate // FPS):
+                fr = av.AudioFrame.from_ndarray(audio[None, pos:pos + 1024].astype(np.float32), format="flt",
+                                                layout="mono")
+                fr.sample_rate, fr.pts = rate, pos
+                out.mux(as_.encode(fr))
+                pos += 1024
+        out.mux(vs.encode(None))
+        out.mux(as_.encode(None))
+    return path
+
+
+@pytest.fixture()
+def stack(tmp_path):
+    """`heygem-watch run` + `heygem-watch web` on tmp_path/var; yields (url, var)."""
+    var, port = tmp_path / "var", free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HEYGEM_VAR_DIR=str(var), HEYGEM_SETTLE_SECONDS="0",
+               HEYGEM_MIN_FREE_MB="0", HEYGEM_X264_PRESET="ultrafast", HEYGEM_LOG_FORMAT="json",
+               HEYGEM_ENGINE="builtin", HEYGEM_RESCAN_SECONDS="2", HEYGEM_WEB_TOKEN="")
+    env = {k: v for k, v in env.items() if not (k.startswith("HEYGEM_") and k not in {
+        "HEYGEM_VAR_DIR", "HEYGEM_SETTLE_SECONDS", "HEYGEM_MIN_FREE_MB", "HEYGEM_X264_PRESET", "HEYGEM_LOG_FORMAT",
+        "HEYGEM_ENGINE", "HEYGEM_RESCAN_SECONDS", "HEYGEM_WEB_TOKEN"})}
+    logs = {n: open(tmp_path / f"{n}.log", "wb") for n in ("run", "web")}
+    procs = {"run": subprocess.Popen([sys.executable, "-m", "heygem_watch", "run"], cwd=tmp_path, env=env,
+                                     stdout=logs["run"], stderr=subprocess.STDOUT),
+             "web": subprocess.Popen([sys.executable, "-m", "heygem_watch", "web", "--port", str(port)], cwd=tmp_path,
+                                     env=env, stdout=logs["web"], stderr=subprocess.STDOUT)}
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            urllib.request.urlopen(url + "/api/config", timeout=1).read()
+            if (var / "incoming").is_dir():
+                break
+        except OSError:
+            pass
+        if any(p.poll() is not None for p in procs.values()) or time.monotonic() > deadline:
+            for p in procs.values():
+                p.kill()
+            pytest.fail("stack did not start:\n" + "\n".join(
+                f"--- {n}\n{(tmp_path / f'{n}.log').read_text(errors='replace')[-3000:]}" for n in procs))
+        time.sleep(0.2)
+    yield url, var
+    for p in procs.values():
+        p.terminate()
+    for n, p in procs.items():
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+        logs[n].close()
+
+
+def shot(page, tmp_path: Path, name: str, full: bool = True) -> None:
+    page.screenshot(path=str(tmp_path / name), full_page=full)
+    dest = os.environ.get("HEYGEM_WEB_SCREENSHOTS")
+    if dest:
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / name, Path(dest) / name)
+
+
+def test_batch_of_two_in_a_real_browser(stack, tmp_path):
+    assert Path(CHROMIUM).exists(), "needs Debian's Chromium: apt-get install -y chromium"
+    url, var = stack
+    media = tmp_path / "media"
+    media.mkdir()
+    rec = write_flv(media / "周一直播 第3场.flv", slides(int(RECORDING_S * FPS)), speech_like(RECORDING_S, seed=3))
+    tpl_a = write_video(media / "presenter_warm.mp4", tinted(face_frames(25, TEMPLATE_HW), (0.85, 0.95, 1.12)), fps=FPS)
+    tpl_b = write_video(media / "presenter_cool.mp4", tinted(face_frames(25, TEMPLATE_HW), (1.12, 1.0, 0.88)), fps=FPS)
+    with playwright_sync.sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            accept_downloads=True, viewport={"width": 1280, "height": 900})
+        try:
+            page = ctx.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            # the library: one template uploaded through the page; its face check comes back
+            page.set_input_files("#library-upload-input", str(tpl_a))
+            page.wait_for_selector('#template-list .tpl[data-name="presenter_warm.mp4"] .face.ok', timeout=30_000)
+            # a batch: that template + one uploaded with the job
+            page.check("#mode-batch")
+            page.wait_for_selector('#template-choices input[type=checkbox][value="presenter_warm.mp4"]')
+            page.check('#template-choices input[value="presenter_warm.mp4"]')
+            page.set_input_files("#recording-input", str(rec))
+            page.set_input_files("#template-upload-input", str(tpl_b))
+            page.click("#submit-btn")
+            page.wait_for_selector("#submit-msg.ok")
+            assert "2 job(s)" in page.inner_text("#submit-msg")
+            # the progress bar moves: a value strictly between 0 and the total is seen, then a larger one
+            try:
+                page.wait_for_selector(".run .progress-fill", timeout=30_000)
+            except playwright_sync.TimeoutError:
+                status = urllib.request.urlopen(url + "/api/status", timeout=5).read().decode()
+                pytest.fail(f"no running task shown; /api/status: {status}\ndaemon log:\n"
+                            + (tmp_path / "run.log").read_text(errors="replace")[-4000:])
+            seen: list[tuple[int, int]] = []
+            batch_texts: set[str] = set()
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                # one snapshot of the running card (the page re-renders it every second)
+                run = page.evaluate("""(() => { const r = document.querySelector('.run');
+                    if (!r) return null;
+                    return [+r.querySelector('.progress-fill').dataset.done,
+                            +(r.querySelector('.frames').textContent.split('/')[1].trim().split(' ')[0]) || 0,
+                            r.querySelector('.run-sub').textContent.split('·')[0].trim()]; })()""")
+                if run:
+                    done, total, batch_text = run
+                    batch_texts.add(batch_text)
+                    if not seen or seen[-1] != (done, total):
+                        seen.append((done, total))
+                        if 0 < done < total and not (tmp_path / "web-progress.png").exists():
+                            shot(page, tmp_path, "web-progress.png")
+                if page.evaluate("document.querySelectorAll('#history-list .result[data-state=done] .play-btn')"
+                                 ".length") == 2:
+                    break
+                page.wait_for_timeout(100)
+            assert any(0 < d < t for d, t in seen), f"no progress seen mid-way: {seen}"
+            assert batch_texts and batch_texts <= {"Batch: 1 of 2", "Batch: 2 of 2"}, batch_texts
+            page.wait_for_selector("#running-list .hint")
+            page.wait_for_timeout(800)  # thumbnails
+            shot(page, tmp_path, "web-history.png")
+            text = page.inner_text("#history-list")
+            assert "周一直播 第3场.flv" in text and "presenter_warm.mp4" in text and "presenter_cool.mp4" in text
+            # play one
+            page.click("#history-list .play-btn >> nth=0")
+            page.wait_for_function("(() => { const v = document.querySelector('#player');"
+                                   " return v.readyState >= 2 && v.currentTime > 0.5; })()", timeout=20_000)
+            assert page.evaluate("[document.querySelector('#player').videoWidth,"
+                                 " document.querySelector('#player').videoHeight]") == [TEMPLATE_HW[1], TEMPLATE_HW[0]]
+            assert abs(page.evaluate("document.querySelector('#player').duration") - RECORDING_S) < 0.2
+            shot(page, tmp_path, "web-player.png", full=False)
+            page.click("#player-close")
+            # the ZIP
+            with page.expect_download() as dl:
+                page.click("#history-list .zip-link >> nth=0")
+            zpath = tmp_path / "out.zip"
+            dl.value.save_as(str(zpath))
+            with zipfile.ZipFile(zpath) as zf:
+                assert sorted(n for n in zf.namelist() if n.endswith(".mp4")) == ["presenter_cool.mp4",
+                                                                                 "presenter_warm.mp4"]
+                assert zf.testzip() is None
+                assert json.loads(zf.read("manifest.json"))["state"] == "done"
+            # a reload loses nothing
+            page.reload()
+            page.wait_for_function("document.querySelectorAll('#history-list .result[data-state=done]').length == 2")
+            assert not errors, errors
+        finally:
+            ctx.close()
+    # the same recording dropped into incoming/ is a duplicate: no new recording, no new task
+    shutil.copy(rec, var / "incoming" / "again.flv")
+    with Ledger(var / "ledger.sqlite3") as db:
+        deadline = time.monotonic() + 30
+        while not db.events("duplicate") and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert [e["recording_id"] for e in db.events("duplicate")] == [1]
+        assert len(db.recent_recordings(10)) == 1 and db.counts() == {"queued": 0, "running": 0, "done": 2, "failed": 0}
