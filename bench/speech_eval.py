@@ -113,10 +113,13 @@ def clips(media: str) -> list[str]:
     return [p for p in paths if Path(p).stem not in SKIP]
 
 
-def evaluate(media: str, cache: Path, analyse=analyse_speech, plot_dir: Path | None = None, verbose=True) -> dict:
+def evaluate(media: str, cache: Path, analyse=analyse_speech, plot_dir: Path | None = None, verbose=True,
+             only: tuple[str, ...] = ()) -> dict:
     rows, G, R = [], [], []
     for path in clips(media):
         name = Path(path).stem
+        if only and name not in only:
+            continue
         audio = read_audio_16k(path)
         if audio is None:
             continue
@@ -180,10 +183,12 @@ def main(argv=None) -> None:
     ap.add_argument("--media", default="/work/shared/media")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "speech_eval"))
     ap.add_argument("--plot", default=None, help="write predicted-vs-real PNGs here (needs matplotlib)")
+    ap.add_argument("--only", default="", help="comma-separated clip names (e.g. the dev pairs' driving clips)")
     a = ap.parse_args(argv)
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    evaluate(a.media, cache, plot_dir=Path(a.plot) if a.plot else None)
+    evaluate(a.media, cache, plot_dir=Path(a.plot) if a.plot else None,
+             only=tuple(x for x in a.only.split(",") if x))
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def cmd_run(args, settings) -> int:
 
 
 def cmd_process(args, settings) -> int:
-    templates: list[Path] = args.templates
+    templates: list[Path] = list({t.resolve(): t for t in args.templates}.values())  # the same file once
     if args.output is not None:
         if len(templates) != 1:
             print("heygem-watch process: --output takes exactly one --template; use --out-dir for several",
@@ -90,9 +90,14 @@ def cmd_process(args, settings) -> int:
             return EXIT_CONFIG
         outputs = [args.output]
     else:
-        stems = [t.stem for t in templates]
-        outputs = [args.out_dir / (f"{t.stem}.mp4" if stems.count(t.stem) == 1 else f"{t.name.replace('.', '-')}.mp4")
-                   for t in templates]
+        outputs, used = [], set()
+        for t in templates:  # DIR/<template-stem>.mp4; a second template with the same stem gets -2, -3...
+            stem, n = t.stem, 1
+            while stem in used:
+                n += 1
+                stem = f"{t.stem}-{n}"
+            used.add(stem)
+            outputs.append(args.out_dir / f"{stem}.mp4")
     if not args.recording.is_file():
         print(f"heygem-watch process: {args.recording}: recording not found", file=sys.stderr)
         return EXIT_FAIL

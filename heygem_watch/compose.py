@@ -31,7 +31,7 @@ MIN_GAP = 0.004  # closest the inner lips come in a "closed" mouth (iod units): 
 LIP_HALF = 0.30  # lower-lip drop falls to zero this far from the mouth centre (iod units)
 JAW_SPREAD = 0.6  # lateral fall-off of the jaw drop (iod units): wide, so the chin outline keeps its shape
 JAW_FOLLOW = 0.7  # the chin drops this much of the lip opening
-JAW_RAMP = 0.3  # below the mouth line the jaw drop grows over this distance (iod): gentle, so the skin never folds
+JAW_RAMP = 0.3  # shortest lip-to-chin distance the lip-to-jaw blend is spread over (iod units)
 UPPER_LIFT = 0.12  # the upper lip rises this much of the opening
 MASK_MARGIN = 0.07  # the pasted mouth extends this far beyond the outer lip line (iod units)
 MASK_SOFT = 0.045  # Gaussian feather of the mouth mask (sigma, iod units)
@@ -39,7 +39,9 @@ GHOST_COVER = 0.5  # the mask reaches this fraction of (this frame's opening - t
 CAVITY_BGR = (28, 22, 52)  # mouth interior (dark, reddish), scaled by the local brightness
 TONGUE_BGR = (70, 72, 150)  # the tongue at the bottom of a wide-open mouth, scaled likewise
 TEETH_HEIGHT = 0.035  # visible upper-teeth height at full opening (iod units)
-WORK_IOD = 110  # maps and masks are planned on a grid this many pixels per inter-ocular distance (speed)
+STATS_SAMPLES = 48  # colour statistics use about this many pixels across the mouth
+MIN_IOD_PX = 8.0  # faces smaller than this (eye to eye, pixels) are left alone
+WORK_IOD = 64  # maps and masks are planned on a grid this many pixels per inter-ocular distance (speed)
 
 
 @dataclass
@@ -81,8 +83,11 @@ class MouthRig:
         idx = np.array(MESH_POINTS)
         p = (src_aligned[idx] - origin) @ rot.T / iod
         cur = (cur_lm[idx] - origin) @ rot.T / iod
-        anchor = np.isin(idx, ANCHORS)
-        p[anchor] = cur[anchor]  # above the mouth the current frame stays where it is
+        lips = np.isin(idx, face.LIPS_OUTER + face.LIPS_INNER)
+        mouth_v = 0.5 * (cur[MESH_POINTS.index(13), 1] + cur[MESH_POINTS.index(14), 1])
+        # above the mouth (nose, cheeks, the jaw line up by the ears) the current frame stays where it is
+        anchor = np.isin(idx, ANCHORS) | (~lips & (cur[:, 1] < mouth_v - 0.05))
+        p[anchor] = cur[anchor]
         i13, i14 = MESH_POINTS.index(13), MESH_POINTS.index(14)
         gap = p[i14, 1] - p[i13, 1]
         delta = (max(open_t, 0.0) - gap) * open_weight
@@ -106,10 +111,25 @@ class MouthRig:
         else:  # the upper lip takes a small share of the opening
             dv_lip = (1.0 - UPPER_LIFT) * delta * lip_w[il]
             dv[is_upper_lip] = -UPPER_LIFT * delta * lip_w[is_upper_lip]
+        # the inner lips never cross; the outer lower lip moves exactly as its inner partner (keeps the lip's
+        # thickness, so the triangles between them and the corners cannot fold)
+        floor = p[iu, 1] + dv[iu] + MIN_GAP * lip_w[il] + 0.5 * MIN_GAP
+        # the lower points next to the corners stay below the corners
+        for j, corner_in, corner_out in ((0, 78, 61), (-1, 308, 291)):
+            c_in, c_out = MESH_POINTS.index(corner_in), MESH_POINTS.index(corner_out)
+            floor[j] = max(floor[j], p[c_in, 1] + MIN_GAP, p[c_out, 1] + MIN_GAP - (p[io[j], 1] - p[il[j], 1]))
+        dv_lip = np.maximum(p[il, 1] + dv_lip, floor) - p[il, 1]
         dv[il] = dv_lip
         dv[io] = dv_lip
-        jaw = JAW_FOLLOW * np.exp(-(u / JAW_SPREAD) ** 2) * np.clip(v / JAW_RAMP, 0.0, 1.0)
-        dv[below] = delta * jaw[below]
+        # below the lips the skin follows the lower lip near it and the jaw further down (at the chin): a smooth
+        # blend, monotonic downwards, so the mesh neither folds when the mouth opens nor when it shuts
+        o = np.argsort(p[io, 0])
+        lip_v = np.interp(u, u[io][o], v[io][o])
+        lip_dv = np.interp(u, u[io][o], dv_lip[o])
+        chin_v = v[MESH_POINTS.index(face.CHIN)]
+        r = np.clip((v - lip_v) / np.maximum(chin_v - lip_v, JAW_RAMP), 0.0, 1.0)
+        jaw = delta * JAW_FOLLOW * np.exp(-(u / JAW_SPREAD) ** 2)
+        dv[below] = (lip_dv * (1.0 - r) + jaw * r)[below]
         p[:, 1] += dv
         if width_t is not None:
             il, ir = MESH_POINTS.index(61), MESH_POINTS.index(291)
@@ -227,7 +247,7 @@ def feathered_mask(poly: np.ndarray, centre: np.ndarray, iod: float, rect, margi
 
 
 def cavity(rect, head, inner: np.ndarray, open_px: float, iod: float, light: float, teeth_bgr,
-           step: int = 1) -> tuple:
+           step: int = 1, teeth_scale: float = 1.0) -> tuple:
     """Synthetic mouth interior over rect: (image (h, w, 3) float32, alpha (h, w) float32).
 
     Inside the inner-lip polygon: a dark cavity, darker at the back and towards the corners, a dim tongue at the
@@ -256,7 +276,7 @@ def cavity(rect, head, inner: np.ndarray, open_px: float, iod: float, light: flo
     if not teeth.max() > 0:  # the template never showed teeth: off-white, a touch of the skin's hue, its light
         teeth = np.array(DEFAULT_TEETH_BGR, np.float32) * float(np.clip(light * 1.05, 0.55, 1.1))
     # upper teeth: a band under the upper lip, its lower edge a gentle arc, shaded towards the corners
-    th = min(TEETH_HEIGHT, 0.33 * gap) * np.sqrt(lateral)
+    th = min(TEETH_HEIGHT, 0.33 * gap) * np.sqrt(lateral) * teeth_scale
     band = np.clip(((v_up + th) - v) * iod / max(1.2, 0.6 * step), 0.0, 1.0) * (v > v_up - 0.03) * (th > 0.004)
     gaps = 1.0 - 0.12 * np.exp(-((np.abs(u) % 0.075 - 0.0375) / 0.006) ** 2 / 2) * (np.abs(u) > 0.03)
     rel = np.clip((v - v_up) / np.maximum(th, 1e-3), 0, 1)  # 0 under the lip .. 1 at the biting edge
@@ -273,6 +293,47 @@ def cavity(rect, head, inner: np.ndarray, open_px: float, iod: float, light: flo
 # positions of the upper / lower inner lip (corner to corner) within face.LIPS_INNER
 LIPS_INNER_UPPER = [face.LIPS_INNER.index(k) for k in [78] + UPPER_INNER + [308]]
 LIPS_INNER_LOWER = [face.LIPS_INNER.index(k) for k in [78] + LOWER_INNER + [308]]
+
+
+def split_interior(rect, head, inner: np.ndarray, src_inner: np.ndarray, to_src: np.ndarray, src_img):
+    """The source's mouth interior re-attached to the drawn lips over rect: (image (h, w, 3) float32, alpha).
+
+    inner: drawn inner-lip contour, src_inner: the source's inner-lip contour mapped into this frame (both in
+    face.LIPS_INNER order, pixels); to_src: 2x3 affine from this frame to source pixels; src_img: array or
+    callable (x0, y0, w, h) -> crop. A pixel within half the source's gap of the drawn upper lip shows what lay
+    that far below the source's upper lip (its upper teeth), likewise from the lower lip; alpha is 0 in the new
+    gap between the two, where the caller paints the cavity."""
+    x0, y0, w, h = rect
+    origin, rot, iod = head
+    ys, xs = np.mgrid[y0:y0 + h, x0:x0 + w].astype(np.float32)
+    u = ((xs - origin[0]) * rot[0, 0] + (ys - origin[1]) * rot[0, 1]) / iod
+    v = ((xs - origin[0]) * rot[1, 0] + (ys - origin[1]) * rot[1, 1]) / iod
+
+    def curve(pts, sel):
+        q = (pts[sel] - origin) @ rot.T / iod
+        o = np.argsort(q[:, 0])
+        return np.interp(u, q[o, 0], q[o, 1])
+
+    up_t, lo_t = curve(inner, LIPS_INNER_UPPER), curve(inner, LIPS_INNER_LOWER)
+    up_s, lo_s = curve(src_inner, LIPS_INNER_UPPER), curve(src_inner, LIPS_INNER_LOWER)
+    half = 0.5 * np.maximum(lo_s - up_s, 0.0)
+    du, dl = v - up_t, lo_t - v
+    take_up = du <= half
+    take_lo = (dl <= half) & ~take_up
+    vs = np.where(take_up, up_s + du, lo_s - dl).astype(np.float32)
+    px = origin[0] + iod * (u * rot[0, 0] + vs * rot[1, 0])
+    py = origin[1] + iod * (u * rot[0, 1] + vs * rot[1, 1])
+    mx = (to_src[0, 0] * px + to_src[0, 1] * py + to_src[0, 2]).astype(np.float32)
+    my = (to_src[1, 0] * px + to_src[1, 1] * py + to_src[1, 2]).astype(np.float32)
+    if callable(src_img):
+        sx0, sy0 = max(0, int(mx.min()) - 2) & ~1, max(0, int(my.min()) - 2) & ~1
+        crop = src_img((sx0, sy0, int(mx.max()) + 3 - sx0, int(my.max()) + 3 - sy0))
+        mx, my = mx - sx0, my - sy0
+    else:
+        crop = src_img
+    img = cv2.remap(crop, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT).astype(np.float32)
+    alpha = cv2.GaussianBlur((take_up | take_lo).astype(np.float32), (0, 0), max(0.6, 0.005 * iod))
+    return img, alpha
 
 
 def _usable(px: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -312,6 +373,8 @@ def compose_mouth(cur_img: np.ndarray, cur_lm: np.ndarray, src_img, src_lm: np.n
     cur_px = cur_lm if cur_px is None else _usable(cur_px, cur_lm)
     src_px = src_lm if src_px is None else _usable(src_px, src_lm)
     same = src_img is cur_img
+    if not (face.inter_ocular(cur_lm) >= MIN_IOD_PX and face.inter_ocular(src_lm) >= MIN_IOD_PX):
+        return cur_img  # no usable face geometry (a collapsed or tiny detection): leave the frame as it is
     stable = face.STABLE_POINTS
     a = np.array([[1.0, 0, 0], [0, 1.0, 0]]) if same else similarity(src_lm[stable], cur_lm[stable])
     target = rig.target_shape(cur_lm, apply_affine(a, src_lm), open_t, width_t)
@@ -360,26 +423,38 @@ def compose_mouth(cur_img: np.ndarray, cur_lm: np.ndarray, src_img, src_lm: np.n
     cur_gap = float(np.linalg.norm(cur_px[13] - cur_px[14]) / iod)
     extra = GHOST_COVER * max(0.0, cur_gap - open_t)
     mask = feathered_mask(outer, outer.mean(0), iod, mrect, step=step, down=head[1][1], extra=0.0 if same else extra)
+    off = np.zeros(3, np.float32)
     if not same:
         # colour matching: the mean difference where the mask fades (skin around the lips) moves the source to
         # the current frame's light
-        ring = mask * (1.0 - mask)
+        k = max(1, min(mask.shape) // STATS_SAMPLES)  # statistics on a sparse grid of pixels: same answer, faster
+        ring = mask[::k, ::k] * (1.0 - mask[::k, ::k])
         wsum = float(ring.sum())
-        if wsum > 1.0:
-            fgf += ((bgf - fgf) * ring[..., None]).reshape(-1, 3).sum(0) / wsum
+        if wsum > 1e-3:
+            off = ((bgf[::k, ::k] - fgf[::k, ::k]) * ring[..., None]).reshape(-1, 3).sum(0) / wsum
+            fgf += off
     src_gap = float(np.linalg.norm(src_px[13] - src_px[14]) / (face.inter_ocular(src_px) + 1e-6))
-    if fill is None:
-        fill = float(np.clip((open_t - src_gap) / max(open_t, 1e-3) * 1.4, 0.0, 1.0))
+    if fill is None:  # only where the drawn mouth opens wider than the source did
+        fill = 1.0 if open_t > src_gap + 0.005 else 0.0
     if fill > 0.02 and open_t > 0.01:
-        # the interior only: its own small rect inside the mouth rect
+        # the interior only: its own small rect inside the mouth rect. The source's upper teeth stay with the upper
+        # lip and its lower teeth with the lower lip (no stretched teeth); the new gap between them is a cavity.
         ix0, iy0 = np.maximum(np.floor(inner.min(0)).astype(int) - 2, (mx0, my0))
         ix1, iy1 = np.minimum(np.ceil(inner.max(0)).astype(int) + 3, (mx1, my1))
         if ix1 - ix0 > 2 and iy1 - iy0 > 2:
             irect = (int(ix0), int(iy0), int(ix1 - ix0), int(iy1 - iy0))
             isl = (slice(iy0 - my0, iy1 - my0), slice(ix0 - mx0, ix1 - mx0))
-            skin = bgf[(mask > 0.02) & (mask < 0.5)]
+            k = max(1, min(mask.shape) // STATS_SAMPLES)
+            skin = bgf[::k, ::k][(mask[::k, ::k] > 0.02) & (mask[::k, ::k] < 0.5)]
             light = float(np.clip(skin.mean() / 160.0, 0.35, 1.25)) if len(skin) else 1.0
-            img, alpha = cavity(irect, head, inner, open_t * iod, iod, light, teeth_bgr, step)
+            own_teeth = float(np.clip(src_gap / 0.04, 0.0, 1.0))  # a source that was open brings its own teeth
+            img, alpha = cavity(irect, head, inner, open_t * iod, iod, light, teeth_bgr, step,
+                                teeth_scale=1.0 - own_teeth)
+            src_inner = apply_affine(a, src_px[face.LIPS_INNER])
+            real, ra = split_interior(irect, head, inner, src_inner, _inverse_similarity(a),
+                                      cur_img if same else src_img)
+            real += off  # the same colour matching as the rest of the source mouth
+            img = real * ra[..., None] + img * (1.0 - ra[..., None])
             alpha *= fill
             fgf[isl] += (img - fgf[isl]) * alpha[..., None]
     bg[sl] = np.clip(bgf + (fgf - bgf) * mask[..., None] + 0.5, 0, 255).astype(np.uint8)

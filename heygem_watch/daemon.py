@@ -212,6 +212,9 @@ class Daemon:
             try:
                 size = path.stat().st_size
                 fp = fingerprint_file(path)
+            except FileNotFoundError:
+                self.log.warning("vanished", path=str(path), reason="removed before it could be read")
+                return None
             except OSError as exc:
                 self._fail_unreadable(path, day, f"cannot read the file ({exc.strerror or exc})", exc)
                 return None
@@ -251,7 +254,15 @@ class Daemon:
                          moved_to=str(dest) if dest else None)
 
     def _dispose(self, path: Path, day: str) -> Path | None:
-        """ON_DONE for a finished (or duplicate) source: archive/DATE/, delete, or keep."""
+        """ON_DONE for a finished (or duplicate) source: archive/DATE/, delete, or keep. Never raises."""
+        try:
+            return self._dispose_or_raise(path, day)
+        except OSError as exc:
+            self.log.error("source_not_moved", path=str(path), on_done=self.settings.on_done,
+                           error=exc.strerror or str(exc), fix="give the service user write access to the folder")
+            return path if path.exists() else None
+
+    def _dispose_or_raise(self, path: Path, day: str) -> Path | None:
         if not path.exists():
             return None
         if self.settings.on_done == "delete":

@@ -26,6 +26,7 @@ WIN = 512  # analysis window (32 ms), centred on the frame time
 NFFT = 1024  # zero-padded so the autocorrelation (voicing) is not circular
 CHUNK_S = 30.0  # seconds of audio analysed at a time
 EPS_DB = -120.0  # level of digital silence
+SILENCE_DB = -75.0  # below this vowel-band level nothing is speech, whatever the recording's own level
 
 # Frequency bands (Hz)
 LOW_BAND = (60.0, 300.0)  # voicing bar / nasal murmur
@@ -46,9 +47,11 @@ OPEN_GAMMA = 1.0  # shape of the level -> openness map
 
 # Timing
 LEAD_S = 0.04  # mouth leads the sound by this much (anticipatory co-articulation)
-SMOOTH_S = 0.03  # Gaussian sigma of the final curves: mouths move at < ~8 Hz
+SMOOTH_S = 0.08  # Gaussian sigma of the final curves: real mouths move smoothly (measured best of 0.03-0.08)
 SPEECH_MIN_S = 0.05  # shorter voice-activity blips are noise
 SPEECH_BRIDGE_S = 0.15  # shorter pauses inside speech keep `speech` True (the mouth still closes by level)
+GATE_S = 0.05  # the mouth may stay open this long past the voice (and open this much before it)
+SPEECH_FLOOR = 0.2  # openness kept inside speech between syllables (real jaws do not shut between every one)
 
 # Closure detection
 CLOSURE_DIP_DB = 12.0  # a closure is at least this far below the neighbouring vowels
@@ -203,7 +206,8 @@ def curves_from_features(f: dict[str, np.ndarray]) -> MouthCurve:
     floor = float(np.percentile(level, FLOOR_PERCENTILE))
     lo = np.maximum(ref - DYN_DB, floor + FLOOR_MARGIN_DB)
     lo = np.minimum(lo, ref - 6.0)  # a recording with no pauses: the floor estimate is speech itself
-    raw = np.clip((level - lo) / np.maximum(ref - lo, 1.0), 0.0, 1.0) ** OPEN_GAMMA
+    lo = np.maximum(lo, SILENCE_DB)
+    raw = np.clip((level - lo) / np.maximum(ref - lo, 6.0), 0.0, 1.0) ** OPEN_GAMMA
 
     speech = level > lo
     speech = _runs_fill(speech, True, int(SPEECH_MIN_S * RATE))
@@ -211,14 +215,20 @@ def curves_from_features(f: dict[str, np.ndarray]) -> MouthCurve:
 
     lead = int(round(LEAD_S * RATE))
     sig = SMOOTH_S * RATE
-    opn = gaussian_filter1d(_shift(raw * speech, lead), sig, mode="nearest")
+    opn = gaussian_filter1d(_shift(np.maximum(raw, SPEECH_FLOOR * speech) * speech, lead), sig, mode="nearest")
+    # The wide smoothing must not hold the mouth open into a pause: gate with voice activity (lead included),
+    # widened by GATE_S and softened over a few frames, so the lips shut within ~100 ms of the voice ending.
+    gw = int(round(GATE_S * RATE))
+    gate = maximum_filter1d(_shift(speech.astype(np.float32), lead), 2 * gw + 1, mode="nearest")
+    opn = opn * gaussian_filter1d(gate, gw / 2.0, mode="nearest")
 
     # Width: second-formant centroid relative to this speaker's voiced frames.
     voiced = speech & (f["voicing"] > 0.5)
     f2 = f["f2"].astype(np.float64)
     if voiced.sum() >= 10:
-        med = float(np.median(f2[voiced]))
-        spread = float(np.percentile(np.abs(f2[voiced] - med), 75)) + 1.0
+        # centre and spread from the 20/80 percentiles: robust, and fair to a speaker with two vowel kinds
+        q20, q80 = np.percentile(f2[voiced], (20.0, 80.0))
+        med, spread = float(q20 + q80) / 2.0, max(float(q80 - q20) / 2.0, 100.0)
     else:
         med, spread = float(np.median(f2)), 300.0
     width = np.tanh((f2 - med) / spread) * np.clip(raw * 2.0, 0.0, 1.0) * speech

@@ -179,7 +179,11 @@ class IncomingWatcher:
                 self._cands.pop(path, None)
                 self._handed[path] = (c.size, c.mtime_ns)
             out.append(path)
-            self.on_ready(path)
+            try:
+                self.on_ready(path)
+            except Exception:
+                self.forget(path)  # taken again on the next scan
+                raise
         return out
 
     def forget(self, path: os.PathLike | str) -> None:

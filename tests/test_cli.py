@@ -70,12 +70,16 @@ def test_process_batch_and_single(in_tmp, monkeypatch, capsys, passthrough_engin
     assert rc == 1  # one template had no face
     assert out[0].startswith("OK   a face.png") and out[1].startswith("FAIL wall.png") and "no face" in out[1]
     assert (in_tmp / "out" / "a face.mp4").exists() and not (in_tmp / "out" / "wall.mp4").exists()
+    (in_tmp / "other").mkdir()
+    t2 = str(shutil.copy(face_template_file, in_tmp / "other" / "a face.png"))
+    assert cli.main(["process", str(rec), "-t", t1, "-t", t2, "--out-dir", str(in_tmp / "same")]) == 0
+    assert sorted(p.name for p in (in_tmp / "same").iterdir()) == ["a face-2.mp4", "a face.mp4"]
     assert cli.main(["process", str(rec), "-t", t1, "--output", str(in_tmp / "single.mp4")]) == 0
     assert (in_tmp / "single.mp4").exists()
     assert not (in_tmp / "var" / "ledger.sqlite3").exists()  # no ledger in process mode
     assert cli.main(["process", "-t", t1, "--output=-dash.mp4", "--", "-my rec.flv"]) == 0  # leading '-' names
     assert (in_tmp / "-dash.mp4").exists()
-    assert cli.main(["process", str(rec), "-t", t1, "-t", t1, "--output", str(in_tmp / "x.mp4")]) == cli.EXIT_CONFIG
+    assert cli.main(["process", str(rec), "-t", t1, "-t", t2, "--output", str(in_tmp / "x.mp4")]) == cli.EXIT_CONFIG
     bad = gen_media.text_file(in_tmp / "bad.flv")
     capsys.readouterr()
     assert cli.main(["process", str(bad), "-t", t1, "--output", str(in_tmp / "y.mp4")]) == 1
@@ -171,3 +175,22 @@ def test_run_command_starts_and_stops_on_sigterm(in_tmp, face_template_file):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_process_with_the_real_builtin_engine(tmp_path, face_template_file):
+    """The console script end to end, as a user runs it (fresh interpreter, default engine)."""
+    rec = gen_media.write_av(tmp_path / "直播 'x'.flv", 1.0)
+    exe = Path(sys.executable).parent / "heygem-watch"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEYGEM_")}
+    env["HEYGEM_MIN_FREE_MB"] = "0"
+    r = subprocess.run([str(exe), "process", str(rec), "-t", str(face_template_file), "-t", str(face_template_file),
+                        "--out-dir", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("OK   anchor.png")  # the same template twice = one output
+    from heygem_watch.media import probe
+
+    info = probe(tmp_path / "out" / "anchor.mp4")
+    assert info.has_audio and abs(info.duration - 1.0) < 0.15
+    assert not (tmp_path / "var" / "ledger.sqlite3").exists()

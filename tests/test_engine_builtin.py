@@ -109,3 +109,16 @@ def test_state_is_cached_on_disk(tpl):
     assert (tpl.cache_dir / mouth.CACHE_NAME).exists()
     lib = mouth.analyse_mouths(tpl)
     assert lib.valid.tolist() == [i not in FACELESS for i in range(N_TPL)]
+
+
+def test_a_frame_with_degenerate_landmarks_passes_through(tpl):
+    eng = BuiltinEngine()
+    state = eng.prepare_template(tpl)
+    broken = tpl.landmarks.copy()
+    broken[3] = broken[3].mean(0)  # every point in one place: no usable geometry on template frame 3
+    bad = type(tpl)(**{**tpl.__dict__, "landmarks": broken})
+    jobs = list(_jobs(bad, 8))
+    orig3 = jobs[3].image.copy()
+    out = list(eng.render(bad, state, _Curve(lambda t: 0.8), iter(jobs)))
+    assert len(out) == 8
+    assert np.array_equal(out[3], orig3)

@@ -7,7 +7,6 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -240,7 +239,10 @@ def test_errors_in_jobs_propagate_and_threads_stop(tpl, models, track):
     gen = eng.render(tpl, state, speech, counting())
     next(gen)
     time.sleep(0.3)
-    assert len(pulled) <= 12  # bounded read-ahead: a few batches, not the recording
+    n1 = len(pulled)
+    time.sleep(0.3)
+    # bounded read-ahead: a few batches per worker, and it stops growing while nobody consumes
+    assert n1 == len(pulled) and n1 <= (3 * eng.workers + 3) * 2 + 1
     gen.close()
     time.sleep(0.2)
     assert not ({"onnx-prep", "onnx-infer"} & ({t.name for t in threading.enumerate()} - before))
@@ -284,3 +286,16 @@ def test_frame_rate_is_exact_for_ntsc(models, track):
     starts = [mel.window_start(i, fps, spec.n_cols) for i in range(20)]
     assert starts == [min(i * 80 * 1001 // 30000, spec.n_cols - 16) for i in range(20)]
     assert isinstance(MelSource(track).cursor(), mel.MelSpectrogram)
+
+
+def test_gpu_path_pads_partial_batches_to_one_shape(tpl, models, track):
+    eng = OnnxEngine(models["identity"], batch_size=4)
+    state = eng.prepare_template(tpl)
+    speech = eng.analyse_speech(track)
+    ref = list(eng.render(tpl, state, speech, jobs_for(tpl, 11)))
+    eng.device = "gpu"  # the padding rule only; the session itself stays on CPU here
+    rec = Recorder(eng.session)
+    eng.session = rec
+    got = list(eng.render(tpl, state, speech, jobs_for(tpl, 11)))
+    assert set(rec.batches) == {4}  # every run had the same input shape, partial batches included
+    assert all(np.array_equal(a, b) for a, b in zip(ref, got)) and len(got) == 11

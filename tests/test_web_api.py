@@ -323,7 +323,8 @@ def test_no_path_escapes(env, tmp_path):
                 "/api/files/%252e%252e/%252e%252e/secret.txt", "/api/templates/evil.mp4/thumb"]
     # these never match a route, or are refused as names
     other = ["/api/templates/..%2f..%2fsecret.txt/thumb", "/api/templates/%2e%2e/thumb",
-             "/api/templates/%2e%2e%2fvar%2fledger.sqlite3/thumb", "/api/recordings/..%2f1/zip"]
+             "/api/templates/%2e%2e%2fvar%2fledger.sqlite3/thumb", "/api/recordings/..%2f1/zip",
+             "/static/%2e%2e/api.py", "/static/..%2f..%2fledger.py"]
     for url in confined + other:
         r = c.get(url)
         assert r.status_code == 403 if url in confined else r.status_code in (400, 404, 422), (url, r.status_code)

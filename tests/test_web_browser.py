@@ -32,7 +32,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage", "--autoplay-policy=no-user-gesture-required"]
-RECORDING_S = 16.0  # 400 frames per template: a few seconds of rendering, so progress is reported mid-way
+RECORDING_S = 24.0  # 600 frames per template: a few seconds of rendering, so progress is reported mid-way
 FPS = 25
 TEMPLATE_HW = (384, 320)  # template height, width: big enough that rendering takes a few seconds per template
 START_TIMEOUT_S = 60
@@ -158,13 +158,14 @@ def test_batch_of_two_in_a_real_browser(stack, tmp_path):
             page.set_input_files("#template-upload-input", str(tpl_b))
             page.click("#submit-btn")
             page.wait_for_selector("#submit-msg.ok")
+            submitted = time.strftime("%H:%M:%S", time.gmtime())
             assert "2 job(s)" in page.inner_text("#submit-msg")
             # the progress bar moves: a value strictly between 0 and the total is seen, then a larger one
             try:
                 page.wait_for_selector(".run .progress-fill", timeout=30_000)
             except playwright_sync.TimeoutError:
                 status = urllib.request.urlopen(url + "/api/status", timeout=5).read().decode()
-                pytest.fail(f"no running task shown; /api/status: {status}\ndaemon log:\n"
+                pytest.fail(f"no running task shown (submitted {submitted} UTC); /api/status: {status}\ndaemon log:\n"
                             + (tmp_path / "run.log").read_text(errors="replace")[-4000:])
             seen: list[tuple[int, int]] = []
             batch_texts: set[str] = set()

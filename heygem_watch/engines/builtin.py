@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import cv2
 import numpy as np
 
 from heygem_watch.compose import MouthRig, compose_mouth
@@ -23,7 +24,6 @@ from heygem_watch.mouth import MouthLibrary, Selector, analyse_mouths, descripto
 OPEN_MIN = 0.18  # widest wanted opening (inner gap / iod) is at least this, even for a template that barely opens
 OPEN_MAX = 0.28  # ...and at most this (wider looks like shouting)
 WIDTH_GAIN = 0.10  # speech width -1..1 moves the mouth width by this fraction
-FALLBACK_HOP_S = 0.01
 RAW_TRACK_NAME = "track.npz"  # template.py's face-track file; its "raw" array is the unsmoothed track
 
 
@@ -36,47 +36,20 @@ class BuiltinState:
     raw: np.ndarray | None = None  # (n, 478, 2) per-frame (unsmoothed) landmarks, when the template cache has them
 
 
-class _EnergyCurve:
-    """Stand-in speech curve from loudness alone, used only when heygem_watch.speech is not available."""
-
-    rate = 100
-
-    def __init__(self, track):
-        hop = int(track.sample_rate * FALLBACK_HOP_S)
-        db = []
-        for _, x in track.iter_chunks(30.0):
-            n = len(x) // hop
-            fr = x[: n * hop].reshape(n, hop)
-            db.append(10 * np.log10((fr ** 2).mean(1) + 1e-10))
-        db = np.concatenate(db) if db else np.zeros(1)
-        peak = np.percentile(db, 95)
-        o = np.clip((db - (peak - 28.0)) / 22.0, 0.0, 1.0)
-        k = np.ones(5) / 5
-        self.open = np.convolve(o, k, "same")
-        self.speech = bool((db > peak - 20).any())
-
-    def sample(self, times):
-        t = np.atleast_1d(np.asarray(times, np.float64))
-        o = np.interp(t * self.rate, np.arange(len(self.open)), self.open, left=0.0, right=0.0)
-        z = np.zeros_like(o)
-        return o, z, z
-
-
 class BuiltinEngine(Engine):
     name = "builtin"
 
     def __init__(self, **options):
         self.options = dict(options)
         self.open_max = float(options.get("open_max", OPEN_MAX))
+        self.frames_passed_through = 0  # frames left unchanged because drawing failed on them
 
     def describe(self) -> dict:
         return {"engine": self.name, "model": None}
 
     def analyse_speech(self, audio) -> Any:
-        try:
-            from heygem_watch.speech import analyse_speech
-        except ImportError:
-            return _EnergyCurve(audio)
+        from heygem_watch.speech import analyse_speech
+
         return analyse_speech(audio)
 
     def prepare_template(self, template) -> BuiltinState:
@@ -130,8 +103,14 @@ class BuiltinEngine(Engine):
         else:
             src, src_lm = partial(read_crop, template, s), np.asarray(template.landmarks[s], np.float64)
         raw = state.raw
-        return compose_mouth(job.image, cur_lm, src, src_lm, state.rig, gap, width, state.lib.teeth_bgr,
-                             cur_px=None if raw is None else raw[ti], src_px=None if raw is None else raw[s])
+        try:
+            return compose_mouth(job.image, cur_lm, src, src_lm, state.rig, gap, width, state.lib.teeth_bgr,
+                                 cur_px=None if raw is None else raw[ti], src_px=None if raw is None else raw[s])
+        except (ValueError, IndexError, ArithmeticError, np.linalg.LinAlgError, cv2.error):
+            # degenerate landmarks on one frame: show it as it is rather than lose the whole video (compose_mouth
+            # writes into the frame only at its very end)
+            self.frames_passed_through += 1
+            return job.image
 
 
 def _raw_landmarks(template) -> np.ndarray | None:

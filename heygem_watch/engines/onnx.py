@@ -17,7 +17,6 @@ import json
 import os
 import queue
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -32,12 +31,14 @@ FACE_SIZE = 96
 BOX_PADS = (0, 10, 0, 0)  # (top, bottom, left, right) pixels, Wav2Lip's default
 BOX_SMOOTH = 5  # frames in the mean filter over box corners
 MIN_BOX = 24  # pixels; a smaller face box is treated as no face
-DEFAULT_BATCH = {"cpu": 8, "gpu": 64}  # CPU gains nothing from larger batches; GPU wants them
+DEFAULT_BATCH = {"cpu": 4, "gpu": 64}  # CPU gains nothing from larger batches (measured); GPU wants them
 MAX_BATCH = 256
+TRT_MAX_BATCH = 128  # TensorRT builds its engine for batches 1..this (optimised for the GPU default)
 SAMPLE_BYTES = {"cpu": 48 << 20, "gpu": 40 << 20}  # generous activation memory per sample (fp32 workspace)
 MEMORY_SHARE = 0.4  # of free RAM / VRAM the batch may take
 FRAME_BUDGET = 1536 << 20  # bytes of full-size frames in flight across the stages
-IN_FLIGHT = 5  # batches alive at once: being prepared, queued, in inference, queued, being pasted
+CPU_WORKERS_MAX = 4  # concurrent inference runs on CPU (one per core, up to this many)
+GPU_WORKERS = 2  # two runs in flight: one copies inputs/outputs while the other computes
 FEATHER = 0.035  # mask feather sigma, face-width units
 EDGE_SIGMAS = 2.5  # the hard mask stops this many sigmas inside the box
 OOM_MARKERS = ("out of memory", "failed to allocate", "alloc_failed", "bad_alloc", "cudaerrormemoryallocation",
@@ -142,14 +143,14 @@ def paste(image: np.ndarray, box, pred: np.ndarray, lm: np.ndarray) -> None:
     m = paste_mask(lm, box)
     if not m.any():
         return
-    gen = cv2.resize(pred * 255.0, (w, h), interpolation=cv2.INTER_LINEAR)
-    region = image[y1:y2, x1:x2].astype(np.float32)
-    seam = m * (1 - m)
+    gen = cv2.resize(pred, (w, h), interpolation=cv2.INTER_LINEAR) * 255.0
+    region = image[y1:y2, x1:x2]
+    seam = (m * (1 - m)).reshape(-1)
     s = float(seam.sum())
-    if s > 1e-3:
-        gen += ((region - gen) * seam[..., None]).sum((0, 1)) / s
-    out = gen * m[..., None] + region * (1 - m[..., None])
-    image[y1:y2, x1:x2] = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    if s > 1e-3:  # a weighted mean as one matrix-vector product (numpy's axis sums are slow on these shapes)
+        gen += seam @ (region.reshape(-1, 3).astype(np.float32) - gen.reshape(-1, 3)) / s
+    gen8 = (np.clip(gen, 0, 255) + 0.5).astype(np.uint8)
+    image[y1:y2, x1:x2] = cv2.blendLinear(gen8, np.ascontiguousarray(region), m, 1 - m)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -197,14 +198,18 @@ class OnnxEngine(Engine):
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
+        cores = os.cpu_count() or 1
+        self.cpu_workers = max(1, min(cores, CPU_WORKERS_MAX))
+        # CPU: several single-threaded runs side by side (one per core) scale better than one run split across
+        # cores, which waits on its slowest thread whenever x264 or decoding takes a core away
+        so.intra_op_num_threads = threads or max(1, cores // self.cpu_workers)
         # no busy-waiting between runs: on a small CPU the spinning pool would steal the cores x264 and the frame
         # preparation need (the GPU path is unaffected: its CPU pool is idle anyway)
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session, self.provider, self.provider_reason = self._create_session(ort, so, want)
         self._check_io()
         self.device = "cpu" if self.provider == "CPUExecutionProvider" else "gpu"
+        self.workers = self.cpu_workers if self.device == "cpu" else GPU_WORKERS
         self.batch_size = self._auto_batch(int(batch) if batch else None)
         self.oom_halvings = 0
         self.log.info("onnx_engine_ready", model=str(self.model_path), precision=self.meta.get("precision", "?"),
@@ -230,7 +235,7 @@ class OnnxEngine(Engine):
         reason = ""
         if want in ("auto", "tensorrt") and "TensorrtExecutionProvider" in avail:
             cache = self.model_path.parent / ".trt-cache"
-            big = MAX_BATCH if want == "tensorrt" else DEFAULT_BATCH["gpu"] * 2
+            big = TRT_MAX_BATCH
             shape = lambda b: f"audio:{b}x1x80x16,face:{b}x6x96x96"  # noqa: E731
             plan.append(("TensorrtExecutionProvider", {
                 "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
@@ -293,14 +298,14 @@ class OnnxEngine(Engine):
         free = psutil.virtual_memory().available if dev == "cpu" else _free_gpu_bytes()
         if free:
             b = min(b, max(1, int(free * MEMORY_SHARE / SAMPLE_BYTES[dev])))
-        b = min(b, MAX_BATCH)
+        b = min(b, MAX_BATCH, TRT_MAX_BATCH if self.provider == "TensorrtExecutionProvider" else MAX_BATCH)
         return max(1, int(b))
 
     # ---- Engine interface ---------------------------------------------------------------------------------
     def describe(self) -> dict:
         return {"engine": self.name, "model": self.model_path.name, "precision": self.meta.get("precision", "?"),
                 "provider": self.provider, "provider_reason": self.provider_reason, "batch_size": self.batch_size,
-                "oom_halvings": self.oom_halvings}
+                "workers": self.workers, "oom_halvings": self.oom_halvings}
 
     def analyse_speech(self, audio) -> MelSource:
         if getattr(audio, "sample_rate", mel.SAMPLE_RATE) != mel.SAMPLE_RATE:
@@ -318,10 +323,15 @@ class OnnxEngine(Engine):
         n = len(audio)
         while i < n:
             b = min(self.batch_size, n - i)
-            feeds = {"audio": audio[i:i + b].astype(self.in_types["audio"], copy=False),
-                     "face": faces[i:i + b].astype(self.in_types["face"], copy=False)}
+            a_in, f_in = audio[i:i + b], faces[i:i + b]
+            if self.device == "gpu" and b < self.batch_size:
+                # one input shape on the GPU: cuDNN/TensorRT tune per shape, a new size would stall to re-tune
+                pad = ((0, self.batch_size - b),) + ((0, 0),) * 3
+                a_in, f_in = np.pad(a_in, pad), np.pad(f_in, pad)
+            feeds = {"audio": a_in.astype(self.in_types["audio"], copy=False),
+                     "face": f_in.astype(self.in_types["face"], copy=False)}
             try:
-                out = self.session.run([self.out_name], feeds)[0]
+                out = self.session.run([self.out_name], feeds)[0][:b]
             except Exception as exc:  # noqa: BLE001
                 if not _is_oom(exc):
                     raise EngineError(f"{self.model_path.name}: inference failed ({str(exc)[:300]})") from exc
@@ -342,11 +352,13 @@ class OnnxEngine(Engine):
             speech = self.analyse_speech(speech)
         mels = speech.cursor()
         fps = template.fps
+        workers = self.workers
         # full-size frames in flight stay under FRAME_BUDGET whatever the batch size (4K templates on a GPU)
-        batch = max(1, min(self.batch_size, FRAME_BUDGET // (IN_FLIGHT * template.width * template.height * 3)))
+        in_flight = 2 * workers + 3  # preparing, queued, in inference (one per worker), queued, being pasted
+        batch = max(1, min(self.batch_size, FRAME_BUDGET // (in_flight * template.width * template.height * 3)))
         stop = threading.Event()
-        prepped: queue.Queue = queue.Queue(maxsize=1)
-        done: queue.Queue = queue.Queue(maxsize=1)
+        prepped: queue.Queue = queue.Queue(maxsize=workers)
+        done: queue.Queue = queue.Queue(maxsize=workers)
         end = object()
 
         def put(q: queue.Queue, item) -> bool:
@@ -358,7 +370,16 @@ class OnnxEngine(Engine):
                     continue
             return False
 
-        def prep():  # decode (the jobs iterator reads template frames) + crops + mel windows
+        def get(q: queue.Queue):
+            while not stop.is_set():
+                try:
+                    return q.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+            return end
+
+        def prep():  # decode (the jobs iterator reads template frames) + crops + mel windows, numbered batches
+            seq = 0
             try:
                 group: list = []
                 for job in jobs:
@@ -368,51 +389,61 @@ class OnnxEngine(Engine):
                     else:
                         group.append((job, None, None))
                     if len(group) >= batch:
-                        if not put(prepped, group):
+                        if not put(prepped, (seq, group)):
                             return
-                        group = []
-                if group and not put(prepped, group):
+                        seq, group = seq + 1, []
+                if group and not put(prepped, (seq, group)):
                     return
-                put(prepped, end)
+                for _ in range(workers):
+                    put(prepped, end)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread (Cancelled included)
-                put(prepped, exc)
+                put(done, exc)
 
-        def infer():
+        def infer():  # one per worker: on CPU each runs single-threaded inference on its own core
             try:
                 while True:
-                    group = prepped.get()
-                    if group is end or isinstance(group, BaseException):
-                        put(done, group)
+                    item = get(prepped)
+                    if item is end:
+                        put(done, end)
                         return
+                    seq, group = item
                     idx = [j for j, g in enumerate(group) if g[1] is not None]
                     preds = None
                     if idx:
                         faces = np.stack([group[j][1] for j in idx])
                         audio = np.stack([group[j][2] for j in idx])[:, None]
                         preds = self.infer(audio, faces)
-                    if not put(done, (group, idx, preds)):
+                    if not put(done, (seq, group, idx, preds)):
                         return
             except BaseException as exc:  # noqa: BLE001
                 put(done, exc)
 
-        threads = [threading.Thread(target=prep, daemon=True, name="onnx-prep"),
-                   threading.Thread(target=infer, daemon=True, name="onnx-infer")]
+        threads = [threading.Thread(target=prep, daemon=True, name="onnx-prep")]
+        threads += [threading.Thread(target=infer, daemon=True, name=f"onnx-infer{i}") for i in range(workers)]
         for t in threads:
             t.start()
+        pending: dict[int, tuple] = {}
+        next_seq, ended = 0, 0
         try:
             while True:
+                while next_seq in pending:  # batches finish out of order across workers; frames go out in order
+                    group, idx, preds = pending.pop(next_seq)
+                    next_seq += 1
+                    for p, j in enumerate(idx):
+                        job = group[j][0]
+                        k = job.template_index
+                        paste(job.image, state.boxes[k], preds[p], template.landmarks[k])
+                    for job, _, _ in group:
+                        yield job.image
+                if ended == workers:
+                    break
                 item = done.get()
                 if item is end:
-                    break
-                if isinstance(item, BaseException):
+                    ended += 1
+                elif isinstance(item, BaseException):
                     raise item
-                group, idx, preds = item
-                for p, j in enumerate(idx):
-                    job = group[j][0]
-                    k = job.template_index
-                    paste(job.image, state.boxes[k], preds[p], template.landmarks[k])
-                for job, _, _ in group:
-                    yield job.image
+                else:
+                    pending[item[0]] = item[1:]
         finally:
             stop.set()
             for t in threads:
