@@ -108,7 +108,7 @@ def cmd_process(args, settings) -> int:
               stream=sys.stderr)  # stdout carries only the summary lines
     model = args.model if args.model is not None else settings.model
     try:
-        engine = engines.create_engine(args.engine or settings.engine, model)
+        engine = engines.create_engine(args.engine or settings.engine, model, onnx_options=settings.onnx_options)
     except Exception as exc:
         print(f"heygem-watch process: engine: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -260,7 +260,7 @@ def cmd_check(args, settings) -> int:
                 "(see README: Using your own Wav2Lip model)")
         elif name == "onnx" or settings.model is not None:
             t0 = time.monotonic()
-            eng = engines.create_engine(settings.engine, settings.model)
+            eng = engines.create_engine(settings.engine, settings.model, onnx_options=settings.onnx_options)
             ok(f"engine {name}: loaded in {time.monotonic() - t0:.1f} s {eng.describe()}")
             eng.close()
         else:

@@ -304,7 +304,8 @@ class Daemon:
             from heygem_watch import engines
 
             t0 = time.monotonic()
-            self.engine = engines.create_engine(self.settings.engine, self.settings.model)
+            self.engine = engines.create_engine(self.settings.engine, self.settings.model,
+                                                 onnx_options=self.settings.onnx_options)
             self.log.info("engine_ready", **self.engine.describe(), seconds=round(time.monotonic() - t0, 2))
         return self.engine
 

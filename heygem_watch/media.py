@@ -15,6 +15,8 @@ from typing import Iterator
 
 import numpy as np
 
+from heygem_watch.config import EncoderSettings  # noqa: F401  (one definition; config.py stays import-light)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".flv", ".m4v", ".ts")
 DEFAULT_FPS = Fraction(25)  # stills and streams that do not state a rate
@@ -29,15 +31,6 @@ class MediaError(Exception):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
-
-
-@dataclass
-class EncoderSettings:
-    """libx264 settings. veryfast/crf 18 is visually lossless on faces and ~100 fps at 720p on 2 cores."""
-
-    preset: str = "veryfast"
-    crf: int = 18
-    threads: int = 0  # 0 = let x264 choose (it uses all cores)
 
 
 @dataclass

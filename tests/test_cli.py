@@ -117,7 +117,7 @@ def test_export_model_and_web_are_delegated(in_tmp, monkeypatch):
     assert cli.main(["export-model", "w.pth", "w.onnx", "--opset", "13", "--fp16"]) == 0
     assert seen["export"] == (Path("w.pth"), Path("w.onnx"), 13, True)
     assert cli.main(["web", "--port", "9000"]) == 7
-    assert seen["web"] == (None, 9000, 8765)
+    assert seen["web"] == (None, 9000, 7860)
 
 
 def test_systemd_unit_verifies():

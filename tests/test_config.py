@@ -89,3 +89,12 @@ def test_example_config_loads_cleanly(tmp_path):
     example = Path(__file__).resolve().parents[1] / "config.env.example"
     s = load_settings(example, environ={}, cwd=tmp_path, isatty=False)
     assert s.var_dir == tmp_path / "var" and s.engine == "auto"
+
+
+def test_onnx_options_are_validated_and_reach_the_engine_factory(tmp_path):
+    s = load_settings(None, environ={"HEYGEM_ONNX_PROVIDER": "CUDA", "HEYGEM_ONNX_BATCH": "16"}, cwd=tmp_path)
+    assert s.onnx_options == {"provider": "cuda", "batch_size": 16, "threads": 0}
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, environ={"HEYGEM_ONNX_PROVIDER": "rocm", "HEYGEM_ONNX_BATCH": "-1"}, cwd=tmp_path)
+    text = str(err.value)
+    assert "HEYGEM_ONNX_PROVIDER" in text and "HEYGEM_ONNX_BATCH" in text

@@ -19,8 +19,10 @@ def resolve_engine_name(name: str, model: Path | None) -> str:
     return name
 
 
-def create_engine(name: str = "auto", model: Path | None = None, **options) -> Engine:
-    """Build the engine; heavy models load here, once."""
+def create_engine(name: str = "auto", model: Path | None = None, onnx_options: dict | None = None,
+                  **options) -> Engine:
+    """Build the engine; heavy models load here, once. onnx_options (Settings.onnx_options: provider, batch_size,
+    threads; 0/auto = decide) apply to the ONNX engine only."""
     name = resolve_engine_name(name, model)
     if name == "builtin":
         from heygem_watch.engines.builtin import BuiltinEngine
@@ -30,4 +32,5 @@ def create_engine(name: str = "auto", model: Path | None = None, **options) -> E
         raise EngineError("engine 'onnx' needs a model: pass --model PATH or set HEYGEM_MODEL")
     from heygem_watch.engines.onnx import OnnxEngine
 
-    return OnnxEngine(Path(model), **options)
+    extra = {k: v for k, v in (onnx_options or {}).items() if v not in (None, 0, "", "auto")}
+    return OnnxEngine(Path(model), **extra, **options)
