@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from heygem_watch.media import AUDIO_BITRATE, MediaError, open_container
+from heygem_watch.media import AUDIO_BITRATE, MediaError, open_container, probe
 
 SAMPLE_RATE = 16000  # Hz, what speech analysis and Wav2Lip models expect
 PCM_NAME = "audio16k.f32"
@@ -203,6 +203,8 @@ def extract_audio(recording: os.PathLike | str, work_dir: os.PathLike | str) -> 
         raise MediaError(recording, "audio track holds no decodable audio")
     if align.gaps:
         notes.append(f"filled {align.gaps} gap(s) in the audio timestamps with silence")
+    if not any("truncated" in n for n in notes):
+        notes += completeness_notes(recording, align.written / out_rate)
     if float(np.abs(_peak(pcm_path, n16))) < 1e-4:
         notes.append("audio is silent: the avatar will keep its mouth closed")
     (work_dir / INFO_NAME).write_text(json.dumps({"n_samples": n16, "source": str(recording), "notes": notes,
@@ -248,3 +250,40 @@ def _write_m4a_from_array(samples: np.ndarray, m4a_path: Path) -> None:
                 m4a.mux(pkt)
         for pkt in aout.encode(None):
             m4a.mux(pkt)
+
+
+def flv_truncated(path: Path) -> bool:
+    """True when an FLV ends inside a tag (the writer died mid-file): walks the 11-byte tag headers only."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(9)
+            if len(head) < 9 or head[:3] != b"FLV":
+                return False
+            pos = int.from_bytes(head[5:9], "big") + 4  # header, then PreviousTagSize0
+            while pos < size:
+                f.seek(pos)
+                tag = f.read(11)
+                if len(tag) < 11:
+                    return True
+                pos += 11 + int.from_bytes(tag[1:4], "big") + 4
+            return pos > size
+    except OSError:
+        return False
+
+
+def completeness_notes(path: Path, decoded_s: float) -> list[str]:
+    """Say so when a recording was cut short (crashed OBS): FLV ending mid-tag, or less audio than the header says."""
+    notes = []
+    if path.suffix.lower() == ".flv" and flv_truncated(path):
+        notes.append(f"recording is truncated (the file ends mid-packet); processed the {decoded_s:.1f} s "
+                     "that could be decoded")
+    else:
+        try:
+            stated = probe(path).duration
+        except Exception:  # noqa: BLE001 - only a hint; decoding already succeeded
+            stated = 0.0
+        if stated > decoded_s + max(1.0, 0.05 * stated):
+            notes.append(f"recording looks truncated: its header says {stated:.1f} s, {decoded_s:.1f} s of audio "
+                         "could be decoded and were processed")
+    return notes

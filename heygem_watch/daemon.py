@@ -104,45 +104,6 @@ def apply_retention(var_dir: Path, days: int, today: date | None = None) -> list
     return removed
 
 
-def flv_truncated(path: Path) -> bool:
-    """True when an FLV ends inside a tag (the writer died mid-file): walks the 11-byte tag headers only."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(9)
-            if len(head) < 9 or head[:3] != b"FLV":
-                return False
-            pos = int.from_bytes(head[5:9], "big") + 4  # header, then PreviousTagSize0
-            while pos < size:
-                f.seek(pos)
-                tag = f.read(11)
-                if len(tag) < 11:
-                    return True
-                pos += 11 + int.from_bytes(tag[1:4], "big") + 4
-            return pos > size
-    except OSError:
-        return False
-
-
-def completeness_notes(path: Path, decoded_s: float) -> list[str]:
-    """Say so when a recording was cut short (crashed OBS): FLV ending mid-tag, or less audio than the header says."""
-    notes = []
-    if path.suffix.lower() == ".flv" and flv_truncated(path):
-        notes.append(f"recording is truncated (the file ends mid-packet); processed the {decoded_s:.1f} s "
-                     "that could be decoded")
-    else:
-        try:
-            from heygem_watch.media import probe
-
-            stated = probe(path).duration
-        except Exception:  # noqa: BLE001 - only a hint; decoding already succeeded
-            stated = 0.0
-        if stated > decoded_s + max(1.0, 0.05 * stated):
-            notes.append(f"recording looks truncated: its header says {stated:.1f} s, {decoded_s:.1f} s of audio "
-                         "could be decoded and were processed")
-    return notes
-
-
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
@@ -325,8 +286,8 @@ class Daemon:
         job = pipeline.RecordingJob.prepare(rec.source_path, self.settings.tmp_dir / f"rec-{rec.id}")
         self._job = (rec.id, job)
         secs = time.monotonic() - t0
-        self._job_notes = completeness_notes(Path(rec.source_path), job.track.duration)
-        notes = job.notes + self._job_notes
+        notes = job.notes
+        self._job_notes = [n for n in notes if "truncated" in n]
         (self.log.warning if self._job_notes else self.log.info)(
             "audio_ready", duration_s=round(job.track.duration, 3), seconds=round(secs, 2), notes=notes)
         return job, secs

@@ -7,7 +7,6 @@ across recordings and restarts. A damaged entry is rebuilt.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from heygem_watch import face
+from heygem_watch.ledger import fingerprint_file
 from heygem_watch.media import (DEFAULT_FPS, IMAGE_EXTENSIONS, MediaError, even_size, open_container,
                                 stream_fps)
 
@@ -33,18 +33,6 @@ MAX_TEMPLATE_FRAMES = 30 * 60 * 10  # 10 minutes at 30 fps; longer templates are
 
 class TemplateError(MediaError):
     """The template cannot be used (no frames, no face at all, ...)."""
-
-
-def fingerprint_bytes(path: Path, chunk: int = 1 << 20) -> str:
-    """blake2b of the file content, hex (first 32 chars are enough to key a cache folder)."""
-    h = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 @dataclass
@@ -98,7 +86,7 @@ def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=No
     if path.stat().st_size == 0:
         raise MediaError(path, "template file is empty (0 bytes)")
     try:
-        fp = fingerprint_bytes(path)
+        fp = fingerprint_file(path)
     except OSError as exc:
         raise MediaError(path, f"cannot read the template ({exc.strerror or exc})") from None
     cache_dir = Path(cache_root) / "templates" / fp[:32]

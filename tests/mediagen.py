@@ -70,9 +70,26 @@ def write_video(path: Path, frames, fps: Fraction | float = 25, audio: np.ndarra
         vs.codec_context.options = {"preset": "ultrafast"}
         as_ = out.add_stream("aac", rate=audio_rate, layout="mono") if audio is not None else None
 
+        audio_pos = 0  # samples muxed so far: audio is interleaved with the video, as a real recorder writes it
+
+        def put_audio(until_s: float) -> None:
+            nonlocal audio_pos
+            while as_ is not None and audio_pos < len(audio) and audio_pos < until_s * audio_rate:
+                chunk = audio[None, audio_pos:audio_pos + 1024].astype(np.float32)
+                fr = av.AudioFrame.from_ndarray(chunk, format="flt", layout="mono")
+                fr.sample_rate, fr.pts = audio_rate, audio_pos
+                audio_pos += 1024
+                for p in as_.encode(fr):
+                    out.mux(p)
+
+        n = 0
+
         def put(img):
+            nonlocal n
+            put_audio(n / fps)
             for p in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="bgr24")):
                 out.mux(p)
+            n += 1
 
         put(first)
         for img in frames:
@@ -80,11 +97,7 @@ def write_video(path: Path, frames, fps: Fraction | float = 25, audio: np.ndarra
         for p in vs.encode(None):
             out.mux(p)
         if as_ is not None:
-            for s in range(0, len(audio), 1024):
-                fr = av.AudioFrame.from_ndarray(audio[None, s:s + 1024].astype(np.float32), format="flt", layout="mono")
-                fr.sample_rate, fr.pts = audio_rate, s
-                for p in as_.encode(fr):
-                    out.mux(p)
+            put_audio(float("inf"))
             for p in as_.encode(None):
                 out.mux(p)
     return path

@@ -95,3 +95,16 @@ def test_silent_audio_is_noted(tmp_path):
     src = mediagen.write_audio(tmp_path / "s.wav", np.zeros(SAMPLE_RATE, np.float32))
     tr = extract_audio(src, tmp_path / "w")
     assert any("silent" in n for n in tr.notes)
+
+
+def test_truncated_flv_is_decoded_as_far_as_possible_and_noted(tmp_path):
+    frames = (np.full((64, 64, 3), i % 200, np.uint8) for i in range(25 * 4))
+    whole = mediagen.write_video(tmp_path / "whole.flv", frames, 25, _tone(4.0))
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.flv"
+    cut.write_bytes(data[: int(len(data) * 0.6)])  # OBS killed mid-write: the file ends inside a tag
+    full = extract_audio(whole, tmp_path / "w1")
+    assert not any("truncated" in n for n in full.notes)
+    part = extract_audio(cut, tmp_path / "w2")
+    assert 0.5 < part.duration < full.duration - 0.5
+    assert any("truncated" in n for n in part.notes), part.notes

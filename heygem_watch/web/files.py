@@ -144,13 +144,13 @@ _THUMB_LOCK = threading.Lock()
 
 def content_fingerprint(path: Path) -> str:
     """The template/recording content fingerprint (blake2b), memoised per file version."""
-    from heygem_watch.template import fingerprint_bytes
+    from heygem_watch.ledger import fingerprint_file
 
     key = file_key(path)
     if key not in _FP_CACHE:
         if len(_FP_CACHE) > CACHE_MAX:
             _FP_CACHE.clear()
-        _FP_CACHE[key] = fingerprint_bytes(path)
+        _FP_CACHE[key] = fingerprint_file(path)
     return _FP_CACHE[key]
 
 
