@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from heygem_watch import export as E
+from heygem_watch import precision as P
 
 
 @pytest.fixture(scope="module")
@@ -167,11 +168,11 @@ def test_fp16_and_int8_variants_stay_close(tmp_path):
     feeds = E.random_inputs(4, seed=1)
     ref = E.torch_forward(small, feeds)
     assert np.abs(E.run_onnx(fp32, feeds) - ref).max() < 1e-5
-    E.to_fp16(fp32, tmp_path / "h.onnx")
+    P.to_fp16(fp32, tmp_path / "h.onnx")
     h = E.run_onnx(tmp_path / "h.onnx", feeds)
     assert h.dtype == np.float32 and 0 < np.abs(h - ref).max() < 5e-3  # really fp16 inside, and close
-    E.to_int8(fp32, tmp_path / "q.onnx", tmp_path)
-    real = E.calibration_inputs(4, seed=77)  # face crops + voiced mel, the distribution it was calibrated for
+    P.to_int8(fp32, tmp_path / "q.onnx", tmp_path)
+    real = P.calibration_inputs(4, seed=77)  # face crops + voiced mel, the distribution it was calibrated for
     q, ref_real = E.run_onnx(tmp_path / "q.onnx", real), E.torch_forward(small, real)
     assert 0 < np.abs(q - ref_real).max() < 0.05 and np.abs(q - ref_real).mean() < 0.01
     import onnx
