@@ -184,7 +184,6 @@ def extract_audio(recording: os.PathLike | str, work_dir: os.PathLike | str) -> 
                 emit(align.place(None, r.to_ndarray()))
             for pkt in aout.encode(None):
                 m4a.mux(pkt)
-            frame16 = None
             for r in to_16k.resample(None):
                 arr = r.to_ndarray().reshape(-1).astype("<f4")
                 arr.tofile(pcm)

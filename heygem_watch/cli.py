@@ -226,7 +226,7 @@ def cmd_check(args, settings) -> int:
         ok(f"onnxruntime {ort.__version__}, providers: {', '.join(ort.get_available_providers())}")
     except Exception as exc:  # noqa: BLE001 - any import failure is the same problem
         bad(f"onnxruntime cannot be imported ({exc})", "run ./setup.sh again (pip install -e .)")
-    from heygem_watch.daemon import list_templates
+    from heygem_watch.housekeeping import list_templates
 
     tpls = list_templates(settings.template_dir)
     if not tpls:

@@ -6,108 +6,28 @@ retention, disk guard, systemd watchdog). The engine is created once; its models
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import threading
 import time
 import traceback
-from datetime import date, timedelta
 from pathlib import Path
 
 from heygem_watch import __version__
 from heygem_watch.config import Settings, load_settings
+from heygem_watch.housekeeping import (apply_retention, list_templates, sd_notify, unique_path,  # noqa: F401
+                                       watchdog_interval, write_json_atomic)
 from heygem_watch.ledger import Ledger, Recording, Task, fingerprint_file
 from heygem_watch.logs import get_logger, log_context, recording_log
-from heygem_watch.watch import IncomingWatcher, ignored_name
+from heygem_watch.watch import IncomingWatcher
 
 SHUTDOWN_GRACE_S = 7.0  # SIGTERM -> exit well within systemd's (and the issue's) 10 s
 IDLE_POLL_S = 1.0  # the worker looks at the ledger this often when idle (the web process adds tasks too)
 PROGRESS_LOG_S = 4.0  # progress events at least every 5 s (the pipeline reports every 2 s)
 DISK_LOG_EVERY_S = 60.0
 RETENTION_EVERY_S = 3600
-TEMPLATE_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".flv", ".m4v", ".ts",
-                       ".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DATED = "%Y-%m-%d"
-
-
-def sd_notify(message: str) -> bool:
-    """Send a state line to systemd ($NOTIFY_SOCKET, a unix datagram socket); False when not under systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return False
-    if addr.startswith("@"):  # abstract namespace
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            # never block: a listener that stopped reading must not freeze a shutdown (full datagram queue)
-            s.setblocking(False)
-            s.connect(addr)
-            s.send(message.encode())
-        return True
-    except OSError:  # BlockingIOError included
-        return False
-
-
-def watchdog_interval() -> float | None:
-    """Half of systemd's WatchdogSec (from $WATCHDOG_USEC), or None when no watchdog is set for us."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
-        return None
-    try:
-        return max(0.5, int(usec) / 2e6)
-    except ValueError:
-        return None
-
-
-def list_templates(template_dir: Path) -> list[Path]:
-    """Every video or image directly in the template folder, by name."""
-    try:
-        return sorted(p for p in template_dir.iterdir()
-                      if p.is_file() and not ignored_name(p.name) and p.suffix.lower() in TEMPLATE_EXTENSIONS)
-    except OSError:
-        return []
-
-
-def unique_path(path: Path) -> Path:
-    """path, or path with -2, -3... before the suffix when something is already there."""
-    if not os.path.lexists(path):
-        return path
-    for i in range(2, 100000):
-        cand = path.with_name(f"{path.stem}-{i}{path.suffix}")
-        if not os.path.lexists(cand):
-            return cand
-    raise FileExistsError(path)
-
-
-def apply_retention(var_dir: Path, days: int, today: date | None = None) -> list[Path]:
-    """Delete dated folders (YYYY-MM-DD) older than `days` in outputs, archive, failed and logs. 0 keeps all."""
-    if days <= 0:
-        return []
-    cutoff = (today or date.today()) - timedelta(days=days)
-    removed = []
-    for sub in ("outputs", "archive", "failed", "logs"):
-        base = var_dir / sub
-        if not base.is_dir():
-            continue
-        for d in base.iterdir():
-            try:
-                day = date.fromisoformat(d.name)
-            except ValueError:
-                continue
-            if d.is_dir() and not d.is_symlink() and day < cutoff:
-                shutil.rmtree(d, ignore_errors=True)
-                removed.append(d)
-    return removed
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class Daemon:
