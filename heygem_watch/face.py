@@ -107,19 +107,17 @@ def smooth_landmarks(landmarks: np.ndarray, face_found: np.ndarray, radius: int 
     n = len(landmarks)
     if n < 3:
         return out
-    found = face_found.astype(bool)
-    start = 0
-    while start < n:
-        if not found[start]:
-            start += 1
-            continue
-        end = start
-        while end < n and found[end]:
-            end += 1
-        seg = landmarks[start:end]
-        out[start:end] = _gauss_smooth(seg, sigma=radius / 2.0)
-        start = end
+    for start, end in found_runs(face_found):
+        out[start:end] = _gauss_smooth(landmarks[start:end], sigma=radius / 2.0)
     return out
+
+
+def found_runs(found: np.ndarray) -> list[tuple[int, int]]:
+    """[(start, end), ...] half-open index ranges of consecutive True values: temporal filters run inside each,
+    so a cut or a lost face never blends two unrelated positions."""
+    f = np.concatenate([[False], np.asarray(found, bool), [False]])
+    edges = np.flatnonzero(f[1:] != f[:-1])
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
 def _gauss_smooth(seg: np.ndarray, sigma: float) -> np.ndarray:

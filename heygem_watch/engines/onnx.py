@@ -85,20 +85,12 @@ def face_boxes(landmarks: np.ndarray, found: np.ndarray, width: int, height: int
     raw += np.array([-pl, -pt, pr, pb], np.float64)
     out = raw.copy()
     r = smooth // 2
-    start = 0
-    while start < n:  # mean over the window, inside each run of found frames
-        if not found[start]:
-            start += 1
-            continue
-        end = start
-        while end < n and found[end]:
-            end += 1
+    for start, end in face.found_runs(found):  # mean over the window, inside each run of found frames
         seg = raw[start:end]
         c = np.vstack([np.zeros((1, 4)), np.cumsum(seg, 0)])
         idx = np.arange(len(seg))
         lo, hi = np.maximum(idx - r, 0), np.minimum(idx + r + 1, len(seg))
         out[start:end] = (c[hi] - c[lo]) / (hi - lo)[:, None]
-        start = end
     boxes = np.round(out).astype(np.int64)
     boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width)
     boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height)
