@@ -2,10 +2,12 @@
 H.264 + AAC files via PyAV, and the broken inputs the issue lists. Everything is made on the fly, in tmp."""
 from __future__ import annotations
 
-from fractions import Fraction
+
 from pathlib import Path
 
 import numpy as np
+
+from tests import mediagen
 
 SR = 16000  # Hz
 TINY = (64, 48)  # (width, height) of recordings' video: the daemon only takes their audio
@@ -44,37 +46,14 @@ def write_av(path: Path, seconds: float = 1.0, *, audio: np.ndarray | None | boo
              fps: int = 25, rate: int = SR, fmt: str | None = None) -> Path:
     """A tiny recording: H.264 (moving gradient) and/or AAC, container by extension (.flv, .mp4, .mkv, .m4a).
     audio=True -> speech(seconds); an array -> that; None/False -> no audio track."""
-    import av
-
     if audio is True:
         audio = speech(seconds, rate)
     has_audio = audio is not None and audio is not False
     w, h = TINY
-    with av.open(str(path), "w", format=fmt) as out:
-        vs = None
-        if video:
-            vs = out.add_stream("libx264", rate=Fraction(fps))
-            vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
-            vs.codec_context.options = {"preset": "ultrafast"}
-        as_ = out.add_stream("aac", rate=rate, layout="mono") if has_audio else None
-        if vs is not None:
-            yy, xx = np.mgrid[0:h, 0:w]
-            for i in range(int(round(seconds * fps))):
-                img = np.stack([(xx * 4 + i * 3) % 256, (yy * 5) % 256, np.full_like(xx, 128)], -1).astype(np.uint8)
-                for p in vs.encode(av.VideoFrame.from_ndarray(img, format="bgr24")):
-                    out.mux(p)
-            for p in vs.encode(None):
-                out.mux(p)
-        if as_ is not None:
-            a = np.asarray(audio, np.float32)
-            for s in range(0, len(a), 1024):
-                fr = av.AudioFrame.from_ndarray(a[None, s:s + 1024], format="flt", layout="mono")
-                fr.sample_rate, fr.pts = rate, s
-                for p in as_.encode(fr):
-                    out.mux(p)
-            for p in as_.encode(None):
-                out.mux(p)
-    return path
+    yy, xx = np.mgrid[0:h, 0:w]
+    frames = (np.stack([(xx * 4 + i * 3) % 256, (yy * 5) % 256, np.full_like(xx, 128)], -1).astype(np.uint8)
+              for i in range(int(round(seconds * fps)))) if video else None
+    return mediagen.write_video(path, frames, fps, np.asarray(audio, np.float32) if has_audio else None, rate, fmt)
 
 
 def truncate(src: Path, dst: Path, fraction: float = 0.6) -> Path:
@@ -93,7 +72,7 @@ def face_png(path: Path, size: tuple[int, int] = (240, 288)) -> Path:
     """A still avatar template (the photo face from tests/mediagen.py), size = (width, height)."""
     import cv2
 
-    from tests import mediagen
+
 
     img = cv2.resize(mediagen.face_photo(), size, interpolation=cv2.INTER_AREA)
     cv2.imwrite(str(path), img)
@@ -113,6 +92,6 @@ def faceless_png(path: Path, size: tuple[int, int] = (160, 120)) -> Path:
 def face_video(path: Path, n: int = 12, faceless: frozenset = frozenset(), size: tuple[int, int] = (192, 224),
                fps: int = 25) -> Path:
     """A short template video of the photo face; frames listed in `faceless` show a plain wall."""
-    from tests import mediagen
+
 
     return mediagen.write_video(path, mediagen.face_frames(n, size=(size[1], size[0]), faceless=faceless), fps=fps)

@@ -57,17 +57,19 @@ def _open_mouth(img: np.ndarray, amount: float) -> np.ndarray:
 
 def write_video(path: Path, frames, fps: Fraction | float = 25, audio: np.ndarray | None = None,
                 audio_rate: int = SR, fmt: str | None = None) -> Path:
-    """H.264 (+ AAC when audio is given) in MP4/FLV/MKV by extension."""
+    """H.264 (+ AAC when audio is given) in MP4/FLV/MKV by extension; frames=None writes audio only."""
     import av
 
-    frames = iter(frames)
-    first = next(frames)
-    h, w = first.shape[:2]
+    frames = iter(frames) if frames is not None else None
+    first = next(frames) if frames is not None else None
     fps = Fraction(fps).limit_denominator(100000)
     with av.open(str(path), "w", format=fmt) as out:
-        vs = out.add_stream("libx264", rate=fps)
-        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
-        vs.codec_context.options = {"preset": "ultrafast"}
+        vs = None
+        if first is not None:
+            vs = out.add_stream("libx264", rate=fps)
+            vs.height, vs.width = first.shape[:2]
+            vs.pix_fmt = "yuv420p"
+            vs.codec_context.options = {"preset": "ultrafast"}
         as_ = out.add_stream("aac", rate=audio_rate, layout="mono") if audio is not None else None
 
         audio_pos = 0  # samples muxed so far: audio is interleaved with the video, as a real recorder writes it
@@ -91,11 +93,12 @@ def write_video(path: Path, frames, fps: Fraction | float = 25, audio: np.ndarra
                 out.mux(p)
             n += 1
 
-        put(first)
-        for img in frames:
-            put(img)
-        for p in vs.encode(None):
-            out.mux(p)
+        if vs is not None:
+            put(first)
+            for img in frames:
+                put(img)
+            for p in vs.encode(None):
+                out.mux(p)
         if as_ is not None:
             put_audio(float("inf"))
             for p in as_.encode(None):
