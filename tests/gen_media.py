@@ -2,7 +2,6 @@
 H.264 + AAC files via PyAV, and the broken inputs the issue lists. Everything is made on the fly, in tmp."""
 from __future__ import annotations
 
-
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +70,6 @@ def text_file(path: Path) -> Path:
 def face_png(path: Path, size: tuple[int, int] = (240, 288)) -> Path:
     """A still avatar template (the photo face from tests/mediagen.py), size = (width, height)."""
     import cv2
-
-
 
     img = cv2.resize(mediagen.face_photo(), size, interpolation=cv2.INTER_AREA)
     cv2.imwrite(str(path), img)
