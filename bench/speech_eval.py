@@ -6,12 +6,17 @@ the independent judge does (inner-lip gap 13-14 / inter-ocular 33-263, MediaPipe
 heygem_watch.speech.analyse_speech() from the clip's audio, samples `open` at the video frame times and prints:
   corr0     Pearson correlation at lag 0
   best_lag  lag in frames (+ = predicted late) maximising the correlation within +-8, and that correlation
-and the pooled correlation (each clip z-scored, lag 0) like the judge's pooled_corr.
+and pooled correlations (each clip z-scored, lag 0) like the judge's pooled_corr:
+  dev       the dev pairs' driving clips (/work/shared/tools/dev_pairs.tsv; a clip used twice counts twice)
+  speech    the clips whose audio really drives their mouth (see NOT_SYNCED for the ones left out)
+  all       every clip with a face
+--loo fits LEAD_S and SMOOTH_S leave-one-clip-out over the dev+speech clips (each clip scored with the values that
+pool best over the others) and prints the held-out pooled figures.
 
 Real openness tracks are cached (npz) in --cache; they are computed with the judge's own code
 (/work/shared/tools/lipsync_eval.py) in its venv, so this measures against exactly what the judge sees.
 
-  .venv/bin/python bench/speech_eval.py [--media /work/shared/media] [--cache /tmp/speech_eval] [--plot DIR]
+  .venv/bin/python bench/speech_eval.py [--media /work/shared/media] [--cache /tmp/speech_eval] [--plot DIR] [--loo]
 """
 from __future__ import annotations
 
@@ -34,6 +39,13 @@ EVAL_PY = "/tmp/evalvenv/bin/python"
 MAX_LAG = 8
 MIN_FACE = 0.9  # clips where the judge finds a face in fewer frames are not talking-head clips
 SKIP = ("videoretalking_face2_remux",)  # the same clip as videoretalking_face2, remuxed
+DEV_PAIRS = "/work/shared/tools/dev_pairs.tsv"
+# Clips whose soundtrack does not drive the visible mouth (listened to / looked at): d3 digital silence; d10, d14
+# music over a mostly still mouth; the latentsync demos' mouths do not follow their soundtrack (corr ~0 at any lag
+# for every feature tried). d9 (near-silent room noise, two lip clicks) stays: it is a dev pair.
+NOT_SYNCED = ("liveportrait_d3", "liveportrait_d10", "liveportrait_d14", "latentsync_demo1_video",
+              "latentsync_demo2_video", "latentsync_demo3_video")
+LOO_GRID = {"LEAD_S": (-0.01, 0.0, 0.01, 0.02, 0.04), "SMOOTH_S": (0.03, 0.05, 0.07, 0.08)}
 
 _TRACK_SCRIPT = """
 import sys, numpy as np
@@ -115,7 +127,7 @@ def clips(media: str) -> list[str]:
 
 def evaluate(media: str, cache: Path, analyse=analyse_speech, plot_dir: Path | None = None, verbose=True,
              only: tuple[str, ...] = ()) -> dict:
-    rows, G, R = [], [], []
+    rows = []
     for path in clips(media):
         name = Path(path).stem
         if only and name not in only:
@@ -134,13 +146,11 @@ def evaluate(media: str, cache: Path, analyse=analyse_speech, plot_dir: Path | N
         cors = {L: lagged_corr(pred, real, L) for L in range(-MAX_LAG, MAX_LAG + 1)}
         best = max(cors, key=cors.get)
         rows.append({"clip": name, "frames": len(real), "corr0": cors[0], "best_lag": best,
-                     "corr_best": cors[best], "speed_x": len(audio) / SAMPLE_RATE / max(dt, 1e-9)})
-        if pred.std() > 1e-9 and real.std() > 1e-9:
-            G.append((pred - pred.mean()) / pred.std())
-            R.append((real - real.mean()) / real.std())
+                     "corr_best": cors[best], "speed_x": len(audio) / SAMPLE_RATE / max(dt, 1e-9),
+                     "pred": pred, "real": real})
         if plot_dir is not None:
             _plot(plot_dir / f"{name}.png", tr["ts"], real, pred, curve, name, cors[0])
-    pooled = float(np.corrcoef(np.concatenate(G), np.concatenate(R))[0, 1]) if G else float("nan")
+    pooled = pooled_corr(rows)
     summary = {"clips": len(rows), "pooled_corr": pooled,
                "mean_corr0": float(np.mean([r["corr0"] for r in rows])) if rows else float("nan"),
                "mean_abs_lag": float(np.mean([abs(r["best_lag"]) for r in rows])) if rows else float("nan"),
@@ -152,8 +162,72 @@ def evaluate(media: str, cache: Path, analyse=analyse_speech, plot_dir: Path | N
         print(f"pooled_corr {summary['pooled_corr']:.4f}  mean_corr0 {summary['mean_corr0']:.4f}  "
               f"mean_abs_lag {summary['mean_abs_lag']:.2f}  mean_lag {summary['mean_lag']:+.2f}  "
               f"clips {summary['clips']}")
+        for label, names in (("dev", dev_clips()), ("speech", speech_clips(rows))):
+            summary[label] = subset_summary(rows, names)
+            print(f"{label:6s} {summary[label]}")
     summary["rows"] = rows
     return summary
+
+
+def pooled_corr(rows: list[dict]) -> float:
+    """The judge's pooled_corr: every row z-scored, concatenated, lag 0."""
+    G, R = [], []
+    for r in rows:
+        p, q = r["pred"], r["real"]
+        if p.std() > 1e-9 and q.std() > 1e-9:
+            G.append((p - p.mean()) / p.std())
+            R.append((q - q.mean()) / q.std())
+    return float(np.corrcoef(np.concatenate(G), np.concatenate(R))[0, 1]) if G else float("nan")
+
+
+def dev_clips(pairs: str = DEV_PAIRS) -> list[str]:
+    """Driving clips of the dev pairs, repeated as often as the bench uses them."""
+    out = []
+    for line in open(pairs):
+        if line.strip() and not line.startswith("#"):
+            out.append(Path(line.rstrip("\n").split("\t")[1]).stem)
+    return out
+
+
+def speech_clips(rows: list[dict]) -> list[str]:
+    return [r["clip"] for r in rows if r["clip"] not in NOT_SYNCED]
+
+
+def subset_summary(rows: list[dict], names: list[str]) -> dict:
+    by = {r["clip"]: r for r in rows}
+    sel = [by[n] for n in names if n in by]
+    return {"n": len(sel), "pooled_corr": round(pooled_corr(sel), 4),
+            "mean_abs_lag": round(float(np.mean([abs(r["best_lag"]) for r in sel])), 2) if sel else None}
+
+
+def leave_one_out(media: str, cache: Path) -> None:
+    """Fit LOO_GRID leave-one-clip-out over the dev + speech clips; print the held-out pooled correlations."""
+    import itertools
+
+    import heygem_watch.speech as sp
+
+    saved = {k: getattr(sp, k) for k in LOO_GRID}
+    names = sorted(set(dev_clips()) | set(speech_clips([{"clip": Path(p).stem} for p in clips(media)])))
+    table = {}
+    try:
+        for values in itertools.product(*LOO_GRID.values()):
+            for k, v in zip(LOO_GRID, values):
+                setattr(sp, k, v)
+            res = evaluate(media, cache, analyse=sp.analyse_speech, verbose=False, only=tuple(names))
+            table[values] = {r["clip"]: r for r in res["rows"]}
+    finally:
+        for k, v in saved.items():
+            setattr(sp, k, v)
+    present = [n for n in names if n in next(iter(table.values()))]
+    held = {}
+    for n in present:
+        others = [m for m in present if m != n]
+        best = max(table, key=lambda v: pooled_corr([table[v][m] for m in others]))
+        held[n] = table[best][n]
+        print(f"LOO {n:26s} fitted {dict(zip(LOO_GRID, best))}  held-out corr0 {held[n]['corr0']:+.3f}")
+    dev = [held[n] for n in dev_clips() if n in held]
+    spc = [held[n] for n in present if n not in NOT_SYNCED]
+    print(f"LOO dev pooled_corr {pooled_corr(dev):.4f}  LOO speech pooled_corr {pooled_corr(spc):.4f}")
 
 
 def _plot(png: Path, ts, real, pred, curve, name, c0) -> None:
@@ -184,9 +258,12 @@ def main(argv=None) -> None:
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "speech_eval"))
     ap.add_argument("--plot", default=None, help="write predicted-vs-real PNGs here (needs matplotlib)")
     ap.add_argument("--only", default="", help="comma-separated clip names (e.g. the dev pairs' driving clips)")
+    ap.add_argument("--loo", action="store_true", help="also fit LEAD_S/SMOOTH_S leave-one-clip-out (~20 s)")
     a = ap.parse_args(argv)
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
+    if a.loo:
+        leave_one_out(a.media, cache)
     evaluate(a.media, cache, plot_dir=Path(a.plot) if a.plot else None,
              only=tuple(x for x in a.only.split(",") if x))
 

@@ -2,13 +2,14 @@
 
 analyse_speech(track) reads the 16 kHz track in overlapping windows (never the whole signal), computes a few
 acoustic features per 10 ms frame, and turns them into language-independent mouth targets:
-  open     0 = lips shut .. 1 = this speaker's wide-open speech mouth. Loudness in the vowel band (where the jaw
-           opening shapes the sound) relative to the speaker's own level, so it follows syllables in any language.
+  open     0 = lips shut .. 1 = this speaker's wide-open speech mouth. Loudness above 1 kHz (what the open mouth
+           radiates; nasal murmur and the voicing bar below it leak out with the lips shut) relative to the speaker's
+           own level, so it follows syllables in any language.
   width    -1 rounded (o/u/w) .. +1 spread (i/e): the second-formant region's centroid relative to the speaker's.
   closure  0..1 evidence of lips pressed together (m/b/p): a short dip inside speech with only low-band energy left.
   speech   voice activity; the mouth is shut outside it.
-The curves are smoothed like a real mouth moves (no jitter) and shifted slightly earlier than the sound, because
-speakers open the mouth before the voice starts. Per-frame arrays are all that is held for the whole recording
+The curves are smoothed like a real mouth moves (no jitter), centred on the sound: against real speakers' lips
+(bench/speech_eval.py) any lead or lag of the curve lowered the lag-0 correlation. Per-frame arrays are all that is held for the whole recording
 (a 2-hour recording: 720k frames, a few MB).
 """
 from __future__ import annotations
@@ -26,19 +27,20 @@ WIN = 512  # analysis window (32 ms), centred on the frame time
 NFFT = 1024  # zero-padded so the autocorrelation (voicing) is not circular
 CHUNK_S = 30.0  # seconds of audio analysed at a time
 EPS_DB = -120.0  # level of digital silence
-SILENCE_DB = -75.0  # below this vowel-band level nothing is speech, whatever the recording's own level
+SILENCE_DB = -75.0  # dB; below this OPEN_BAND level nothing is speech, whatever the recording's own level
 
 # Frequency bands (Hz)
 LOW_BAND = (60.0, 300.0)  # voicing bar / nasal murmur
-MID_BAND = (300.0, 3000.0)  # first and second formants: opens with the jaw
+MID_BAND = (300.0, 3000.0)  # first and second formants (feature only: it opened the mouth for nasals, see docs)
+OPEN_BAND = (1000.0, 8000.0)  # radiated through the open mouth; below 1 kHz nasal murmur and voicing leak out shut
 HIGH_BAND = (4000.0, 8000.0)  # frication (s, sh, f): teeth close, not the jaw
 F1_BAND = (250.0, 1000.0)
 F2_BAND = (900.0, 3000.0)
 PITCH_HZ = (70.0, 400.0)
 
-# Level -> openness
+# Level -> openness (on the OPEN_BAND level)
 DYN_DB = 30.0  # dB below the speaker's loud-vowel level at which the mouth counts as shut
-REF_PERCENTILE = 95.0  # the speaker's loud-vowel level: this percentile of the vowel-band level
+REF_PERCENTILE = 95.0  # the speaker's loud-vowel level: this percentile of the OPEN_BAND level
 FLOOR_PERCENTILE = 10.0  # background-noise estimate (pauses)
 FLOOR_MARGIN_DB = 6.0  # the mouth stays shut up to this far above the noise floor
 REF_BLOCK_S = 10.0  # the reference level adapts over blocks of this length ...
@@ -46,8 +48,8 @@ REF_SPAN_BLOCKS = 3  # ... pooled over +-3 blocks (60 s), so a gain change mid-s
 OPEN_GAMMA = 1.0  # shape of the level -> openness map
 
 # Timing
-LEAD_S = 0.04  # mouth leads the sound by this much (anticipatory co-articulation)
-SMOOTH_S = 0.08  # Gaussian sigma of the final curves: real mouths move smoothly (measured best of 0.03-0.08)
+LEAD_S = 0.0  # s the curves lead the sound; fitted -0.01..0.02 leave-one-clip-out, 0 wins (0.04 was 1-2 frames early)
+SMOOTH_S = 0.05  # s, Gaussian sigma of the final curves; fitted 0.03..0.07 leave-one-clip-out (flat 0.05-0.07)
 SPEECH_MIN_S = 0.05  # shorter voice-activity blips are noise
 SPEECH_BRIDGE_S = 0.15  # shorter pauses inside speech keep `speech` True (the mouth still closes by level)
 GATE_S = 0.05  # the mouth may stay open this long past the voice (and open this much before it)
@@ -111,8 +113,8 @@ def _band(lo: float, hi: float) -> np.ndarray:
 
 
 _BANDS = {name: _band(*b) for name, b in (("low", LOW_BAND), ("mid", MID_BAND), ("high", HIGH_BAND),
-                                            ("f1", F1_BAND), ("f2", F2_BAND))}
-FEATURES = ("e_tot", "e_low", "e_mid", "e_high", "f1", "f2", "voicing")
+                                            ("f1", F1_BAND), ("f2", F2_BAND), ("open", OPEN_BAND))}
+FEATURES = ("e_tot", "e_low", "e_mid", "e_high", "e_open", "f1", "f2", "voicing")
 
 
 def _db(power: np.ndarray) -> np.ndarray:
@@ -126,7 +128,7 @@ def _features_block(x: np.ndarray) -> dict[str, np.ndarray]:
     spec = np.fft.rfft(frames * _WINDOW, NFFT, axis=1)
     p = (spec.real ** 2 + spec.imag ** 2).astype(np.float32)
     out = {"e_tot": _db(p.sum(1) / WIN)}
-    for name in ("low", "mid", "high"):
+    for name in ("low", "mid", "high", "open"):
         out["e_" + name] = _db(p[:, _BANDS[name]].sum(1) / WIN)
     for name in ("f1", "f2"):
         m = _BANDS[name]
@@ -195,7 +197,7 @@ def _shift(x: np.ndarray, frames: int) -> np.ndarray:
 
 def curves_from_features(f: dict[str, np.ndarray]) -> MouthCurve:
     """Mouth targets from frame_features(); everything here works on per-frame arrays only."""
-    level, n = f["e_mid"].astype(np.float32), len(f["e_mid"])
+    level, n = f["e_open"].astype(np.float32), len(f["e_open"])
     if n == 0:
         z = np.zeros(0, np.float32)
         return MouthCurve(RATE, z, z.copy(), z.copy(), np.zeros(0, bool))
