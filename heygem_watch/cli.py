@@ -264,7 +264,18 @@ def cmd_check(args, settings) -> int:
             ok(f"engine {name}: loaded in {time.monotonic() - t0:.1f} s {eng.describe()}")
             eng.close()
         else:
-            ok(f"engine {name} (no model configured)")
+            import fnmatch
+
+            from heygem_watch.config import DETECTOR_PATTERNS
+
+            several = sorted(p.name for p in settings.model_dir.glob("*.onnx")
+                             if not any(fnmatch.fnmatch(p.name.lower(), d) for d in DETECTOR_PATTERNS)) \
+                if settings.model_dir.is_dir() else []
+            if len(several) > 1 and settings.engine == "auto":
+                bad(f"engine {name}: {len(several)} .onnx files in {settings.model_dir} ({', '.join(several)}), "
+                    "none chosen", "set HEYGEM_MODEL to the one to use (or HEYGEM_ENGINE=builtin to silence this)")
+            else:
+                ok(f"engine {name} (no model configured)")
     except Exception as exc:  # noqa: BLE001
         bad(f"engine {settings.engine}: {exc}", "check HEYGEM_ENGINE / HEYGEM_MODEL")
     print(f"{len(problems)} problem(s)" if problems else "all checks passed")

@@ -6,6 +6,7 @@ Kept light (no numpy/av imports): `heygem-watch` imports it on every start.
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 import sys
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ ON_DONE_CHOICES = ("archive", "keep", "delete")
 LOG_FORMATS = ("json", "console")
 ENGINE_CHOICES = ("auto", "builtin", "onnx")
 ONNX_PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+DETECTOR_PATTERNS = ("scrfd*.onnx", "det_*.onnx")  # insightface face detectors users may put in models/
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
 # key -> (default as text, one-line description). The README's table and config.env.example follow this order.
@@ -27,7 +29,7 @@ KEYS: dict[str, tuple[str, str]] = {
     "HEYGEM_INCOMING_DIR": ("$HEYGEM_VAR_DIR/incoming", "folder watched for recordings"),
     "HEYGEM_TEMPLATE_DIR": ("$HEYGEM_VAR_DIR/templates", "every video or image in it is an avatar template"),
     "HEYGEM_MODEL_DIR": ("./models", "where models live (relative HEYGEM_MODEL paths resolve here too)"),
-    "HEYGEM_MODEL": ("", "ONNX lip-sync model; empty = none"),
+    "HEYGEM_MODEL": ("", "ONNX lip-sync model; empty = the only .onnx in HEYGEM_MODEL_DIR, if exactly one"),
     "HEYGEM_ENGINE": ("auto", "auto | builtin | onnx (auto = onnx when a model is set)"),
     "HEYGEM_EXTENSIONS": (DEFAULT_EXTENSIONS, "recording file types taken from incoming"),
     "HEYGEM_SETTLE_SECONDS": ("10", "a file must be unchanged (and closed) this long before it is taken"),
@@ -170,6 +172,17 @@ def _choice(key: str, raw: str, choices: tuple[str, ...], problems: list[str]) -
     return v
 
 
+def sole_model(model_dir: Path) -> Path | None:
+    """The one lip-sync .onnx in model_dir, or None when there is none or several (then HEYGEM_MODEL must say).
+    Face-detector files (DETECTOR_PATTERNS) are not lip-sync models and do not count."""
+    try:
+        found = [p for p in sorted(model_dir.glob("*.onnx"))
+                 if p.is_file() and not any(fnmatch.fnmatch(p.name.lower(), pat) for pat in DETECTOR_PATTERNS)]
+    except OSError:
+        return None
+    return found[0] if len(found) == 1 else None
+
+
 def load_settings(config: os.PathLike | str | None = None, environ: Mapping[str, str] | None = None,
                   cwd: os.PathLike | str | None = None, isatty: bool | None = None) -> Settings:
     """Read config (default ./config.env if present), overlay the environment, validate everything.
@@ -218,6 +231,8 @@ def load_settings(config: os.PathLike | str | None = None, environ: Mapping[str,
         m = os.path.expanduser(values["HEYGEM_MODEL"].strip())
         # a bare name or models/-relative path is looked up in the model dir first, then the cwd
         model = Path(m) if os.path.isabs(m) else (model_dir / m if (model_dir / m).exists() else path(m, base))
+    if model is None:
+        model = sole_model(model_dir)  # "configured" also means: exactly one lip-sync model was put in models/
     engine = _choice("HEYGEM_ENGINE", raw("HEYGEM_ENGINE"), ENGINE_CHOICES, problems)
     if engine == "onnx" and model is None:
         problems.append("HEYGEM_ENGINE: 'onnx' needs HEYGEM_MODEL (path to an .onnx file)")

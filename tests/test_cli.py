@@ -106,6 +106,16 @@ def test_check_reports_a_missing_model(in_tmp, capsys):
     assert "PROBLEM  model" in capsys.readouterr().out
 
 
+def test_check_says_when_several_models_leave_auto_undecided(in_tmp, capsys):
+    models = in_tmp / "models"
+    models.mkdir(exist_ok=True)
+    (models / "a.onnx").write_bytes(b"x")
+    (models / "b.onnx").write_bytes(b"x")
+    assert cli.main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "2 .onnx files" in out and "set HEYGEM_MODEL" in out
+
+
 def test_export_model_and_web_are_delegated(in_tmp, monkeypatch):
     seen = {}
     export = types.ModuleType("heygem_watch.export")

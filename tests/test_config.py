@@ -98,3 +98,17 @@ def test_onnx_options_are_validated_and_reach_the_engine_factory(tmp_path):
         load_settings(None, environ={"HEYGEM_ONNX_PROVIDER": "rocm", "HEYGEM_ONNX_BATCH": "-1"}, cwd=tmp_path)
     text = str(err.value)
     assert "HEYGEM_ONNX_PROVIDER" in text and "HEYGEM_ONNX_BATCH" in text
+
+
+def test_auto_engine_uses_the_only_model_in_the_model_dir(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    assert load_settings(None, environ={}, cwd=tmp_path).model is None
+    (models / "scrfd_10g_bnkps.onnx").write_bytes(b"x")  # a face detector is not a lip-sync model
+    assert load_settings(None, environ={}, cwd=tmp_path).model is None
+    (models / "wav2lip_gan.onnx").write_bytes(b"x")
+    assert load_settings(None, environ={}, cwd=tmp_path).model == models / "wav2lip_gan.onnx"
+    (models / "wav2lip.onnx").write_bytes(b"x")  # two candidates: nothing is guessed
+    assert load_settings(None, environ={}, cwd=tmp_path).model is None
+    s = load_settings(None, environ={"HEYGEM_MODEL": "wav2lip.onnx"}, cwd=tmp_path)
+    assert s.model == models / "wav2lip.onnx"
