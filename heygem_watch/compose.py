@@ -41,6 +41,7 @@ TONGUE_BGR = (70, 72, 150)  # the tongue at the bottom of a wide-open mouth, sca
 TEETH_HEIGHT = 0.035  # visible upper-teeth height at full opening (iod units)
 STATS_SAMPLES = 48  # colour statistics use about this many pixels across the mouth
 MIN_IOD_PX = 8.0  # faces smaller than this (eye to eye, pixels) are left alone
+DELAUNAY_SCALE = 4096  # triangulation coordinates span this many units (see delaunay)
 WORK_IOD = 64  # maps and masks are planned on a grid this many pixels per inter-ocular distance (speed)
 
 
@@ -53,8 +54,6 @@ class MouthRig:
 
     @classmethod
     def from_shape(cls, lm: np.ndarray) -> "MouthRig":
-        from scipy.spatial import Delaunay
-
         origin, rot, iod = head_frame(lm)
         p = (lm[MESH_POINTS] - origin) @ rot.T / iod
         # triangulate with the mouth held open so inner-lip triangles span the gap and never fold when it closes
@@ -65,8 +64,7 @@ class MouthRig:
         mid = 0.5 * (lo + hi)
         box = np.array([[lo[0], lo[1]], [mid[0], lo[1]], [hi[0], lo[1]], [hi[0], mid[1]], [hi[0], hi[1]],
                         [mid[0], hi[1]], [lo[0], hi[1]], [lo[0], mid[1]]])
-        tris = Delaunay(np.vstack([p, box])).simplices.astype(np.int32)
-        return cls(tris, box)
+        return cls(delaunay(np.vstack([p, box])), box)
 
     def box_points(self, lm: np.ndarray) -> np.ndarray:
         """The 8 fixed box points in the pixel frame of a face with landmarks lm."""
@@ -143,6 +141,21 @@ class MouthRig:
             il_ = [MESH_POINTS.index(k) for k in lo_]
             p[il_, 1] = np.maximum(p[il_, 1], p[iu, 1] + gap_min * lip_w[il_] + 0.5 * MIN_GAP)
         return p * iod @ rot + origin
+
+
+def delaunay(pts: np.ndarray) -> np.ndarray:
+    """Delaunay triangles (t, 3) int32 of points (n, 2), as vertex indices. OpenCV's Subdiv2D (cv2 is loaded
+    anyway; scipy.spatial costs half a second of imports per process); the points are scaled up first because
+    Subdiv2D's bounding rectangle is integer, and its float32 vertices are mapped back to the nearest input point."""
+    lo = pts.min(0)
+    q = ((pts - lo) * DELAUNAY_SCALE / max(float(np.ptp(pts, 0).max()), 1e-9) + 1.0).astype(np.float32)
+    sub = cv2.Subdiv2D((0, 0, DELAUNAY_SCALE + 3, DELAUNAY_SCALE + 3))
+    sub.insert([(float(x), float(y)) for x, y in q])
+    tri = sub.getTriangleList().reshape(-1, 3, 2)
+    d = ((tri[:, :, None, :] - q[None, None, :, :]) ** 2).sum(-1)  # (t, 3, n)
+    idx = d.argmin(-1).astype(np.int32)
+    ok = (d.min(-1) < 1e-3).all(1)  # triangles touching Subdiv2D's virtual outer vertices are dropped
+    return idx[ok]
 
 
 def _tri_affines(dst: np.ndarray, src: np.ndarray, tris: np.ndarray) -> np.ndarray:

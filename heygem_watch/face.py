@@ -45,9 +45,7 @@ class FaceMesh:
     """One face, tracked across consecutive frames (static_image=True detects afresh each call)."""
 
     def __init__(self, static_image: bool = False):
-        import mediapipe as mp
-
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
+        self._mesh = _face_mesh_module().FaceMesh(
             static_image_mode=static_image,
             max_num_faces=1,
             refine_landmarks=True,
@@ -63,7 +61,11 @@ class FaceMesh:
         scale = min(1.0, DETECT_MAX_SIDE / max(h, w))
         small = bgr if scale == 1.0 else cv2.resize(bgr, (round(w * scale), round(h * scale)),
                                                     interpolation=cv2.INTER_AREA)
-        rgb = cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
+        return self.detect_rgb(cv2.cvtColor(small, cv2.COLOR_BGR2RGB), w, h)
+
+    def detect_rgb(self, rgb: np.ndarray, width: int, height: int) -> np.ndarray | None:
+        """Like detect() on an RGB copy of a width x height frame, possibly downscaled (at most DETECT_MAX_SIDE
+        on its long side): the caller already converted it (template analysis does that on its decode thread)."""
         res = self._mesh.process(rgb)
         if not res.multi_face_landmarks:
             return None
@@ -71,8 +73,8 @@ class FaceMesh:
         pts = np.array([(p.x, p.y) for p in lm], dtype=np.float32)
         if pts.shape[0] != N_LANDMARKS:  # refine_landmarks off in some builds: pad the iris points
             pts = np.vstack([pts, np.full((N_LANDMARKS - pts.shape[0], 2), np.nan, np.float32)])
-        pts[:, 0] *= w
-        pts[:, 1] *= h
+        pts[:, 0] *= width
+        pts[:, 1] *= height
         return pts
 
     def close(self) -> None:
@@ -83,6 +85,47 @@ class FaceMesh:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _face_mesh_module():
+    """mediapipe.python.solutions.face_mesh, imported without running the `mediapipe` and `...solutions` package
+    __init__ files: those import every solution, the drawing utilities (matplotlib) and the tasks API, about half
+    a second per process that a one-shot `heygem-watch process` pays on every run. The two packages are registered
+    as bare placeholders; the first attribute asked of one that FaceMesh did not need runs its real __init__ in it,
+    so a later `import mediapipe` elsewhere in the process still gets the whole package."""
+    import importlib
+    import importlib.util
+    import sys
+
+    name = "mediapipe.python.solutions.face_mesh"
+    if name in sys.modules or "mediapipe" in sys.modules:
+        return importlib.import_module(name)
+    spec = importlib.util.find_spec("mediapipe")
+    if spec is None or not spec.submodule_search_locations:
+        return importlib.import_module(name)  # raises the usual ImportError
+    root = list(spec.submodule_search_locations)[0]
+    placeholders = []
+    for pkg, folder in (("mediapipe", root), ("mediapipe.python.solutions", os.path.join(root, "python", "solutions"))):
+        mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location(
+            pkg, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]))
+        mod.__getattr__ = _run_init_on_demand(mod)
+        placeholders.append(mod)
+    sys.modules["mediapipe"] = placeholders[0]
+    importlib.import_module("mediapipe.python")
+    sys.modules["mediapipe.python.solutions"] = placeholders[1]
+    sys.modules["mediapipe.python"].solutions = placeholders[1]
+    return importlib.import_module(name)
+
+
+def _run_init_on_demand(mod):
+    def __getattr__(attr: str):
+        if attr.startswith("__") or mod.__dict__.get("_heygem_init_done"):
+            raise AttributeError(f"module {mod.__name__!r} has no attribute {attr!r}")
+        mod.__dict__["_heygem_init_done"] = True
+        mod.__spec__.loader.exec_module(mod)
+        return getattr(mod, attr)
+
+    return __getattr__
 
 
 def inter_ocular(landmarks: np.ndarray) -> np.ndarray:

@@ -19,11 +19,13 @@ from typing import Callable, Iterator, Sequence
 
 from heygem_watch.audio import AudioTrack, extract_audio
 from heygem_watch.engines.base import Engine, FrameJob
-from heygem_watch.media import EncoderSettings, MediaError, VideoWriter
-from heygem_watch.template import Template, load_template
+from heygem_watch.media import EncoderSettings, MediaError, VideoWriter, probe
+from heygem_watch.template import Template, frame_count, load_template
 
 PROGRESS_EVERY_S = 2.0  # progress callbacks at most this often (the daemon logs every 5 s)
 TMP_PREFIX = ".partial-"
+ANALYSE_SHOWN_ONLY = False  # see run_task: True analyses only the template frames an output shows
+PREFETCH_MARGIN_S = 0.5  # template frames analysed beyond the recording's container duration (see _Prefetch)
 
 Progress = Callable[[int, int, float, float], None]  # (frames_done, frames_total, fps, eta_s)
 
@@ -49,11 +51,6 @@ class RenderResult:
         d = dict(self.__dict__)
         d["output"] = str(self.output)
         return d
-
-
-def frame_count(duration_s: float, fps: Fraction) -> int:
-    """Frames covering duration_s at fps (at least one)."""
-    return max(1, int(round(duration_s * Fraction(fps))))
 
 
 def pingpong_index(i: int, n: int) -> int:
@@ -103,7 +100,7 @@ _STATES_LOCK = threading.Lock()
 
 
 def _template_state(engine: Engine, tpl: Template):
-    key = (id(engine), tpl.fingerprint)
+    key = (id(engine), tpl.fingerprint, tpl.n_frames)  # a template analysed further gets a new state
     with _STATES_LOCK:
         if key not in _STATES:
             if len(_STATES) > 64:
@@ -113,10 +110,12 @@ def _template_state(engine: Engine, tpl: Template):
 
 
 def _jobs(tpl: Template, n_out: int, fps: Fraction, cancel: threading.Event | None) -> Iterator[FrameJob]:
+    if not tpl.complete and n_out > tpl.n_frames:  # load_template analyses at least the frames asked for
+        raise RuntimeError(f"template {tpl.path.name}: {tpl.n_frames} frames analysed, {n_out} needed")
     for i in range(n_out):
         if cancel is not None and cancel.is_set():
             raise Cancelled()
-        k = pingpong_index(i, tpl.n_frames)
+        k = pingpong_index(i, tpl.n_frames)  # a prefix only serves outputs no longer than it: i itself
         yield FrameJob(i, float(i / fps), k, tpl.frame(k))
 
 
@@ -126,7 +125,11 @@ def run_task(job: RecordingJob, template_path: os.PathLike | str, engine: Engine
     """Render one template for one recording into out_path (atomic: complete file or nothing)."""
     t0 = time.monotonic()
     out_path, tmp_dir = Path(out_path), Path(tmp_dir)
-    tpl = load_template(template_path, cache_root, log=log)
+    # The whole template is analysed (ANALYSE_SHOWN_ONLY: only the frames this output shows, faster on a first
+    # run, but the mouth library then lacks what the person does later: measured on liveportrait_d3 the mouth
+    # moved a third as much)
+    tpl = load_template(template_path, cache_root, log=log,
+                        duration_s=job.track.duration if ANALYSE_SHOWN_ONLY else None)
     state = _template_state(engine, tpl)
     speech = job.speech_for(engine)
     fps = tpl.fps
@@ -177,9 +180,12 @@ def process_files(recording: os.PathLike | str, templates: Sequence[os.PathLike 
     var_dir = Path(var_dir)
     work = var_dir / "tmp" / f"process-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     results: list[RenderResult | BaseException] = []
+    prefetch = _Prefetch(recording, templates, var_dir / "cache", log)
     try:
         job = RecordingJob.prepare(recording, work)
-        for tpl, out in zip(templates, outputs):
+        job.speech_for(engine)  # while the templates are still being analysed on the other core
+        for k, (tpl, out) in enumerate(zip(templates, outputs)):
+            prefetch.wait(k)
             try:
                 res: RenderResult | BaseException = run_task(job, tpl, engine, out, work, var_dir / "cache",
                                                              encoder=encoder, log=log)
@@ -191,5 +197,46 @@ def process_files(recording: os.PathLike | str, templates: Sequence[os.PathLike 
             if on_result is not None:
                 on_result(str(tpl), res)
     finally:
+        prefetch.stop()
         shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+class _Prefetch:
+    """Analyses the templates (load_template) on a thread while the recording's audio is decoded and analysed: on
+    a first run each is otherwise a serial step, and neither keeps two cores busy. The recording's length comes
+    from its container (PREFETCH_MARGIN_S more, for a container that under-reports); run_task calls load_template
+    again with the exact length, a cache hit (or a short extension). Failures here are ignored: run_task repeats
+    the load and reports them."""
+
+    def __init__(self, recording, templates: Sequence, cache_root: Path, log=None):
+        self._done = [threading.Event() for _ in templates]
+        self._stop = threading.Event()
+        try:
+            duration = probe(recording).duration
+        except MediaError:
+            duration = 0.0
+        if duration <= 0:
+            for ev in self._done:
+                ev.set()
+            return
+
+        def run():
+            for ev, tpl in zip(self._done, templates):
+                try:
+                    if not self._stop.is_set():
+                        load_template(tpl, cache_root, log=log,
+                                      duration_s=duration + PREFETCH_MARGIN_S if ANALYSE_SHOWN_ONLY else None)
+                except Exception:
+                    pass
+                finally:
+                    ev.set()
+
+        threading.Thread(target=run, name="template-prefetch", daemon=True).start()
+
+    def wait(self, k: int) -> None:
+        self._done[k].wait()
+
+    def stop(self) -> None:
+        """No new template is started (one being analysed finishes: its cache folder is only ever complete)."""
+        self._stop.set()

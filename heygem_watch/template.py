@@ -24,11 +24,14 @@ from heygem_watch.ledger import fingerprint_file
 from heygem_watch.media import (DEFAULT_FPS, IMAGE_EXTENSIONS, MediaError, even_size, open_container,
                                 stream_fps)
 
-CACHE_VERSION = 1  # bump when the cached layout or the face analysis changes
+CACHE_VERSION = 2  # bump when the cached layout or the face analysis changes (2: prefix caches, "complete")
 FRAMES_NAME = "frames.yuv"
 META_NAME = "meta.json"
 TRACK_NAME = "track.npz"
 MAX_TEMPLATE_FRAMES = 30 * 60 * 10  # 10 minutes at 30 fps; longer templates are cut (disk, analysis time)
+# frames analysed beyond those an output shows: the face track is smoothed over time (face.smooth_landmarks), so
+# the last shown frame gets the same smoothing as with the whole template analysed
+SMOOTH_MARGIN = 3
 
 
 class TemplateError(MediaError):
@@ -47,6 +50,7 @@ class Template:
     is_image: bool
     landmarks: np.ndarray  # (n_frames, 478, 2) float32 pixel (x, y), NaN where no face, smoothed over time
     face_found: np.ndarray  # (n_frames,) bool
+    complete: bool = True  # False: only the first n_frames of a longer template are analysed (load_template)
     analysis_s: float = 0.0  # seconds spent analysing (0 on a cache hit)
     cache_hit: bool = False
     notes: list[str] = field(default_factory=list)
@@ -78,8 +82,18 @@ class Template:
         return cv2.cvtColor(yuv, cv2.COLOR_YUV2BGR_I420)
 
 
-def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=None) -> Template:
-    """Open a template, analysing it on first use. Raises MediaError/TemplateError naming the file and the reason."""
+def frame_count(duration_s: float, fps: Fraction) -> int:
+    """Frames covering duration_s at fps (at least one)."""
+    return max(1, int(round(duration_s * Fraction(fps))))
+
+
+def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=None,
+                  duration_s: float | None = None) -> Template:
+    """Open a template, analysing it on first use. Raises MediaError/TemplateError naming the file and the reason.
+
+    duration_s: the output to render lasts this long, so only the template frames it shows are needed: an output
+    shorter than the template plays frames 0..N-1 (ping-pong starts forwards), so only those are analysed, and a
+    later, longer output extends the cached prefix. None: the whole template (the face check, the web UI)."""
     path = Path(path)
     if not path.exists():
         raise MediaError(path, "template not found")
@@ -91,13 +105,17 @@ def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=No
         raise MediaError(path, f"cannot read the template ({exc.strerror or exc})") from None
     cache_dir = Path(cache_root) / "templates" / fp[:32]
     tpl = _read_cache(path, fp, cache_dir)
-    if tpl is not None:
+    need = None
+    if duration_s is not None:
+        fps = tpl.fps if tpl is not None else _probe_fps(path)
+        need = frame_count(duration_s, fps) + SMOOTH_MARGIN
+    if tpl is not None and (tpl.complete or (need is not None and tpl.n_frames >= need)):
         tpl.cache_hit = True
         if log:
             log.info("template_cache_hit", template=path.name, frames=tpl.n_frames, cache=str(cache_dir))
         return tpl
     t0 = time.monotonic()
-    if cache_dir.exists():
+    if tpl is None and cache_dir.exists():
         if log:
             log.warning("template_cache_rebuild", template=path.name, cache=str(cache_dir))
         shutil.rmtree(cache_dir, ignore_errors=True)
@@ -105,15 +123,17 @@ def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=No
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        meta, lms, found = _analyse(path, tmp)
+        prev = None
+        if tpl is not None:  # a shorter prefix is cached: keep its frames and track, analyse only what follows
+            shutil.copyfile(cache_dir / FRAMES_NAME, tmp / FRAMES_NAME)
+            with np.load(cache_dir / TRACK_NAME) as z:
+                prev = (z["raw"].astype(np.float32), z["face_found"].astype(bool), list(tpl.notes))
+        meta, lms, found = _analyse(path, tmp, need, prev)
         smoothed = face.smooth_landmarks(lms, found)
         np.savez(tmp / TRACK_NAME, landmarks=smoothed, face_found=found, raw=lms)
         meta.update(version=CACHE_VERSION, fingerprint=fp, source=str(path), analysis_s=time.monotonic() - t0)
         (tmp / META_NAME).write_text(json.dumps(meta))
-        try:
-            os.replace(tmp, cache_dir)
-        except OSError:  # another process finished the same template first: use theirs
-            shutil.rmtree(tmp, ignore_errors=True)
+        _install(tmp, cache_dir, replace=tpl is not None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -122,9 +142,35 @@ def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=No
         raise TemplateError(path, f"template analysis produced an unreadable cache in {cache_dir}")
     tpl.analysis_s = time.monotonic() - t0
     if log:
-        log.info("template_analysed", template=path.name, frames=tpl.n_frames, face_fraction=round(tpl.face_fraction, 3),
-                 seconds=round(tpl.analysis_s, 2))
+        log.info("template_analysed", template=path.name, frames=tpl.n_frames, complete=tpl.complete,
+                 face_fraction=round(tpl.face_fraction, 3), seconds=round(tpl.analysis_s, 2))
     return tpl
+
+
+def _install(tmp: Path, cache_dir: Path, replace: bool) -> None:
+    """Move a finished analysis into place. A new entry: rename (another process finishing the same template
+    first wins). An extended one: the old entry is moved aside first (readers that still have its files open keep
+    reading them; the new frames file starts with the same bytes)."""
+    if replace:
+        old = cache_dir.with_name(cache_dir.name + f".old{os.getpid()}.{threading.get_ident()}")
+        try:
+            os.replace(cache_dir, old)
+        except OSError:
+            pass
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(tmp, cache_dir)
+    except OSError:  # another process finished the same template first: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _probe_fps(path: Path) -> Fraction:
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return DEFAULT_FPS
+    with open_container(path) as c:
+        if not c.streams.video:
+            raise TemplateError(path, "has no video stream (a template must be a video or an image)")
+        return stream_fps(c.streams.video[0])
 
 
 def _read_cache(path: Path, fp: str, cache_dir: Path) -> Template | None:
@@ -142,61 +188,111 @@ def _read_cache(path: Path, fp: str, cache_dir: Path) -> Template | None:
     except (OSError, ValueError, KeyError, EOFError):
         return None
     return Template(path, fp, cache_dir, w, h, Fraction(meta["fps"]), n, bool(meta["is_image"]), lms, found,
-                    notes=list(meta.get("notes", [])))
+                    complete=bool(meta["complete"]), notes=list(meta.get("notes", [])))
 
 
-def _analyse(path: Path, out_dir: Path) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Decode every frame once: write raw yuv420p to out_dir and track the face. Decoding runs on a second thread
-    so decode and FaceMesh overlap on two cores."""
+def _analyse(path: Path, out_dir: Path, need: int | None = None, prev=None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Decode the template's first `need` frames (all when None): raw yuv420p appended to out_dir/FRAMES_NAME and
+    the face tracked. prev = (raw landmarks, face_found, notes) of a cached prefix whose frames out_dir already
+    holds: those frames are only decoded, not analysed again. Decoding and colour conversion run on a second
+    thread, so they overlap FaceMesh on two cores."""
     import cv2
 
-    notes: list[str] = []
+    notes: list[str] = list(prev[2]) if prev else []
+    lms_list = list(prev[0]) if prev else []
+    found_list = list(prev[1]) if prev else []
+    skip = len(found_list)
+    limit = MAX_TEMPLATE_FRAMES if need is None else min(need, MAX_TEMPLATE_FRAMES)
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if img is None:
             raise TemplateError(path, "not a readable image")
-        frames_iter = iter([img])
+        frames_iter = iter([_from_bgr(img)])
         fps, is_image = DEFAULT_FPS, True
     else:
-        with open_container(path) as c:
-            if not c.streams.video:
-                raise TemplateError(path, "has no video stream (a template must be a video or an image)")
-            fps = stream_fps(c.streams.video[0])
-        frames_iter = _threaded(_decode_bgr(path, notes))
+        fps = _probe_fps(path)
+        frames_iter = _threaded(_decode(path, notes, skip, limit))
         is_image = False
-    lms_list, found_list = [], []
     w = h = 0
-    with open(out_dir / FRAMES_NAME, "wb") as raw, face.FaceMesh(static_image=is_image) as mesh:
-        for bgr in frames_iter:
+    ended = True  # the whole template was read (the decoder ran out of frames before the limit)
+    with open(out_dir / FRAMES_NAME, "ab") as raw, face.FaceMesh(static_image=is_image) as mesh:
+        for (w0, h0), yuv, rgb in frames_iter:
             if not w:
-                h0, w0 = bgr.shape[:2]
                 w, h = even_size(w0, h0)
-                if (w, h) != (w0, h0):
+                if (w, h) != (w0, h0) and not skip:
                     notes.append(f"odd frame size {w0}x{h0} cropped to {w}x{h} for H.264")
-            bgr = np.ascontiguousarray(bgr[:h, :w])
-            raw.write(cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV_I420).tobytes())
-            pts = mesh.detect(bgr)
+            raw.write(yuv.data)
+            pts = mesh.detect_rgb(rgb, w, h)
             found_list.append(pts is not None)
             lms_list.append(pts if pts is not None else np.full((face.N_LANDMARKS, 2), np.nan, np.float32))
-            if len(found_list) >= MAX_TEMPLATE_FRAMES:
-                notes.append(f"template longer than {MAX_TEMPLATE_FRAMES} frames: the rest is not used")
+            if len(found_list) >= limit:
+                ended = False
+                if limit == MAX_TEMPLATE_FRAMES:
+                    notes.append(f"template longer than {MAX_TEMPLATE_FRAMES} frames: the rest is not used")
+                    ended = True
                 break
     if not found_list:
         raise TemplateError(path, "template has no decodable frames")
+    if not w:  # a cached prefix and nothing after it: the template ends exactly there
+        with open_container(path) as c:
+            w, h = even_size(c.streams.video[0].codec_context.width, c.streams.video[0].codec_context.height)
     found = np.array(found_list, bool)
     if not found.any():
         raise TemplateError(path, "no face found in any frame of the template")
     meta = {"width": w, "height": h, "fps": f"{fps.numerator}/{fps.denominator}", "n_frames": len(found_list),
-            "is_image": is_image, "notes": notes}
+            "is_image": is_image, "complete": bool(is_image or ended), "notes": notes}
     return meta, np.stack(lms_list).astype(np.float32), found
 
 
-def _decode_bgr(path: Path, notes: list[str]):
-    errors: list[str] = []
-    from heygem_watch.media import iter_video_frames
+def _detect_size(w: int, h: int) -> tuple[int, int]:
+    """Size of the copy FaceMesh sees (face.DETECT_MAX_SIDE on the long side at most)."""
+    scale = min(1.0, face.DETECT_MAX_SIDE / max(w, h))
+    return (w, h) if scale == 1.0 else (round(w * scale), round(h * scale))
 
-    yield from iter_video_frames(path, "bgr24", errors)
-    notes.extend(errors)
+
+def _from_bgr(bgr: np.ndarray):
+    """(source size, yuv420p (h*3/2, w) of the even-cropped frame, RGB for FaceMesh)."""
+    import cv2
+
+    h0, w0 = bgr.shape[:2]
+    w, h = even_size(w0, h0)
+    bgr = np.ascontiguousarray(bgr[:h, :w])
+    yuv = cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV_I420)
+    dw, dh = _detect_size(w, h)
+    small = bgr if (dw, dh) == (w, h) else cv2.resize(bgr, (dw, dh), interpolation=cv2.INTER_AREA)
+    return (w0, h0), yuv, cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
+
+
+def _decode(path: Path, notes: list[str], skip: int, limit: int):
+    """Frames skip..limit-1 as _from_bgr's triples, straight from the decoder's yuv420p (no BGR round trip)."""
+    import av
+    import cv2
+
+    with open_container(path) as c:
+        vs = c.streams.video[0]
+        vs.thread_type = "AUTO"
+        i = 0
+        try:
+            for frame in c.decode(vs):
+                if i >= limit:
+                    break
+                i += 1
+                if i <= skip:
+                    continue
+                w0, h0 = frame.width, frame.height
+                if w0 % 2 or h0 % 2:  # odd sizes are cropped (not scaled) to even, as H.264 needs
+                    yield _from_bgr(frame.to_ndarray(format="bgr24"))
+                    continue
+                yuv = frame.to_ndarray(format="yuv420p")
+                dw, dh = _detect_size(w0, h0)
+                if (dw, dh) == (w0, h0):
+                    rgb = cv2.cvtColor(yuv, cv2.COLOR_YUV2RGB_I420)
+                else:  # swscale scales and converts in one pass
+                    rgb = frame.reformat(width=dw, height=dh, format="rgb24",
+                                         interpolation=av.video.reformatter.Interpolation.AREA).to_ndarray()
+                yield (w0, h0), yuv, rgb
+        except av.error.FFmpegError as exc:
+            notes.append(f"video decoding stopped early: {exc.strerror or exc}")
 
 
 def _threaded(it, depth: int = 4):

@@ -77,3 +77,22 @@ def test_missing_and_empty(tmp_path):
     (tmp_path / "empty.mp4").write_bytes(b"")
     with pytest.raises(MediaError, match="empty"):
         load_template(tmp_path / "empty.mp4", tmp_path)
+
+
+def test_only_the_frames_an_output_shows_are_analysed_then_extended(tpl_file, tmp_path):
+    full = load_template(tpl_file, tmp_path / "full")
+    short = load_template(tpl_file, tmp_path, duration_s=0.2)  # 5 frames at 25 fps + the smoothing margin
+    assert (short.n_frames, short.complete, short.cache_hit) == (8, False, False)
+    assert load_template(tpl_file, tmp_path, duration_s=0.16).cache_hit  # a shorter output: covered
+    assert np.array_equal(short.frame(7), full.frame(7))
+    longer = load_template(tpl_file, tmp_path, duration_s=0.5)  # extends the cached prefix
+    assert (longer.n_frames, longer.complete, longer.cache_hit) == (15, False, False)
+    assert longer.face_found.tolist() == full.face_found[:15].tolist()
+    assert np.array_equal(longer.frame(14), full.frame(14))
+    assert np.allclose(longer.landmarks[:10][longer.face_found[:10]], full.landmarks[:10][full.face_found[:10]],
+                       atol=0.5)
+    whole = load_template(tpl_file, tmp_path, duration_s=60)  # past the end: the whole template, complete
+    assert (whole.n_frames, whole.complete) == (20, True)
+    assert load_template(tpl_file, tmp_path).cache_hit
+    # FaceMesh re-acquires the face where an extension starts: the same track to within ~2% of the eye distance
+    assert np.allclose(whole.landmarks[whole.face_found], full.landmarks[full.face_found], atol=2.0)

@@ -1,8 +1,11 @@
 """The ONNX engine: a user's Wav2Lip-format model (exported by `heygem-watch export-model`) on onnxruntime.
 
     analyse_speech(track)      -> MelSource: the Wav2Lip mel, computed lazily in chunks (heygem_watch.mel)
-    prepare_template(template) -> OnnxState: per template frame a face box from the landmark track, padded
-                                  (0, 10, 0, 0) and smoothed over 5 frames (the conventions of the weights)
+    prepare_template(template) -> OnnxState: per template frame a face box from the face tracker, padded
+                                  (0, 10, 0, 0) and smoothed over 5 frames (the conventions of the weights).
+                                  Tracker: MediaPipe (the template's landmark track) by default; SCRFD
+                                  (heygem_watch.scrfd) when an scrfd*.onnx / det_*.onnx lies beside the model
+                                  or detector=PATH is given, its boxes cached per template and detector file
     render(...)                -> three stages overlap: [prep thread] frames + BGR 96x96 crops (lower half masked,
                                   reference) + 16-column mel windows, batched -> [infer thread] session.run ->
                                   [caller] feathered, colour-matched paste of mouth and chin, then the pipeline
@@ -17,6 +20,7 @@ import json
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -31,6 +35,9 @@ FACE_SIZE = 96
 BOX_PADS = (0, 10, 0, 0)  # (top, bottom, left, right) pixels, Wav2Lip's default
 BOX_SMOOTH = 5  # frames in the mean filter over box corners
 MIN_BOX = 24  # pixels; a smaller face box is treated as no face
+DETECTOR_CACHE = "scrfd-{}.npz"  # in the template's cache dir, keyed by the detector file's fingerprint
+MEDIAPIPE_WORDS = ("mediapipe", "none", "off")  # detector=... values that force the landmark boxes
+MOUTH = [13, 14]  # inner-lip landmarks: a detector box must contain their mean to be the tracked face
 DEFAULT_BATCH = {"cpu": 4, "gpu": 64}  # CPU gains nothing from larger batches (measured); GPU wants them
 MAX_BATCH = 256
 TRT_MAX_BATCH = 128  # TensorRT builds its engine for batches 1..this (optimised for the GPU default)
@@ -71,8 +78,7 @@ def face_boxes(landmarks: np.ndarray, found: np.ndarray, width: int, height: int
     """Detector-style face boxes from a (n, 478, 2) landmark track -> (boxes (n, 4) int32, valid (n,) bool).
 
     Box: face-oval width, from midway between brows and forehead top down to the chin (an S3FD-like box, what
-    the weights were trained on), then padded (top, bottom, left, right) and averaged over `smooth` frames
-    (centred, within runs of frames with a face so a cut never blends two positions)."""
+    the weights were trained on), then padded and smoothed by pad_and_smooth."""
     n = len(landmarks)
     raw = np.zeros((n, 4), np.float64)
     found = np.asarray(found, bool) & np.isfinite(landmarks[:, face.FACE_OVAL]).all(axis=(1, 2))
@@ -81,6 +87,16 @@ def face_boxes(landmarks: np.ndarray, found: np.ndarray, width: int, height: int
         oval = lm[:, face.FACE_OVAL]
         top = 0.5 * (lm[:, BROWS, 1].min(1) + lm[:, FOREHEAD, 1])
         raw[found] = np.stack([oval[:, :, 0].min(1), top, oval[:, :, 0].max(1), lm[:, face.CHIN, 1]], 1)
+    return pad_and_smooth(raw, found, width, height, pads, smooth)
+
+
+def pad_and_smooth(raw: np.ndarray, found: np.ndarray, width: int, height: int, pads=BOX_PADS,
+                   smooth: int = BOX_SMOOTH) -> tuple[np.ndarray, np.ndarray]:
+    """Raw (n, 4) x1y1x2y2 pixel boxes (any tracker) -> (boxes (n, 4) int32, valid (n,) bool): padded (top, bottom,
+    left, right), averaged over `smooth` frames (centred, within runs of frames with a face so a cut never blends
+    two positions), rounded and clipped to the frame; boxes under MIN_BOX pixels count as no face."""
+    found = np.asarray(found, bool)
+    raw = np.where(found[:, None], np.asarray(raw, np.float64), 0.0)
     pt, pb, pl, pr = pads
     raw += np.array([-pl, -pt, pr, pb], np.float64)
     out = raw.copy()
@@ -204,8 +220,10 @@ class OnnxEngine(Engine):
         self.workers = self.cpu_workers if self.device == "cpu" else GPU_WORKERS
         self.batch_size = self._auto_batch(int(batch) if batch else None)
         self.oom_halvings = 0
+        self._pick_face_tracker(ort, options.pop("detector", None))
         self.log.info("onnx_engine_ready", model=str(self.model_path), precision=self.meta.get("precision", "?"),
-                      provider=self.provider, reason=self.provider_reason, batch=self.batch_size)
+                      provider=self.provider, reason=self.provider_reason, batch=self.batch_size,
+                      face_tracker=self.face_tracker)
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def _read_sidecar(self) -> dict:
@@ -220,6 +238,37 @@ class OnnxEngine(Engine):
             raise EngineError(f"{side}: not a 96x96 Wav2Lip model (format {meta.get('format')!r}, "
                               f"face_size {meta.get('face_size')}); only Wav2Lip-format models are supported")
         return meta
+
+    def _pick_face_tracker(self, ort, detector) -> None:
+        """SCRFD when detector=PATH is given or an scrfd*.onnx / det_*.onnx lies beside the model, else MediaPipe
+        (also when detector is 'mediapipe'); the choice and the reason are logged. A detector file that does not
+        fit the SCRFD layout stops the engine with an error naming it."""
+        from heygem_watch import scrfd
+        from heygem_watch.ledger import fingerprint_file
+
+        self.detector, self.detector_fp, path = None, "", None
+        if str(detector or "").lower() in MEDIAPIPE_WORDS:
+            reason = "MediaPipe requested (detector option)"
+        elif detector not in (None, "", "auto"):
+            path, reason = Path(detector), "detector option"
+        else:
+            found = scrfd.find_detectors(self.model_path.parent, exclude=self.model_path)
+            if found:
+                path = found[0]
+                reason = f"{path.name} found beside the model" + (
+                    f" (first of {', '.join(p.name for p in found)})" if len(found) > 1 else "")
+            else:
+                reason = f"no {' or '.join(scrfd.DETECTOR_PATTERNS)} in {self.model_path.parent}"
+        if path is not None:
+            gpu = self.device == "gpu" and "CUDAExecutionProvider" in ort.get_available_providers()
+            try:
+                self.detector = scrfd.Scrfd(path, (["CUDAExecutionProvider"] if gpu else []) + ["CPUExecutionProvider"])
+                self.detector_fp = fingerprint_file(path)[:16]
+            except (scrfd.ScrfdError, OSError) as exc:
+                raise EngineError(str(exc)) from None
+        self.face_tracker = "scrfd" if self.detector else "mediapipe"
+        self.log.info("face_tracker", face_tracker=self.face_tracker, reason=reason,
+                      detector=str(path) if path else None)
 
     def _create_session(self, ort, so, want: str):
         avail = ort.get_available_providers()
@@ -297,7 +346,8 @@ class OnnxEngine(Engine):
     def describe(self) -> dict:
         return {"engine": self.name, "model": self.model_path.name, "precision": self.meta.get("precision", "?"),
                 "provider": self.provider, "provider_reason": self.provider_reason, "batch_size": self.batch_size,
-                "workers": self.workers, "oom_halvings": self.oom_halvings}
+                "workers": self.workers, "oom_halvings": self.oom_halvings, "face_tracker": self.face_tracker,
+                "detector": self.detector.path.name if self.detector else None}
 
     def analyse_speech(self, audio) -> MelSource:
         if getattr(audio, "sample_rate", mel.SAMPLE_RATE) != mel.SAMPLE_RATE:
@@ -305,9 +355,49 @@ class OnnxEngine(Engine):
         return MelSource(audio)
 
     def prepare_template(self, template) -> OnnxState:
-        boxes, valid = face_boxes(template.landmarks, template.face_found, template.width, template.height,
-                                  self.pads, self.smooth)
+        if self.detector is None:
+            boxes, valid = face_boxes(template.landmarks, template.face_found, template.width, template.height,
+                                      self.pads, self.smooth)
+            return OnnxState(boxes, valid)
+        raw, found = self._detector_boxes(template)
+        boxes, valid = pad_and_smooth(raw, found, template.width, template.height, self.pads, self.smooth)
+        # the paste mask follows the MediaPipe landmarks: a frame needs them, on the face the detector boxed
+        lm = template.landmarks
+        mouth = lm[:, MOUTH].mean(1)
+        with np.errstate(invalid="ignore"):
+            inside = ((mouth >= boxes[:, :2]) & (mouth <= boxes[:, 2:])).all(1)
+        valid &= template.face_found & np.isfinite(lm[:, MASK_POINTS]).all(axis=(1, 2)) & inside
         return OnnxState(boxes, valid)
+
+    def _detector_boxes(self, template) -> tuple[np.ndarray, np.ndarray]:
+        """SCRFD main-face box per template frame -> (raw (n, 4) float64 x1y1x2y2 pixels, found (n,) bool).
+
+        Computed once per template and detector file, then read from template.cache_dir."""
+        n = template.n_frames
+        cache = Path(template.cache_dir) / DETECTOR_CACHE.format(self.detector_fp)
+        try:
+            with np.load(cache) as z:
+                if int(z["n_frames"]) == n and str(z["template"]) == template.fingerprint:
+                    return z["boxes"].astype(np.float64), z["found"].astype(bool)
+        except (OSError, KeyError, ValueError):
+            pass
+        t0 = time.monotonic()
+        raw, found = np.zeros((n, 4), np.float32), np.zeros(n, bool)
+        for k in range(n):
+            box = self.detector.face_box(template.frame(k))
+            if box is not None:
+                raw[k], found[k] = box, True
+        tmp = cache.with_name(f"{cache.stem}.tmp{os.getpid()}.{threading.get_ident()}.npz")
+        try:
+            np.savez(tmp, boxes=raw, found=found, n_frames=n, template=template.fingerprint,
+                     detector=self.detector.path.name)
+            os.replace(tmp, cache)
+        except OSError as exc:  # a read-only cache only costs the detection next time
+            tmp.unlink(missing_ok=True)
+            self.log.warning("face_boxes_not_cached", cache=str(cache), error=str(exc))
+        self.log.info("face_boxes_detected", face_tracker="scrfd", template=template.name, frames=n,
+                      found=int(found.sum()), seconds=round(time.monotonic() - t0, 2))
+        return raw.astype(np.float64), found
 
     def infer(self, audio: np.ndarray, faces: np.ndarray) -> np.ndarray:
         """(n, 1, 80, 16), (n, 6, 96, 96) float32 -> (n, 96, 96, 3) float32 BGR [0, 1]; halves the batch on OOM."""
