@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import dataclasses
 import threading
 import time
 import uuid
@@ -193,6 +194,10 @@ def process_files(recording: os.PathLike | str, templates: Sequence[os.PathLike 
                 raise
             except Exception as exc:  # one failing template never stops the others
                 res = exc
+            if isinstance(res, RenderResult) and k in prefetch.analysis and not prefetch.analysis[k][1]:
+                # the analysis ran on the prefetch thread: report that (cold) cost, not run_task's cache hit
+                res = dataclasses.replace(res, template_analysis_s=prefetch.analysis[k][0] + res.template_analysis_s,
+                                          template_cache_hit=False)
             results.append(res)
             if on_result is not None:
                 on_result(str(tpl), res)
@@ -212,6 +217,7 @@ class _Prefetch:
     def __init__(self, recording, templates: Sequence, cache_root: Path, log=None):
         self._done = [threading.Event() for _ in templates]
         self._stop = threading.Event()
+        self.analysis: dict[int, tuple[float, bool]] = {}  # k -> (seconds, cache_hit) of what the thread did
         try:
             duration = probe(recording).duration
         except MediaError:
@@ -222,11 +228,12 @@ class _Prefetch:
             return
 
         def run():
-            for ev, tpl in zip(self._done, templates):
+            for k, (ev, tpl) in enumerate(zip(self._done, templates)):
                 try:
                     if not self._stop.is_set():
-                        load_template(tpl, cache_root, log=log,
-                                      duration_s=duration + PREFETCH_MARGIN_S if ANALYSE_SHOWN_ONLY else None)
+                        t = load_template(tpl, cache_root, log=log,
+                                          duration_s=duration + PREFETCH_MARGIN_S if ANALYSE_SHOWN_ONLY else None)
+                        self.analysis[k] = (t.analysis_s, t.cache_hit)
                 except Exception:
                     pass
                 finally:

@@ -84,6 +84,15 @@ def test_fan_out_takes_audio_once(media, tmp_path):
     assert all((tmp_path / f"o{k}.mp4").exists() for k in range(3))
 
 
+def test_first_run_reports_the_analysis_and_the_second_a_cache_hit(media, tmp_path):
+    d, tpl, rec = media
+    var = tmp_path / "var"
+    first = pipeline.process_files(rec, [tpl], [tmp_path / "a.mp4"], Passthrough(), var_dir=var)[0]
+    second = pipeline.process_files(rec, [tpl], [tmp_path / "b.mp4"], Passthrough(), var_dir=var)[0]
+    assert not first.template_cache_hit and first.template_analysis_s > 0
+    assert second.template_cache_hit and second.template_analysis_s < first.template_analysis_s / 5
+
+
 def test_cancel_leaves_no_file(media, tmp_path):
     d, tpl, rec = media
     job = pipeline.RecordingJob.prepare(rec, tmp_path / "w")
