@@ -295,8 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         from heygem_watch.web.server import cli_web
 
         return cli_web(args, settings)
-    return {"run": cmd_run, "process": cmd_process, "status": cmd_status, "check": cmd_check}[args.command](
-        args, settings)
+    command = {"run": cmd_run, "process": cmd_process, "status": cmd_status, "check": cmd_check}[args.command]
+    try:
+        return command(args, settings)
+    except BrokenPipeError:  # `heygem-watch status | head`: the reader left; not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
