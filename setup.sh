@@ -13,6 +13,7 @@ if [ "${HEYGEM_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null 2>&1 && [ "
   need=()
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
   command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+  [ -e /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ] || need+=(fonts-wqy-zenhei)  # Chinese names in screenshots
   if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${need[*]}"
     apt-get update -qq

@@ -11,6 +11,7 @@ moves like the person's own mouth instead of flicking through stills.
 """
 from __future__ import annotations
 
+import mmap
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import numpy as np
 from heygem_watch import face
 
 CACHE_NAME = "builtin_mouth_v2.npz"
+RELEASE_EVERY = 32  # frame reads between releases of the cache mapping's resident pages
 MAX_LIBRARY = 2400  # frames kept as selection candidates (longer templates are strided): Viterbi is O(frames)
 MOUTH_CROP_SCALE = 0.45  # half-size of the analysis crop around the mouth, inter-ocular units
 TEETH_MIN_LUMA = 150  # teeth are bright...
@@ -128,15 +130,24 @@ def _planes_reader(template):
     raw = Path(template.cache_dir) / "frames.yuv"
     w, h = template.width, template.height
     fb = w * h * 3 // 2
-    mm = None
+    mm = mapping = None
     try:
         if raw.stat().st_size == template.n_frames * fb:
-            mm = np.memmap(raw, np.uint8, "r", shape=(template.n_frames, fb))
+            with open(raw, "rb") as f:
+                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            mm = np.frombuffer(mapping, np.uint8).reshape(template.n_frames, fb)
     except (OSError, ValueError):
         mm = None
+    calls = [0]
 
     def planes(i: int):
         if mm is not None:
+            calls[0] += 1
+            if calls[0] % RELEASE_EVERY == 0 and hasattr(mapping, "madvise"):
+                # Pages read through the mapping count as this process's memory until released: without this a
+                # long template would show up as gigabytes of RSS (they stay in the page cache; a later read
+                # simply maps them again)
+                mapping.madvise(mmap.MADV_DONTNEED)
             f = mm[i]
             return (f[: w * h].reshape(h, w), f[w * h: w * h + w * h // 4].reshape(h // 2, w // 2),
                     f[w * h + w * h // 4:].reshape(h // 2, w // 2))
