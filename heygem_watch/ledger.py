@@ -307,6 +307,11 @@ class Ledger:
     def tasks_for(self, recording_id: int) -> list[Task]:
         return [_task(r) for r in self._query("SELECT * FROM tasks WHERE recording_id=? ORDER BY id", (recording_id,))]
 
+    def pending_template_fingerprints(self) -> set[str]:
+        """Fingerprints of the templates that queued or running tasks still need."""
+        return {r[0] for r in self._query("SELECT DISTINCT template_fingerprint FROM tasks "
+                                          "WHERE state IN ('queued', 'running')")}
+
     def running_tasks(self) -> list[Task]:
         return [_task(r) for r in self._query("SELECT * FROM tasks WHERE state='running' ORDER BY id")]
 

@@ -111,6 +111,10 @@ def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=No
         need = frame_count(duration_s, fps) + SMOOTH_MARGIN
     if tpl is not None and (tpl.complete or (need is not None and tpl.n_frames >= need)):
         tpl.cache_hit = True
+        try:  # meta.json's mtime is the entry's last use: housekeeping.prune_template_cache keeps what is in use
+            os.utime(cache_dir / META_NAME)
+        except OSError:
+            pass
         if log:
             log.info("template_cache_hit", template=path.name, frames=tpl.n_frames, cache=str(cache_dir))
         return tpl

@@ -1,5 +1,4 @@
 """audio.py: one streaming pass, 16 kHz mono on the recording's own timeline, plus an AAC copy for muxing."""
-from fractions import Fraction
 
 import av
 import numpy as np

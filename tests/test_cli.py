@@ -11,7 +11,6 @@ import pytest
 
 from heygem_watch import cli
 from tests import gen_media
-from tests.conftest import drain
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "heygem-watch.service"

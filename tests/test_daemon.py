@@ -90,7 +90,7 @@ def test_on_done_keep_and_delete(daemon_factory, on_done):
 
 def test_duplicate_content_is_not_processed_twice(daemon_factory):
     d = daemon_factory()
-    a = drop(d, "first.wav", 0.4)
+    drop(d, "first.wav", 0.4)
     ingest_all(d)
     drain(d)
     archived = d.settings.archive_dir / today() / "first.wav"
@@ -152,7 +152,6 @@ def test_no_templates_leaves_the_recording_waiting(daemon_factory, capsys):
     assert ingest_all(d) == [src]
     assert src.exists() and d.ledger.counts()["queued"] == 0
     assert "no_templates" in capsys.readouterr().out
-    import shutil
 
     from tests import gen_media as gm
 
@@ -443,3 +442,30 @@ def test_sd_notify_never_blocks_on_a_full_queue(tmp_path, env_clean):
         assert results[0] is True and results[-1] is False
     finally:
         s.close()
+
+
+def test_retention_prunes_template_cache_no_template_needs(daemon_factory, face_template_file):
+    import shutil
+
+    d = daemon_factory()
+    shutil.copy(face_template_file, d.settings.template_dir / "second.png")
+    drop(d, "a.wav", 0.5)
+    ingest_all(d)
+    assert drain(d) == 2
+    entries = sorted((d.settings.cache_dir / "templates").iterdir())
+    assert len(entries) == 1  # anchor.png and second.png hold the same picture: one entry
+    old = time.time() - 3 * 24 * 3600
+    for p in [entries[0], *entries[0].iterdir()]:
+        os.utime(p, (old, old))
+    stale = d.settings.cache_dir / "templates" / ("f" * 32)
+    stale.mkdir()
+    (stale / "frames.yuv").write_bytes(b"x" * 100)
+    os.utime(stale / "frames.yuv", (old, old))
+    os.utime(stale, (old, old))
+    d.retention()
+    assert sorted((d.settings.cache_dir / "templates").iterdir()) == entries  # in use by the template folder
+    # the templates are replaced: their old cache goes
+    for t in list(d.settings.template_dir.iterdir()):
+        t.unlink()
+    d.retention()
+    assert list((d.settings.cache_dir / "templates").iterdir()) == []

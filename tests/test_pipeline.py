@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from heygem_watch import pipeline
-from heygem_watch.audio import SAMPLE_RATE
 from heygem_watch.engines.base import Engine
 from tests import mediagen
 

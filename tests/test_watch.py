@@ -1,6 +1,5 @@
 """watch.py: settling with an injected clock, ignored names, refused symlinks, open writers, a growing file."""
 import os
-import threading
 import time
 from pathlib import Path
 
