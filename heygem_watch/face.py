@@ -18,6 +18,11 @@ N_LANDMARKS = 478
 DETECT_MAX_SIDE = 960
 MIN_DETECTION_CONFIDENCE = 0.5
 MIN_TRACKING_CONFIDENCE = 0.5
+# Template analysis tracks with this many FaceMesh instances at once (MediaPipe releases the GIL: two instances use
+# two cores), each taking blocks of TRACK_BLOCK consecutive frames in turn. More than two rarely pays: decoding and
+# the rest of the job share the cores.
+TRACK_WORKERS = min(2, os.cpu_count() or 1)
+TRACK_BLOCK = 50
 
 UPPER_LIP_INNER_MID = 13
 LOWER_LIP_INNER_MID = 14
@@ -81,6 +86,76 @@ class FaceMesh:
         self._mesh.close()
 
     def __enter__(self) -> "FaceMesh":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class TrackPool:
+    """Tracks one face through a frame sequence with several FaceMesh instances at once. Block b (frames
+    b*block .. b*block+block-1) goes to instance b % workers, so every instance tracks runs of consecutive frames:
+    measured on three real templates, landmarks differ from a single instance's by 0.05-0.12 px on average and mouth
+    jitter is unchanged, while analysis takes about half the time on two cores. At most one block per instance
+    waits in memory.
+
+        with TrackPool() as pool:
+            for i, rgb in enumerate(frames): pool.submit(i, rgb, width, height)
+            landmarks = pool.finish()          # {i: (478, 2) float32 or None}
+    """
+
+    def __init__(self, static_image: bool = False, workers: int = TRACK_WORKERS, block: int = TRACK_BLOCK):
+        import queue
+        import threading
+
+        self.static_image, self.block = static_image, max(1, block)
+        self.results: dict[int, np.ndarray | None] = {}
+        self._errors: list[BaseException] = []
+        self._queues = [queue.Queue(maxsize=self.block) for _ in range(max(1, workers))]
+        self._threads = [threading.Thread(target=self._work, args=(q,), daemon=True, name=f"face-track-{k}")
+                         for k, q in enumerate(self._queues)]
+        for t in self._threads:
+            t.start()
+        self._closed = False
+
+    def submit(self, i: int, rgb: np.ndarray, width: int, height: int) -> None:
+        """Frame i (RGB, possibly downscaled, of a width x height frame); blocks while its instance is a block behind."""
+        if self._errors:
+            raise self._errors[0]
+        self._queues[(i // self.block) % len(self._queues)].put((i, rgb, width, height))
+
+    def finish(self) -> dict[int, np.ndarray | None]:
+        """Wait for every submitted frame; re-raises a tracking error."""
+        self.close()
+        if self._errors:
+            raise self._errors[0]
+        return self.results
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            for q in self._queues:
+                q.put(None)
+            for t in self._threads:
+                t.join()
+
+    def _work(self, q) -> None:
+        mesh = None
+        try:
+            while (item := q.get()) is not None:
+                if mesh is None:  # created on its first frame: a short template never loads a second model
+                    mesh = FaceMesh(self.static_image)
+                i, rgb, w, h = item
+                self.results[i] = mesh.detect_rgb(rgb, w, h)
+        except BaseException as exc:
+            self._errors.append(exc)
+            while q.get() is not None:  # keep taking frames so submit() never blocks on a dead instance
+                pass
+        finally:
+            if mesh is not None:
+                mesh.close()
+
+    def __enter__(self) -> "TrackPool":
         return self
 
     def __exit__(self, *exc) -> None:

@@ -198,8 +198,8 @@ def _read_cache(path: Path, fp: str, cache_dir: Path) -> Template | None:
 def _analyse(path: Path, out_dir: Path, need: int | None = None, prev=None) -> tuple[dict, np.ndarray, np.ndarray]:
     """Decode the template's first `need` frames (all when None): raw yuv420p appended to out_dir/FRAMES_NAME and
     the face tracked. prev = (raw landmarks, face_found, notes) of a cached prefix whose frames out_dir already
-    holds: those frames are only decoded, not analysed again. Decoding and colour conversion run on a second
-    thread, so they overlap FaceMesh on two cores."""
+    holds: those frames are only decoded, not analysed again. Decoding and colour conversion run on their own
+    thread, the face tracking on face.TrackPool's (two FaceMesh instances on two cores)."""
     import cv2
 
     notes: list[str] = list(prev[2]) if prev else []
@@ -219,22 +219,27 @@ def _analyse(path: Path, out_dir: Path, need: int | None = None, prev=None) -> t
         is_image = False
     w = h = 0
     ended = True  # the whole template was read (the decoder ran out of frames before the limit)
-    with open(out_dir / FRAMES_NAME, "ab") as raw, face.FaceMesh(static_image=is_image) as mesh:
+    n = skip
+    with open(out_dir / FRAMES_NAME, "ab") as raw, face.TrackPool(static_image=is_image) as pool:
         for (w0, h0), yuv, rgb in frames_iter:
             if not w:
                 w, h = even_size(w0, h0)
                 if (w, h) != (w0, h0) and not skip:
                     notes.append(f"odd frame size {w0}x{h0} cropped to {w}x{h} for H.264")
             raw.write(yuv.data)
-            pts = mesh.detect_rgb(rgb, w, h)
-            found_list.append(pts is not None)
-            lms_list.append(pts if pts is not None else np.full((face.N_LANDMARKS, 2), np.nan, np.float32))
-            if len(found_list) >= limit:
+            pool.submit(n, rgb, w, h)
+            n += 1
+            if n >= limit:
                 ended = False
                 if limit == MAX_TEMPLATE_FRAMES:
                     notes.append(f"template longer than {MAX_TEMPLATE_FRAMES} frames: the rest is not used")
                     ended = True
                 break
+        tracked = pool.finish()
+    for i in range(skip, n):
+        pts = tracked[i]
+        found_list.append(pts is not None)
+        lms_list.append(pts if pts is not None else np.full((face.N_LANDMARKS, 2), np.nan, np.float32))
     if not found_list:
         raise TemplateError(path, "template has no decodable frames")
     if not w:  # a cached prefix and nothing after it: the template ends exactly there
@@ -291,12 +296,28 @@ def _decode(path: Path, notes: list[str], skip: int, limit: int):
                 dw, dh = _detect_size(w0, h0)
                 if (dw, dh) == (w0, h0):
                     rgb = cv2.cvtColor(yuv, cv2.COLOR_YUV2RGB_I420)
-                else:  # swscale scales and converts in one pass
+                elif dw % 2 == 0 and dh % 2 == 0:
+                    rgb = _small_rgb(yuv, w0, h0, dw, dh)
+                else:
                     rgb = frame.reformat(width=dw, height=dh, format="rgb24",
                                          interpolation=av.video.reformatter.Interpolation.AREA).to_ndarray()
                 yield (w0, h0), yuv, rgb
         except av.error.FFmpegError as exc:
             notes.append(f"video decoding stopped early: {exc.strerror or exc}")
+
+
+def _small_rgb(yuv: np.ndarray, w: int, h: int, dw: int, dh: int) -> np.ndarray:
+    """yuv420p (h*3/2, w) -> RGB (dh, dw, 3), each plane area-averaged before the colour conversion: a third of
+    swscale's time for a 1080p frame (the decode thread is what bounds analysis of large templates)."""
+    import cv2
+
+    q = h // 4
+    planes = [cv2.resize(yuv[:h], (dw, dh), interpolation=cv2.INTER_AREA)]
+    for k in range(2):
+        plane = yuv[h + k * q:h + (k + 1) * q].reshape(h // 2, w // 2)
+        planes.append(cv2.resize(plane, (dw // 2, dh // 2), interpolation=cv2.INTER_AREA))
+    i420 = np.concatenate([p.reshape(-1) for p in planes]).reshape(dh * 3 // 2, dw)
+    return cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420)
 
 
 def _threaded(it, depth: int = 4):

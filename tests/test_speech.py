@@ -219,3 +219,18 @@ def test_wrong_sample_rate_is_a_clear_error():
     tr.sample_rate = 44100
     with pytest.raises(ValueError, match="16000"):
         analyse_speech(tr)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 500])
+def test_filters_match_scipy_nearest_mode(n):
+    from scipy.ndimage import gaussian_filter1d, maximum_filter1d
+
+    from heygem_watch.speech import _gaussian, _running_max
+
+    x = np.random.default_rng(n).normal(size=n).astype(np.float32)
+    x[n // 3:n // 2] = 5.0  # a plateau with steps
+    for sigma in (0.4, 1.0, 2.5, 5.0, 10.0):
+        np.testing.assert_allclose(_gaussian(x, sigma), gaussian_filter1d(x.astype(np.float64), sigma, mode="nearest"),
+                                   atol=1e-9)
+    for size in (1, 2, 3, 4, 9, 21):
+        np.testing.assert_array_equal(_running_max(x, size), maximum_filter1d(x, size, mode="nearest"))
