@@ -16,8 +16,8 @@ from pathlib import Path
 
 from heygem_watch import __version__
 from heygem_watch.config import Settings, load_settings
-from heygem_watch.housekeeping import (apply_retention, list_templates, prune_template_cache, sd_notify,  # noqa: F401
-                                       unique_path, watchdog_interval, write_json_atomic)
+from heygem_watch.housekeeping import (apply_retention, list_templates, sd_notify, unique_path,  # noqa: F401
+                                       watchdog_interval, write_json_atomic)
 from heygem_watch.ledger import Ledger, Recording, Task, fingerprint_file
 from heygem_watch.logs import get_logger, log_context, recording_log
 from heygem_watch.watch import IncomingWatcher
@@ -357,6 +357,8 @@ class Daemon:
         return low
 
     def retention(self) -> None:
+        from heygem_watch import template
+
         for d in apply_retention(self.settings.var_dir, self.settings.retention_days):
             self.log.info("retention_removed", path=str(d))
         keep = self.ledger.pending_template_fingerprints()
@@ -365,7 +367,7 @@ class Daemon:
                 keep.add(self._template_fingerprint(t))
             except OSError:
                 pass
-        for d, size in prune_template_cache(self.settings.cache_dir, keep):
+        for d, size in template.prune_cache(self.settings.cache_dir, keep):
             self.log.info("template_cache_pruned", path=str(d), freed_mb=round(size / 2**20, 1))
 
     def recover(self) -> None:

@@ -1,12 +1,11 @@
 """Small pieces the daemon (and the CLI) use around the pipeline: systemd notification, the template folder
-listing, collision-free names, atomic JSON writes, retention of dated folders, and pruning of the template cache."""
+listing, collision-free names, atomic JSON writes, and retention of dated folders."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import socket
-import time
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -14,10 +13,6 @@ from heygem_watch.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from heygem_watch.watch import ignored_name
 
 TEMPLATE_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS  # every such file in the template folder is a template
-# A template cache entry holds the decoded frames (width x height x 1.5 bytes each: a minute of 1080p30 is 5.6 GB),
-# so entries no template needs any more (replaced, deleted, a one-off web upload) go once unused this long.
-CACHE_UNUSED_S = 24 * 3600
-CACHE_KEY_CHARS = 32  # cache folders are named by the template fingerprint's first 32 characters
 
 
 def sd_notify(message: str) -> bool:
@@ -95,32 +90,3 @@ def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def prune_template_cache(cache_root: Path, keep_fingerprints, unused_s: float = CACHE_UNUSED_S,
-                         now: float | None = None) -> list[tuple[Path, int]]:
-    """Delete cache_root/templates/<key> folders that no kept fingerprint names and that nothing has written or
-    used (a cache hit touches meta.json) for unused_s seconds; leftovers of interrupted analyses (<key>.tmp…,
-    <key>.old…) go on the same clock. Returns (folder, bytes freed) for each."""
-    base = Path(cache_root) / "templates"
-    keep = {str(f)[:CACHE_KEY_CHARS] for f in keep_fingerprints}
-    now = time.time() if now is None else now
-    removed = []
-    try:
-        entries = list(base.iterdir())
-    except OSError:
-        return []
-    for d in entries:
-        if not d.is_dir() or d.is_symlink() or (d.name in keep):
-            continue
-        try:
-            files = [f for f in d.iterdir() if f.is_file()]
-            last = max([d.stat().st_mtime] + [f.stat().st_mtime for f in files])
-            size = sum(f.stat().st_size for f in files)
-        except OSError:
-            continue
-        if now - last >= unused_s:
-            shutil.rmtree(d, ignore_errors=True)
-            if not d.exists():
-                removed.append((d, size))
-    return removed

@@ -25,6 +25,7 @@ from heygem_watch.media import (DEFAULT_FPS, IMAGE_EXTENSIONS, MediaError, even_
                                 stream_fps)
 
 CACHE_VERSION = 2  # bump when the cached layout or the face analysis changes (2: prefix caches, "complete")
+CACHE_SUBDIR = "templates"  # entries: cache_root/templates/<first 32 characters of the fingerprint>/
 FRAMES_NAME = "frames.yuv"
 META_NAME = "meta.json"
 TRACK_NAME = "track.npz"
@@ -32,6 +33,9 @@ MAX_TEMPLATE_FRAMES = 30 * 60 * 10  # 10 minutes at 30 fps; longer templates are
 # frames analysed beyond those an output shows: the face track is smoothed over time (face.smooth_landmarks), so
 # the last shown frame gets the same smoothing as with the whole template analysed
 SMOOTH_MARGIN = 3
+# An entry holds the decoded frames (width x height x 1.5 bytes each: a minute of 1080p30 is 5.6 GB), so entries no
+# template needs any more (replaced, deleted, a one-off web upload) are pruned once unused this long.
+CACHE_UNUSED_S = 24 * 3600
 
 
 class TemplateError(MediaError):
@@ -103,7 +107,7 @@ def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=No
         fp = fingerprint_file(path)
     except OSError as exc:
         raise MediaError(path, f"cannot read the template ({exc.strerror or exc})") from None
-    cache_dir = Path(cache_root) / "templates" / fp[:32]
+    cache_dir = _cache_dir(cache_root, fp)
     tpl = _read_cache(path, fp, cache_dir)
     need = None
     if duration_s is not None:
@@ -111,7 +115,7 @@ def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=No
         need = frame_count(duration_s, fps) + SMOOTH_MARGIN
     if tpl is not None and (tpl.complete or (need is not None and tpl.n_frames >= need)):
         tpl.cache_hit = True
-        try:  # meta.json's mtime is the entry's last use: housekeeping.prune_template_cache keeps what is in use
+        try:  # meta.json's mtime is the entry's last use: prune_cache keeps what is in use
             os.utime(cache_dir / META_NAME)
         except OSError:
             pass
@@ -149,6 +153,39 @@ def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=No
         log.info("template_analysed", template=path.name, frames=tpl.n_frames, complete=tpl.complete,
                  face_fraction=round(tpl.face_fraction, 3), seconds=round(tpl.analysis_s, 2))
     return tpl
+
+
+def _cache_dir(cache_root: os.PathLike | str, fp: str) -> Path:
+    return Path(cache_root) / CACHE_SUBDIR / fp[:32]
+
+
+def prune_cache(cache_root: os.PathLike | str, keep_fingerprints, unused_s: float = CACHE_UNUSED_S,
+                now: float | None = None) -> list[tuple[Path, int]]:
+    """Delete the cache entries of templates no kept fingerprint names that nothing has written or used (a cache
+    hit touches meta.json) for unused_s seconds; leftovers of interrupted analyses (<key>.tmp…, <key>.old…) go on
+    the same clock. Returns (folder, bytes freed) for each."""
+    base = Path(cache_root) / CACHE_SUBDIR
+    keep = {_cache_dir(cache_root, str(f)).name for f in keep_fingerprints}
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return []
+    for d in entries:
+        if not d.is_dir() or d.is_symlink() or d.name in keep:
+            continue
+        try:
+            files = [f for f in d.iterdir() if f.is_file()]
+            last = max([d.stat().st_mtime] + [f.stat().st_mtime for f in files])
+            size = sum(f.stat().st_size for f in files)
+        except OSError:
+            continue
+        if now - last >= unused_s:
+            shutil.rmtree(d, ignore_errors=True)
+            if not d.exists():
+                removed.append((d, size))
+    return removed
 
 
 def _install(tmp: Path, cache_dir: Path, replace: bool) -> None:
@@ -311,12 +348,13 @@ def _small_rgb(yuv: np.ndarray, w: int, h: int, dw: int, dh: int) -> np.ndarray:
     swscale's time for a 1080p frame (the decode thread is what bounds analysis of large templates)."""
     import cv2
 
-    q = h // 4
-    planes = [cv2.resize(yuv[:h], (dw, dh), interpolation=cv2.INTER_AREA)]
-    for k in range(2):
-        plane = yuv[h + k * q:h + (k + 1) * q].reshape(h // 2, w // 2)
-        planes.append(cv2.resize(plane, (dw // 2, dh // 2), interpolation=cv2.INTER_AREA))
-    i420 = np.concatenate([p.reshape(-1) for p in planes]).reshape(dh * 3 // 2, dw)
+    i420 = np.empty((dh * 3 // 2, dw), np.uint8)
+    cv2.resize(yuv[:h], (dw, dh), dst=i420[:dh], interpolation=cv2.INTER_AREA)
+    q, dq = h // 4, dh // 4
+    for k in range(2):  # U then V: each a (h/2, w/2) plane stored as h/4 rows of w
+        src = yuv[h + k * q:h + (k + 1) * q].reshape(h // 2, w // 2)
+        dst = i420[dh + k * dq:dh + (k + 1) * dq].reshape(dh // 2, dw // 2)
+        cv2.resize(src, (dw // 2, dh // 2), dst=dst, interpolation=cv2.INTER_AREA)
     return cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420)
 
 
