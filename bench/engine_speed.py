@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from heygem_watch.engines.base import FrameJob  # noqa: E402
-from heygem_watch.engines.builtin import BuiltinEngine  # noqa: E402
+from heygem_watch.engines.builtin.engine import BuiltinEngine  # noqa: E402
 from heygem_watch.pipeline import pingpong_index  # noqa: E402
 from heygem_watch.template import load_template  # noqa: E402
 

@@ -61,7 +61,7 @@ def make_inputs(work: Path, seconds: float) -> tuple[Path, Path]:
 def make_models(work: Path, precisions: list[str]) -> dict[str, Path]:
     import torch
 
-    from heygem_watch import export as E
+    from heygem_watch.engines.onnx import export as E
 
     ckpt = work / "random_wav2lip.pth"
     if not ckpt.exists():
@@ -119,8 +119,8 @@ class GpuSampler:
 
 
 def bench_one(precision: str, model: Path, tpl_path: Path, rec: Path, work: Path, args) -> dict:
-    from heygem_watch.engines.onnx import OnnxEngine
-    from heygem_watch.export import random_inputs
+    from heygem_watch.engines.onnx.engine import OnnxEngine
+    from heygem_watch.engines.onnx.export import random_inputs
     from heygem_watch.logs import configure
     from heygem_watch.pipeline import RecordingJob, run_task
     from heygem_watch.template import load_template

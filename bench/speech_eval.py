@@ -3,7 +3,7 @@
 
 For every real talking clip (video + its own audio) it measures the speaker's mouth openness per video frame the way
 the independent judge does (inner-lip gap 13-14 / inter-ocular 33-263, MediaPipe FaceMesh), computes
-heygem_watch.speech.analyse_speech() from the clip's audio, samples `open` at the video frame times and prints:
+heygem_watch.engines.builtin.speech.analyse_speech() from the clip's audio, samples `open` at the video frame times and prints:
   corr0     Pearson correlation at lag 0
   best_lag  lag in frames (+ = predicted late) maximising the correlation within +-8, and that correlation
 and pooled correlations (each clip z-scored, lag 0) like the judge's pooled_corr:
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from heygem_watch.speech import SAMPLE_RATE, analyse_speech  # noqa: E402
+from heygem_watch.engines.builtin.speech import SAMPLE_RATE, analyse_speech  # noqa: E402
 
 TOOLS = "/work/shared/tools"
 EVAL_PY = "/tmp/evalvenv/bin/python"
@@ -204,7 +204,7 @@ def leave_one_out(media: str, cache: Path) -> None:
     """Fit LOO_GRID leave-one-clip-out over the dev + speech clips; print the held-out pooled correlations."""
     import itertools
 
-    import heygem_watch.speech as sp
+    import heygem_watch.engines.builtin.speech as sp
 
     saved = {k: getattr(sp, k) for k in LOO_GRID}
     names = sorted(set(dev_clips()) | set(speech_clips([{"clip": Path(p).stem} for p in clips(media)])))

@@ -285,7 +285,7 @@ def cmd_check(args, settings) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "export-model":
-        from heygem_watch.export import cli_export
+        from heygem_watch.engines.onnx.export import cli_export
 
         return cli_export(args)
     settings = _settings(args)

@@ -98,3 +98,13 @@ def env_clean(monkeypatch):
         if k.startswith("HEYGEM_") or k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             monkeypatch.delenv(k, raising=False)
     return monkeypatch
+
+
+@pytest.fixture(autouse=True)
+def _logging_follows_the_current_stdout():
+    """A test that configures logging (cli.main under capsys) binds structlog to its captured stdout, closed after
+    that test; the next get_logger() must configure again against whatever stdout is current then."""
+    yield
+    from heygem_watch import logs
+
+    logs._configured = False

@@ -117,11 +117,11 @@ def test_check_says_when_several_models_leave_auto_undecided(in_tmp, capsys):
 
 def test_export_model_and_web_are_delegated(in_tmp, monkeypatch):
     seen = {}
-    export = types.ModuleType("heygem_watch.export")
+    export = types.ModuleType("heygem_watch.engines.onnx.export")
     export.cli_export = lambda args: seen.setdefault("export", (args.checkpoint, args.output, args.opset, args.fp16)) and 0
     server = types.ModuleType("heygem_watch.web.server")
     server.cli_web = lambda args, settings: seen.setdefault("web", (args.host, args.port, settings.web_port)) and 7
-    monkeypatch.setitem(sys.modules, "heygem_watch.export", export)
+    monkeypatch.setitem(sys.modules, "heygem_watch.engines.onnx.export", export)
     monkeypatch.setitem(sys.modules, "heygem_watch.web.server", server)
     assert cli.main(["export-model", "w.pth", "w.onnx", "--opset", "13", "--fp16"]) == 0
     assert seen["export"] == (Path("w.pth"), Path("w.onnx"), 13, True)

@@ -25,12 +25,12 @@ def create_engine(name: str = "auto", model: Path | None = None, onnx_options: d
     threads; 0/auto = decide) apply to the ONNX engine only."""
     name = resolve_engine_name(name, model)
     if name == "builtin":
-        from heygem_watch.engines.builtin import BuiltinEngine
+        from heygem_watch.engines.builtin.engine import BuiltinEngine
 
         return BuiltinEngine(**options)
     if model is None:
         raise EngineError("engine 'onnx' needs a model: pass --model PATH or set HEYGEM_MODEL")
-    from heygem_watch.engines.onnx import OnnxEngine
+    from heygem_watch.engines.onnx.engine import OnnxEngine
 
     extra = {k: v for k, v in (onnx_options or {}).items() if v not in (None, 0, "", "auto")}
     return OnnxEngine(Path(model), **extra, **options)

@@ -1,6 +1,6 @@
 """The built-in lip-sync engine: no model, CPU only, the person's own mouths re-timed to the speech.
 
-    analyse_speech(track)      -> speech curve (heygem_watch.speech): wanted openness / width / closure over time
+    analyse_speech(track)      -> speech curve (engines/builtin/speech.py): wanted openness / width / closure over time
     prepare_template(template) -> BuiltinState: mouth library (mouth.py, cached on disk) + lower-face mesh
     render(...)                -> per output frame: Selector picks a template frame whose mouth fits (temporally
                                   coherent), compose.compose_mouth draws it into the current frame at exactly the
@@ -17,9 +17,9 @@ from typing import Any, Iterable, Iterator
 import cv2
 import numpy as np
 
-from heygem_watch.compose import MouthRig, compose_mouth
+from heygem_watch.engines.builtin.compose import MouthRig, compose_mouth
 from heygem_watch.engines.base import Engine, EngineError, FrameJob
-from heygem_watch.mouth import MouthLibrary, Selector, analyse_mouths, descriptors, read_crop
+from heygem_watch.engines.builtin.mouth import MouthLibrary, Selector, analyse_mouths, descriptors, read_crop
 
 OPEN_MIN = 0.18  # widest wanted opening (inner gap / iod) is at least this, even for a template that barely opens
 OPEN_MAX = 0.28  # ...and at most this (wider looks like shouting)
@@ -48,7 +48,7 @@ class BuiltinEngine(Engine):
         return {"engine": self.name, "model": None}
 
     def analyse_speech(self, audio) -> Any:
-        from heygem_watch.speech import analyse_speech
+        from heygem_watch.engines.builtin.speech import analyse_speech
 
         return analyse_speech(audio)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from heygem_watch.export import FACE_SIZE, MEL_BANDS, MEL_STEP
+from heygem_watch.engines.onnx.wav2lip import FACE_SIZE, MEL_BANDS, MEL_STEP
 
 CALIB_BATCHES = 8  # batches of 4 calibration_inputs the int8 calibration sees
 
@@ -21,7 +21,7 @@ def calibration_inputs(batch: int, seed: int) -> dict[str, np.ndarray]:
     """Realistic inputs for int8 calibration and checks: jittered crops of a real face photo (the public-domain
     photo shipped with matplotlib, boxed by MediaPipe like a template) or smooth image-like noise when it is not
     available, with mel windows of a synthetic voiced signal and some silence."""
-    from heygem_watch import mel
+    from heygem_watch.engines.onnx import mel
 
     rng = np.random.default_rng(seed)
     feeds = {"audio": np.full((batch, 1, MEL_BANDS, MEL_STEP), -4.0, np.float32),
@@ -47,7 +47,7 @@ def _photo_crop(rng) -> np.ndarray:
     """(6, 96, 96) model input from the sample face photo, randomly shifted, scaled, lit and mirrored."""
     import cv2
 
-    from heygem_watch.engines.onnx import crop_input
+    from heygem_watch.engines.onnx.engine import crop_input
 
     if not _PHOTO:
         _PHOTO.append(_load_photo())
@@ -76,7 +76,7 @@ def _load_photo():
         import matplotlib.cbook as cbook
 
         from heygem_watch import face
-        from heygem_watch.engines.onnx import face_boxes
+        from heygem_watch.engines.onnx.engine import face_boxes
 
         img = cv2.imread(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)), cv2.IMREAD_COLOR)
         with face.FaceMesh(static_image=True) as mesh:

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from heygem_watch import mel
+from heygem_watch.engines.onnx import mel
 from heygem_watch.audio import AudioTrack
 from heygem_watch.engines.base import EngineError, FrameJob
-from heygem_watch.engines.onnx import (BOX_PADS, FACE_SIZE, MelSource, OnnxEngine, crop_input, face_boxes,
+from heygem_watch.engines.onnx.engine import (BOX_PADS, FACE_SIZE, MelSource, OnnxEngine, crop_input, face_boxes,
                                        paste_mask)
 from heygem_watch.pipeline import pingpong_index
 
@@ -317,8 +317,8 @@ class LogRecorder:
 
 def scrfd_beside(tmp_path: Path, tpl, box, name: str = "scrfd_2.5g_bnkps.onnx", size=(320, 320)) -> Path:
     """A constant SCRFD-layout model in tmp_path that finds `box` (template pixels) in every frame."""
-    from heygem_watch.scrfd import letterbox
-    from tests.test_scrfd import scrfd_model
+    from heygem_watch.engines.onnx.scrfd import letterbox
+    from tests.test_onnx_scrfd import scrfd_model
 
     _, (sx, sy) = letterbox(np.zeros((tpl.height, tpl.width, 3), np.uint8), size)
     return scrfd_model(tmp_path / name, [(np.asarray(box, np.float64) * (sx, sy, sx, sy), 0.9, 8)], size=size)
@@ -340,7 +340,7 @@ def test_face_tracker_is_mediapipe_without_a_detector(models, tpl, tmp_path):
 
 
 def test_scrfd_beside_the_model_gives_padded_smoothed_boxes(tpl, track, tmp_path):
-    from heygem_watch.engines.onnx import pad_and_smooth
+    from heygem_watch.engines.onnx.engine import pad_and_smooth
 
     mp_raw, _ = face_boxes(tpl.landmarks, tpl.face_found, tpl.width, tpl.height, pads=(0, 0, 0, 0), smooth=1)
     k0 = int(np.flatnonzero(tpl.face_found)[0])
@@ -403,7 +403,7 @@ def test_explicit_detector_and_a_box_on_another_face(tpl, tmp_path):
 
 
 def test_a_wrong_detector_beside_the_model_is_refused_by_name(tmp_path):
-    from tests.test_scrfd import scrfd_model
+    from tests.test_onnx_scrfd import scrfd_model
 
     model = tiny_model(tmp_path / "w2l.onnx", "identity")
     scrfd_model(tmp_path / "det_500m.onnx", kps=False, out_widths=[4, 1])

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from heygem_watch import face
-from heygem_watch.mouth import (CORNERS, DEFAULT_TEETH_BGR, LOWER_INNER, LOWER_OUTER, UPPER_INNER, UPPER_OUTER,
+from heygem_watch.engines.builtin.mouth import (CORNERS, DEFAULT_TEETH_BGR, LOWER_INNER, LOWER_OUTER, UPPER_INNER, UPPER_OUTER,
                                 apply_affine, head_frame, similarity)
 
 # Mesh points: lips, jaw line, chin and cheeks below the nose (MediaPipe indices); the upper ones are anchors.

@@ -1,4 +1,4 @@
-"""mouth.py: landmarks on a real photo, descriptors that follow the mouth, coherent frame selection, cache."""
+"""engines/builtin/mouth.py: landmarks on a real photo, descriptors that follow the mouth, coherent frame selection, cache."""
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from heygem_watch import face, mouth
+from heygem_watch import face
+from heygem_watch.engines.builtin import mouth
 from tests import mediagen
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from heygem_watch import export as E
-from heygem_watch import precision as P
+from heygem_watch.engines.onnx import export as E
+from heygem_watch.engines.onnx import precision as P
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_export_matches_torch_at_several_batch_sizes(model, exported):
 
 
 def test_engine_loads_the_export(exported):
-    from heygem_watch.engines.onnx import OnnxEngine
+    from heygem_watch.engines.onnx.engine import OnnxEngine
 
     out, _, _ = exported
     eng = OnnxEngine(out, batch_size=2)
@@ -179,3 +179,14 @@ def test_fp16_and_int8_variants_stay_close(tmp_path):
 
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
+def test_precision_and_export_do_not_import_each_other():
+    """precision.py takes the Wav2Lip conventions from wav2lip.py; importing it must not pull in export.py."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import heygem_watch.engines.onnx.precision; "
+            "print('heygem_watch.engines.onnx.export' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

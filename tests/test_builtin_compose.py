@@ -1,8 +1,9 @@
-"""compose.py: exact piecewise warps, a mask with no hard edge, and a drawn mouth that FaceMesh reads as open/shut."""
+"""engines/builtin/compose.py: exact piecewise warps, a mask with no hard edge, and a drawn mouth that FaceMesh reads as open/shut."""
 import numpy as np
 import pytest
 
-from heygem_watch import compose, face
+from heygem_watch import face
+from heygem_watch.engines.builtin import compose
 from tests import mediagen
 
 

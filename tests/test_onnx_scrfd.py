@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from heygem_watch.scrfd import (NMS_IOU, PIXEL_MEAN, PIXEL_STD, STRIDES, Scrfd, ScrfdError, anchor_centres,
+from heygem_watch.engines.onnx.scrfd import (NMS_IOU, PIXEL_MEAN, PIXEL_STD, STRIDES, Scrfd, ScrfdError, anchor_centres,
                                 letterbox, main_face, nms)
 
 

@@ -23,11 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-FACE_SIZE = 96  # pixels, square crop the weights were trained on
-MEL_BANDS = 80
-MEL_STEP = 16  # mel columns per video frame window (0.2 s at 80 columns/s)
-BOX_PADS = (0, 10, 0, 0)  # (top, bottom, left, right) pixels added to the detector box
-BOX_SMOOTH = 5  # frames in the mean filter over box corners
+from heygem_watch.engines.onnx.wav2lip import BOX_PADS, BOX_SMOOTH, FACE_SIZE, MEL_BANDS, MEL_STEP
+
 DEFAULT_OPSET = 17
 INPUT_NAMES = ("audio", "face")
 OUTPUT_NAME = "out"
@@ -341,7 +338,7 @@ def export_checkpoint(checkpoint: os.PathLike | str, output: os.PathLike | str, 
     checkpoint, output = Path(checkpoint), Path(output)
     if precision not in ("fp32", "fp16", "int8"):
         raise ExportError(f"unknown precision {precision!r}")
-    from heygem_watch.precision import calibration_inputs, to_fp16, to_int8  # fp16/int8 conversion lives there
+    from heygem_watch.engines.onnx.precision import calibration_inputs, to_fp16, to_int8  # fp16/int8 conversion lives there
     if output.suffix.lower() != ".onnx":
         raise ExportError(f"{output}: the output name must end in .onnx")
     t0 = time.monotonic()

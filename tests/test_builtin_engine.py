@@ -1,4 +1,4 @@
-"""engines/builtin.py: one frame per job in order, face-less frames untouched, the mouth follows the speech."""
+"""engines/builtin/engine.py: one frame per job in order, face-less frames untouched, the mouth follows the speech."""
 from fractions import Fraction
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 from heygem_watch import face
 from heygem_watch.engines import create_engine
 from heygem_watch.engines.base import FrameJob
-from heygem_watch.engines.builtin import BuiltinEngine
+from heygem_watch.engines.builtin.engine import BuiltinEngine
 from heygem_watch.template import load_template
 from tests import mediagen
 
@@ -103,7 +103,7 @@ def test_mouth_follows_the_speech_and_shuts_in_silence(tpl):
 
 
 def test_state_is_cached_on_disk(tpl):
-    from heygem_watch import mouth
+    from heygem_watch.engines.builtin import mouth
 
     BuiltinEngine().prepare_template(tpl)
     assert (tpl.cache_dir / mouth.CACHE_NAME).exists()

@@ -6,7 +6,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from heygem_watch import mel
+from heygem_watch.engines.onnx import mel
 from heygem_watch.audio import AudioTrack
 
 

@@ -1,8 +1,8 @@
-"""speech.py: audio -> mouth targets. Synthetic signals only: tones, noise bursts, vowel-like harmonics, gaps."""
+"""engines/builtin/speech.py: audio -> mouth targets. Synthetic signals only: tones, noise bursts, vowel-like harmonics, gaps."""
 import numpy as np
 import pytest
 
-from heygem_watch.speech import HOP, RATE, SAMPLE_RATE, MouthCurve, analyse_speech, n_frames
+from heygem_watch.engines.builtin.speech import HOP, RATE, SAMPLE_RATE, MouthCurve, analyse_speech, n_frames
 
 SR = SAMPLE_RATE
 
@@ -225,7 +225,7 @@ def test_wrong_sample_rate_is_a_clear_error():
 def test_filters_match_scipy_nearest_mode(n):
     from scipy.ndimage import gaussian_filter1d, maximum_filter1d
 
-    from heygem_watch.speech import _gaussian, _running_max
+    from heygem_watch.engines.builtin.speech import _gaussian, _running_max
 
     x = np.random.default_rng(n).normal(size=n).astype(np.float32)
     x[n // 3:n // 2] = 5.0  # a plateau with steps

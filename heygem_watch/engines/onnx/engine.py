@@ -1,10 +1,10 @@
 """The ONNX engine: a user's Wav2Lip-format model (exported by `heygem-watch export-model`) on onnxruntime.
 
-    analyse_speech(track)      -> MelSource: the Wav2Lip mel, computed lazily in chunks (heygem_watch.mel)
+    analyse_speech(track)      -> MelSource: the Wav2Lip mel, computed lazily in chunks (engines/onnx/mel.py)
     prepare_template(template) -> OnnxState: per template frame a face box from the face tracker, padded
                                   (0, 10, 0, 0) and smoothed over 5 frames (the conventions of the weights).
                                   Tracker: MediaPipe (the template's landmark track) by default; SCRFD
-                                  (heygem_watch.scrfd) when an scrfd*.onnx / det_*.onnx lies beside the model
+                                  (engines/onnx/scrfd.py) when an scrfd*.onnx / det_*.onnx lies beside the model
                                   or detector=PATH is given, its boxes cached per template and detector file
     render(...)                -> three stages overlap: [prep thread] frames + BGR 96x96 crops (lower half masked,
                                   reference) + 16-column mel windows, batched -> [infer thread] session.run ->
@@ -28,12 +28,11 @@ from typing import Any, Iterable, Iterator
 import cv2
 import numpy as np
 
-from heygem_watch import face, mel
+from heygem_watch import face
 from heygem_watch.engines.base import Engine, EngineError, FrameJob
+from heygem_watch.engines.onnx import mel
+from heygem_watch.engines.onnx.wav2lip import BOX_PADS, BOX_SMOOTH, FACE_SIZE
 
-FACE_SIZE = 96
-BOX_PADS = (0, 10, 0, 0)  # (top, bottom, left, right) pixels, Wav2Lip's default
-BOX_SMOOTH = 5  # frames in the mean filter over box corners
 MIN_BOX = 24  # pixels; a smaller face box is treated as no face
 DETECTOR_CACHE = "scrfd-{}.npz"  # in the template's cache dir, keyed by the detector file's fingerprint
 MEDIAPIPE_WORDS = ("mediapipe", "none", "off")  # detector=... values that force the landmark boxes
@@ -243,7 +242,7 @@ class OnnxEngine(Engine):
         """SCRFD when detector=PATH is given or an scrfd*.onnx / det_*.onnx lies beside the model, else MediaPipe
         (also when detector is 'mediapipe'); the choice and the reason are logged. A detector file that does not
         fit the SCRFD layout stops the engine with an error naming it."""
-        from heygem_watch import scrfd
+        from heygem_watch.engines.onnx import scrfd
         from heygem_watch.ledger import fingerprint_file
 
         self.detector, self.detector_fp, path = None, "", None
