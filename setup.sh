@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command to set everything up: ./setup.sh
 #   - Debian packages the tests and the service use (chromium for the dashboard's browser test, systemd for
-#     systemd-analyze), when run as root on Debian/Ubuntu (skip with HEYGEM_SKIP_APT=1);
+#     systemd-analyze), when run as root on Debian/Ubuntu (skip with HEYGEM_SKIP_APT=1); waits while apt is busy;
 #   - a virtual environment in .venv with heygem-watch and its extras (test, web, export).
 # Environment: PYTHON (default python3), HEYGEM_EXTRAS (default "test,web,export"), HEYGEM_GPU=1 adds onnxruntime-gpu.
 set -euo pipefail
@@ -9,15 +9,46 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 EXTRAS=${HEYGEM_EXTRAS:-test,web,export}
 
+# Debian packages, one per line: the package, then what shows it is installed (a command, or a path).
+DEBIAN_PACKAGES=(
+  "chromium          chromium"                                       # the dashboard's browser test
+  "systemd           systemd-analyze"                                # the systemd unit's test
+  "fonts-wqy-zenhei  /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc"   # Chinese names in screenshots
+)
+# apt may be busy (unattended-upgrades runs right after boot): wait for it this long instead of failing at once.
+APT_LOCK_WAIT_S=${HEYGEM_APT_LOCK_WAIT_S:-900}
+APT_RETRY_S=${HEYGEM_APT_RETRY_S:-10}
+
+apt_get() {
+  # install waits for the dpkg lock itself (DPkg::Lock::Timeout); `update` does not honour that option for
+  # /var/lib/apt/lists/lock (apt 2.6), so a refused lock is retried here until APT_LOCK_WAIT_S has passed.
+  local deadline=$((SECONDS + APT_LOCK_WAIT_S)) out said=0
+  while :; do
+    if out=$(DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout="$APT_LOCK_WAIT_S" "$@" 2>&1); then
+      return 0
+    fi
+    if [ "$SECONDS" -lt "$deadline" ] && grep -qiE "could not get lock|unable to lock|unable to acquire" <<<"$out"; then
+      [ "$said" = 1 ] || echo "setup: apt is busy (another apt or unattended-upgrades run); waiting up to ${APT_LOCK_WAIT_S} s"
+      said=1
+      sleep "$APT_RETRY_S"
+      continue
+    fi
+    printf '%s\n' "$out" >&2
+    return 1
+  done
+}
+
 if [ "${HEYGEM_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   need=()
-  command -v chromium >/dev/null 2>&1 || need+=(chromium)
-  command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
-  [ -e /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ] || need+=(fonts-wqy-zenhei)  # Chinese names in screenshots
+  for entry in "${DEBIAN_PACKAGES[@]}"; do
+    read -r pkg probe <<<"$entry"
+    if [[ "$probe" == /* ]]; then [ -e "$probe" ] || need+=("$pkg")
+    else command -v "$probe" >/dev/null 2>&1 || need+=("$pkg"); fi
+  done
   if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${need[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    apt_get update -qq
+    apt_get install -y -qq --no-install-recommends "${need[@]}"
   fi
 fi
 

@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from heygem_watch import __version__
@@ -60,10 +61,12 @@ def _settings(args):
 
 
 def cmd_run(args, settings) -> int:
+    from heygem_watch import logrelay
     from heygem_watch.daemon import Daemon
     from heygem_watch.logs import configure
 
     configure(settings.log_format, settings.log_level)
+    logrelay.start(settings.log_format, settings.log_level)  # what native libraries write to stderr: logged too
     try:
         daemon = Daemon(settings, config_path=args.config)
     except OSError as exc:
@@ -77,7 +80,7 @@ def cmd_run(args, settings) -> int:
     # Everything is filed and the ledger closed; skip the interpreter's slow teardown of native libraries
     # (MediaPipe, ONNX Runtime) so SIGTERM -> exit stays well within systemd's and the issue's 10 s.
     sys.stdout.flush()
-    sys.stderr.flush()
+    logrelay.stop()
     os._exit(rc)
 
 
@@ -190,6 +193,21 @@ def _user() -> str:
         return "this user"
 
 
+@contextmanager
+def _native_quiet():
+    """Native libraries' stderr during the block: known chatter dropped, anything else shown after it."""
+    from heygem_watch import logrelay
+
+    lines: list[str] = []
+    try:
+        with logrelay.quiet() as lines:
+            yield
+    finally:
+        for line in lines:
+            if logrelay.classify(line)["level"] != "debug":
+                print(line, file=sys.stderr)
+
+
 def cmd_check(args, settings) -> int:
     """Print OK/PROBLEM lines (each problem with its fix); exit 1 if there is any problem."""
     import shutil
@@ -238,7 +256,8 @@ def cmd_check(args, settings) -> int:
 
         for t in tpls:
             try:
-                tpl = load_template(t, settings.cache_dir)
+                with _native_quiet():  # MediaPipe's start-up chatter would cut through the table
+                    tpl = load_template(t, settings.cache_dir)
             except MediaError as exc:
                 bad(f"template {t.name}: {exc.reason}", f"replace {t} with a video or image showing a face")
                 continue
@@ -260,7 +279,8 @@ def cmd_check(args, settings) -> int:
                 "(see README: Using your own Wav2Lip model)")
         elif name == "onnx" or settings.model is not None:
             t0 = time.monotonic()
-            eng = engines.create_engine(settings.engine, settings.model, onnx_options=settings.onnx_options)
+            with _native_quiet():
+                eng = engines.create_engine(settings.engine, settings.model, onnx_options=settings.onnx_options)
             ok(f"engine {name}: loaded in {time.monotonic() - t0:.1f} s {eng.describe()}")
             eng.close()
         else:

@@ -489,8 +489,10 @@ class Daemon:
         if (self._worker is not None and self._worker.is_alive()) or any(t.is_alive() for t in others):
             import sys
 
+            from heygem_watch import logrelay
+
             sys.stdout.flush()
-            sys.stderr.flush()
+            logrelay.stop()
             os._exit(0)
         self.ledger.close()
         return 0

@@ -68,13 +68,46 @@ def configure(fmt: str = "json", level: str = "info", stream=None) -> None:
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-    # Libraries log through stdlib logging: keep their warnings, on stderr, without their chatter.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    # Libraries log through stdlib logging (uvicorn, apscheduler, watchdog, warnings.warn): their warnings become
+    # events of ours, so a JSON log stays JSON; uncaught exceptions too, with their traceback inside the event.
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, _ToStructlog)]:
+        root.removeHandler(h)
+    root.addHandler(_ToStructlog())
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    sys.excepthook = _uncaught
+    threading.excepthook = lambda a: _uncaught(a.exc_type, a.exc_value, a.exc_traceback,
+                                               thread=getattr(a.thread, "name", None))
     for noisy in ("apscheduler", "watchdog"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # inotify's emitter reports events that arrive while the observer stops as an error: harmless, confusing
     logging.getLogger("watchdog.observers.inotify").setLevel(logging.CRITICAL)
     _configured = True
+
+
+class _ToStructlog(logging.Handler):
+    """stdlib logging -> one `library_log` event (message, logger, exception when there is one)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = record.levelname.lower()
+            kw = {"message": record.getMessage(), "logger": record.name}
+            if record.exc_info:
+                kw["exc_info"] = record.exc_info
+            log = structlog.get_logger(LOGGER_NAME)
+            getattr(log, level if level in ("debug", "info", "warning", "error", "critical") else "warning")(
+                "library_log", **kw)
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
+
+
+def _uncaught(exc_type, exc, tb, thread: str | None = None) -> None:
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    structlog.get_logger(LOGGER_NAME).critical("uncaught_exception", error=str(exc), error_type=exc_type.__name__,
+                                               thread=thread, exc_info=(exc_type, exc, tb))
 
 
 def get_logger(**bind):
