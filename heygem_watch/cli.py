@@ -1,4 +1,4 @@
-"""`heygem-watch` command line: run | process | status | check | export-model | web.
+"""`heygem-watch` command line: run | process | status | retry | rerun | check | export-model | web.
 
 Thin on purpose: argument parsing here, work in the modules. Heavy imports (numpy, PyAV, MediaPipe,
 ONNX Runtime) happen inside the commands, so `--help` and `status` start fast.
@@ -35,8 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--engine", choices=("auto", "builtin", "onnx"), default=None,
                     help="default: HEYGEM_ENGINE (auto = onnx when a model is set, else builtin)")
     pr.add_argument("--model", type=Path, default=None, help="ONNX model (default: HEYGEM_MODEL)")
+    pr.add_argument("--no-cache", action="store_true",
+                    help="analyse the templates in a temporary folder, deleted afterwards (default: keep the "
+                         "analysis in HEYGEM_CACHE_DIR for the next run)")
     st = sub.add_parser("status", help="ledger summary: counts, running task, last recordings")
     st.add_argument("--limit", type=int, default=20)
+    rt = sub.add_parser("retry", help="queue the failed tasks of a recording again (done ones are kept)")
+    rt.add_argument("recording", help="its id (see `status`) or file name")
+    rr = sub.add_parser("rerun", help="render a known recording with more templates (same dated folder)")
+    rr.add_argument("recording", help="its id (see `status`) or file name")
+    rr.add_argument("--template", "-t", dest="templates", action="append", required=True,
+                    help="a template file, or a name in the template folder (repeat for several)")
     sub.add_parser("check", help="validate config, folders, disk, templates and model; print fixes")
     ex = sub.add_parser("export-model", help="convert a Wav2Lip checkpoint to ONNX (needs the 'export' extra)")
     ex.add_argument("checkpoint", type=Path)
@@ -65,6 +74,8 @@ def cmd_run(args, settings) -> int:
     from heygem_watch.daemon import Daemon
     from heygem_watch.logs import configure
 
+    from heygem_watch.housekeeping import VarLocked
+
     configure(settings.log_format, settings.log_level)
     logrelay.start(settings.log_format, settings.log_level)  # what native libraries write to stderr: logged too
     try:
@@ -74,6 +85,9 @@ def cmd_run(args, settings) -> int:
         return EXIT_FAIL
     try:
         rc = daemon.run()
+    except VarLocked as exc:
+        daemon.log.error("var_in_use", error=str(exc))
+        rc = EXIT_FAIL
     except Exception as exc:
         daemon.log.exception("fatal", error=str(exc))
         rc = EXIT_FAIL
@@ -127,7 +141,8 @@ def cmd_process(args, settings) -> int:
     from heygem_watch.media import MediaError
 
     try:
-        results = pipeline.process_files(args.recording, templates, outputs, engine, settings.var_dir,
+        results = pipeline.process_files(args.recording, templates, outputs, engine,
+                                         cache_dir=None if args.no_cache else settings.process_cache_dir,
                                          encoder=settings.encoder, log=get_logger(), on_result=report)
     except MediaError as exc:
         print(f"FAIL {args.recording.name}: recording unusable: {exc.reason}", flush=True)
@@ -166,7 +181,40 @@ def cmd_status(args, settings) -> int:
             done = sum(t.state == "done" for t in tasks)
             err = f"  error: {r.error}" if r.error else ""
             print(f"  #{r.id:<5} {r.state:<8} {done}/{len(tasks)} done  {_fmt_time(r.created_at)}  {r.name}{err}")
+        for c in sorted(led.template_checks().values(), key=lambda c: c["name"]):
+            if not c["usable"] and Path(c["path"]).exists():
+                print(f"template {c['name']}: unusable, skipped: {c['reason']}")
     return EXIT_OK
+
+
+def _requeue(args, settings, what) -> int:
+    from heygem_watch import requeue
+    from heygem_watch.ledger import Ledger
+
+    if not settings.ledger_path.exists():
+        print(f"heygem-watch {args.command}: no ledger at {settings.ledger_path}", file=sys.stderr)
+        return EXIT_FAIL
+    with Ledger(settings.ledger_path) as led:
+        try:
+            res = what(led)
+        except requeue.RequeueError as exc:
+            print(f"heygem-watch {args.command}: {exc}", file=sys.stderr)
+            return EXIT_FAIL
+    print(requeue.describe(res))
+    return EXIT_OK
+
+
+def cmd_retry(args, settings) -> int:
+    from heygem_watch import requeue
+
+    return _requeue(args, settings, lambda led: requeue.retry(led, args.recording))
+
+
+def cmd_rerun(args, settings) -> int:
+    from heygem_watch import requeue
+
+    return _requeue(args, settings, lambda led: requeue.rerun(led, args.recording, args.templates,
+                                                               settings.template_dir))
 
 
 MIN_FACE_FRACTION = 0.5  # `check` wants a face in most template frames
@@ -259,7 +307,8 @@ def cmd_check(args, settings) -> int:
                 with _native_quiet():  # MediaPipe's start-up chatter would cut through the table
                     tpl = load_template(t, settings.cache_dir)
             except MediaError as exc:
-                bad(f"template {t.name}: {exc.reason}", f"replace {t} with a video or image showing a face")
+                bad(f"template {t.name}: unusable, recordings skip it: {exc.reason}",
+                    f"replace {t} with a video or image showing a face")
                 continue
             except Exception as exc:  # noqa: BLE001
                 bad(f"template {t.name}: {type(exc).__name__}: {exc}", f"replace or remove {t}")
@@ -315,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         from heygem_watch.web.server import cli_web
 
         return cli_web(args, settings)
-    command = {"run": cmd_run, "process": cmd_process, "status": cmd_status, "check": cmd_check}[args.command]
+    command = {"run": cmd_run, "process": cmd_process, "status": cmd_status, "check": cmd_check,
+               "retry": cmd_retry, "rerun": cmd_rerun}[args.command]
     try:
         return command(args, settings)
     except BrokenPipeError:  # `heygem-watch status | head`: the reader left; not an error worth a traceback

@@ -28,6 +28,8 @@ KEYS: dict[str, tuple[str, str]] = {
     "HEYGEM_VAR_DIR": ("./var", "state, outputs, archive, logs, cache"),
     "HEYGEM_INCOMING_DIR": ("$HEYGEM_VAR_DIR/incoming", "folder watched for recordings"),
     "HEYGEM_TEMPLATE_DIR": ("$HEYGEM_VAR_DIR/templates", "every video or image in it is an avatar template"),
+    "HEYGEM_CACHE_DIR": ("$XDG_CACHE_HOME/heygem-watch", "template analyses kept by `heygem-watch process` "
+                         "(else ~/.cache/heygem-watch); the daemon keeps its own in $HEYGEM_VAR_DIR/cache"),
     "HEYGEM_MODEL_DIR": ("./models", "where models live (relative HEYGEM_MODEL paths resolve here too)"),
     "HEYGEM_MODEL": ("", "ONNX lip-sync model; empty = the only .onnx in HEYGEM_MODEL_DIR, if exactly one"),
     "HEYGEM_ENGINE": ("auto", "auto | builtin | onnx (auto = onnx when a model is set)"),
@@ -96,6 +98,7 @@ class Settings:
     web_token: str
     web_max_upload_mb: int
     onnx_options: dict = field(default_factory=dict)  # provider / batch_size / threads for the ONNX engine
+    process_cache_dir: Path | None = None  # HEYGEM_CACHE_DIR: `heygem-watch process` only (not var/)
     config_file: Path | None = None  # the file read, None when none
 
     # Folders under var/; the daemon creates them.
@@ -226,6 +229,11 @@ def load_settings(config: os.PathLike | str | None = None, environ: Mapping[str,
     templates = path(values["HEYGEM_TEMPLATE_DIR"], base) if values.get("HEYGEM_TEMPLATE_DIR", "").strip() \
         else var_dir / "templates"
     model_dir = path(raw("HEYGEM_MODEL_DIR"), base)
+    if values.get("HEYGEM_CACHE_DIR", "").strip():
+        process_cache = path(values["HEYGEM_CACHE_DIR"].strip(), base)
+    else:  # XDG base directories: a one-off run leaves nothing in the folder it ran in
+        xdg = environ.get("XDG_CACHE_HOME", "").strip()
+        process_cache = (Path(xdg) if os.path.isabs(xdg) else Path(os.path.expanduser("~/.cache"))) / "heygem-watch"
     model = None
     if values.get("HEYGEM_MODEL", "").strip():
         m = os.path.expanduser(values["HEYGEM_MODEL"].strip())
@@ -269,6 +277,7 @@ def load_settings(config: os.PathLike | str | None = None, environ: Mapping[str,
         log_level=_choice("HEYGEM_LOG_LEVEL", raw("HEYGEM_LOG_LEVEL"), ("debug", "info", "warning", "error"), problems),
         encoder=encoder,
         onnx_options=onnx,
+        process_cache_dir=process_cache,
         web_host=raw("HEYGEM_WEB_HOST"),
         web_port=_number("HEYGEM_WEB_PORT", raw("HEYGEM_WEB_PORT"), problems, int, 1, 65535),
         web_token=values.get("HEYGEM_WEB_TOKEN", "").strip(),

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from heygem_watch import __version__
 from heygem_watch.config import Settings, load_settings
-from heygem_watch.housekeeping import (apply_retention, list_templates, sd_notify, unique_path,  # noqa: F401
-                                       watchdog_interval, write_json_atomic)
+from heygem_watch.housekeeping import (VarLocked, apply_retention, disk_full, list_templates,  # noqa: F401
+                                       lock_var, sd_notify, unique_path, watchdog_interval, write_json_atomic)
 from heygem_watch.ledger import Ledger, Recording, Task, fingerprint_file
 from heygem_watch.logs import get_logger, log_context, recording_log
 from heygem_watch.watch import IncomingWatcher
@@ -26,6 +26,9 @@ SHUTDOWN_GRACE_S = 7.0  # SIGTERM -> exit well within systemd's (and the issue's
 IDLE_POLL_S = 1.0  # the worker looks at the ledger this often when idle (the web process adds tasks too)
 PROGRESS_LOG_S = 4.0  # progress events at least every 5 s (the pipeline reports every 2 s)
 DISK_LOG_EVERY_S = 60.0
+# After a write failed for lack of space (ENOSPC, "database or disk is full"), tasks wait until this much more is
+# free than at the failure: retrying at once would fail the same way.
+DISK_FULL_RESUME_MB = 512
 RETENTION_EVERY_S = 3600
 DATED = "%Y-%m-%d"
 
@@ -48,6 +51,12 @@ class Daemon:
         self._reload = threading.Event()
         self._disk_low = False
         self._disk_logged = -1e9
+        self._full_at: float | None = None  # free MB when a write failed for lack of space; None when not paused
+        self._full_why = ""
+        self._resume_pending = False  # the worker re-files what the pause left unfinished
+        self._stranded: set[int] = set()  # tasks that could not be put back in the ledger while it was full
+        self._var_lock = None
+        self._checks_lock = threading.Lock()
         self._job = None  # (recording_id, pipeline.RecordingJob) shared by that recording's templates
         self._job_notes: list[str] = []
         self._tpl_fp: dict[tuple[str, int, int], str] = {}
@@ -67,8 +76,55 @@ class Daemon:
         st = p.stat()
         key = (str(p), st.st_size, st.st_mtime_ns)
         if key not in self._tpl_fp:
-            self._tpl_fp[key] = fingerprint_file(p)
+            self._tpl_fp[key] = self._fingerprint(p, st)
         return self._tpl_fp[key]
+
+    def _fingerprint(self, p: Path, st: os.stat_result | None = None) -> str:
+        """The content fingerprint, remembered in the ledger while size, mtime and inode stay the same (a start
+        with hundreds of queued GB-sized files must not hash them all again)."""
+        st = st or p.stat()
+        fp = self.ledger.known_fingerprint(p, st)
+        if fp is None:
+            fp = fingerprint_file(p)
+            try:
+                self.ledger.remember_fingerprint(p, st, fp)
+            except Exception as exc:  # only a shortcut: a full disk must not stop the ingest here
+                if not disk_full(exc):
+                    raise
+        return fp
+
+    def check_templates(self, templates: list[Path] | None = None) -> dict[str, dict]:
+        """Analyse every template not checked yet (the same cached analysis a render uses); one without a usable
+        face is marked unusable with the reason and skipped by the fan-out. Returns fingerprint -> check."""
+        from heygem_watch.media import MediaError
+        from heygem_watch.template import load_template
+
+        with self._checks_lock:
+            checks = self.ledger.template_checks()
+            for t in list_templates(self.settings.template_dir) if templates is None else templates:
+                try:
+                    fp = self._template_fingerprint(t)
+                except OSError:
+                    continue  # reported by ingest (template_unreadable)
+                if fp in checks:
+                    continue
+                try:
+                    load_template(t, self.settings.cache_dir, log=self.log)
+                    usable, reason = True, None
+                except MediaError as exc:
+                    usable, reason = False, exc.reason
+                except Exception as exc:  # noqa: BLE001 - not the template's fault (disk, memory): check again later
+                    self.log.error("template_check_failed", template=t.name, error=str(exc))
+                    continue
+                self.ledger.set_template_check(fp, t, usable, reason)
+                if usable:
+                    self.log.info("template_checked", template=t.name, usable=True)
+                else:
+                    self.log.error("template_unusable", template=t.name, reason=reason,
+                                   fix=f"replace {t} with a clip where the face is frontal, lit and large enough; "
+                                       "recordings skip it until then")
+                checks = self.ledger.template_checks()
+            return checks
 
     def output_dir_for(self, day: str, stem: str) -> Path:
         base = self.settings.outputs_dir / day / stem
@@ -91,47 +147,95 @@ class Daemon:
                 self.watcher.forget(path)
                 return None
             try:
-                size = path.stat().st_size
-                fp = fingerprint_file(path)
+                st = path.stat()
+                size = st.st_size
+                if size == 0:  # never a duplicate of another empty file: each gets its own error.json
+                    self._fail_unreadable(path, day, "file is empty (0 bytes)")
+                    return None
+                fp = self._fingerprint(path, st)
             except FileNotFoundError:
                 self.log.warning("vanished", path=str(path), reason="removed before it could be read")
                 return None
             except OSError as exc:
                 self._fail_unreadable(path, day, f"cannot read the file ({exc.strerror or exc})", exc)
                 return None
-            pairs = []
+            prior = self.ledger.find_by_fingerprint(fp)
+            if prior is not None and prior.state != "failed" and \
+                    os.path.realpath(path) == os.path.realpath(prior.source_path):
+                # the very file already known (kept after processing, or a dashboard upload into incoming/)
+                self.log.info("already_known", path=str(path), recording_id=prior.id, state=prior.state)
+                return None
+            try:
+                checks = self.check_templates(templates)
+            except Exception as exc:
+                if not disk_full(exc):
+                    raise
+                self._enter_disk_full(exc, "checking templates")
+                self.watcher.forget(path)
+                return None
+            pairs, unusable = [], []
             for t in templates:
                 try:
-                    pairs.append((str(t), self._template_fingerprint(t)))
+                    tfp = self._template_fingerprint(t)
                 except OSError as exc:
                     self.log.error("template_unreadable", template=t.name, error=exc.strerror or str(exc),
                                    fix=f"make {t} readable by the service user")
+                    continue
+                if tfp in checks and not checks[tfp]["usable"]:
+                    unusable.append(t.name)
+                else:
+                    pairs.append((str(t), tfp))
             if not pairs:
+                if unusable:
+                    self.log.error("no_usable_templates", path=str(path), unusable=unusable,
+                                   fix="put a template with a visible face into the template folder; the recording "
+                                       "stays in incoming and is taken on the next rescan")
                 self.watcher.forget(path)
                 return None
-            res = self.ledger.add_recording(path, fp, size, pairs, source=source, batch=batch,
-                                            output_dir=self.output_dir_for(day, path.stem), day=day)
+            try:
+                res = self.ledger.add_recording(path, fp, size, pairs, source=source, batch=batch,
+                                                output_dir=self.output_dir_for(day, path.stem), day=day)
+            except Exception as exc:
+                if not disk_full(exc):
+                    raise
+                self._enter_disk_full(exc, "recording a new file in the ledger")
+                self.watcher.forget(path)  # taken again on a rescan once there is space
+                return None
         if res.duplicate_of is not None:
-            self._handle_duplicate(path, res.duplicate_of, day)
+            self._handle_duplicate(path, res, day)
         else:
             with log_context(recording_id=res.recording_id), \
                     recording_log(s.logs_dir, day, path.stem, res.recording_id):
                 self.log.info("recording_queued", path=str(path), size=size, fingerprint=fp,
-                              templates=[Path(t).name for t, _ in pairs], tasks=res.task_ids)
+                              templates=[Path(t).name for t, _ in pairs], tasks=res.task_ids,
+                              **({"skipped_unusable": unusable} if unusable else {}))
             self.wake.set()
         return res
 
-    def _handle_duplicate(self, path: Path, first_id: int, day: str) -> None:
-        """Same content as an earlier recording: not processed again; the file goes where ON_DONE says."""
-        first = self.ledger.recording(first_id)
-        same_file = os.path.realpath(path) == os.path.realpath(first.source_path)
-        if same_file and (first.state in ("queued", "running") or self.settings.on_done == "keep"):
-            # the very file already queued (a dashboard upload into incoming/) or kept after processing
-            self.log.info("already_known", path=str(path), recording_id=first_id, state=first.state)
+    def _handle_duplicate(self, path: Path, res, day: str) -> None:
+        """Same content as an earlier recording. Its failed tasks and templates it never had were queued again
+        (res.task_ids): a finished recording then renders from this file. Otherwise nothing is rendered twice: a
+        copy of a recording still being processed waits in incoming/ and is filed like it (failed/ or archive/)
+        once it is finished; a copy of a finished one goes where ON_DONE says."""
+        first = self.ledger.recording(res.duplicate_of)
+        names = [t.template_name for t in self.ledger.tasks_for(first.id) if t.id in set(res.task_ids)]
+        waiting = res.prev_state in ("queued", "running")
+        if waiting:
+            self.ledger.add_follower(first.id, path)
+        if res.task_ids:
+            self.log.info("recording_requeued", path=str(path), recording_id=first.id, first_name=first.name,
+                          queued=names, existing=res.existing,
+                          source=str(path) if not waiting else first.source_path)
+            self.wake.set()
+            return
+        if waiting:
+            self.log.info("duplicate_waiting", path=str(path), duplicate_of=first.id, first_name=first.name,
+                          first_state=first.state, existing=res.existing,
+                          reason="same content as a recording still being processed; filed like it afterwards")
             return
         dest = self._dispose(path, day)
-        self.log.warning("duplicate", path=str(path), duplicate_of=first_id, first_name=first.name,
-                         first_state=first.state, on_done=self.settings.on_done,
+        self.log.warning("duplicate", path=str(path), duplicate_of=first.id, first_name=first.name,
+                         first_state=first.state, existing=res.existing, on_done=self.settings.on_done,
                          moved_to=str(dest) if dest else None)
 
     def _dispose(self, path: Path, day: str) -> Path | None:
@@ -172,9 +276,9 @@ class Daemon:
         write_json_atomic(dest.with_name(dest.name + ".error.json"), info)
         return moved
 
-    def _fail_unreadable(self, path: Path, day: str, reason: str, exc: BaseException) -> None:
+    def _fail_unreadable(self, path: Path, day: str, reason: str, exc: BaseException | None = None) -> None:
         info = {"recording": path.name, "source_path": str(path), "reason": reason,
-                "exception": "".join(traceback.format_exception_only(type(exc), exc)).strip(),
+                "exception": "".join(traceback.format_exception_only(type(exc), exc)).strip() if exc else None,
                 "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         dest = self._to_failed(path, day, info)
         self.log.error("recording_unreadable", path=str(path), reason=reason, moved_to=str(dest) if dest else None)
@@ -221,7 +325,15 @@ class Daemon:
         """Claim and run the oldest queued task (if disk space allows). Returns it, or None when idle."""
         if self.check_disk():
             return None
-        task = self.ledger.claim_next_task()
+        try:
+            if self._resume_pending:
+                self._after_disk_pause()
+            task = self.ledger.claim_next_task()
+        except Exception as exc:
+            if not disk_full(exc):
+                raise
+            self._enter_disk_full(exc, "updating the ledger")
+            return None
         if task is None:
             return None
         rec = self.ledger.recording(task.recording_id)
@@ -229,18 +341,63 @@ class Daemon:
         try:
             with log_context(recording_id=rec.id, task_id=task.id, template=task.template_name), \
                     recording_log(self.settings.logs_dir, rec.day, Path(rec.name).stem, rec.id):
-                self._run_task(rec, task)
-                if not any(t.state in ("queued", "running") for t in self.ledger.tasks_for(rec.id)):
-                    self.finalise(rec.id)
+                try:
+                    self._run_task(rec, task)
+                    if not any(t.state in ("queued", "running") for t in self.ledger.tasks_for(rec.id)):
+                        self.finalise(rec.id)
+                except Exception as exc:
+                    if not disk_full(exc):
+                        raise
+                    self._put_back(rec, task, exc)
         finally:
             self.current = None
         return task
+
+    # -- disk full --------------------------------------------------------------------------------------------
+    def _put_back(self, rec: Recording, task: Task, exc: BaseException) -> None:
+        """A write failed for lack of space: the task goes back to the queue as it was (not failed, not a crash),
+        its work files go, and the daemon pauses like the free-space guard until space returns."""
+        self._drop_job()
+        shutil.rmtree(self.settings.tmp_dir / f"rec-{rec.id}", ignore_errors=True)
+        try:
+            self.ledger.requeue_task(task.id)
+        except Exception as again:  # the ledger itself is full: put it back once there is room
+            if not disk_full(again):
+                raise
+            self._stranded.add(task.id)
+        self._enter_disk_full(exc, f"working on {rec.name} x {task.template_name}")
+
+    def _enter_disk_full(self, exc: BaseException, doing: str) -> None:
+        try:
+            free = self.free_mb()
+        except OSError:
+            free = 0.0
+        if self._full_at is None:
+            self._disk_logged = -1e9  # a new pause: said at once, then at most once a minute
+        self._full_at = free if self._full_at is None else min(self._full_at, free)
+        self._full_why = f"disk full while {doing}: {getattr(exc, 'strerror', None) or exc}"
+        self.check_disk()
+
+    def _after_disk_pause(self) -> None:
+        """Worker thread, once space is back: tasks the full ledger kept 'running' go back to the queue and
+        recordings whose filing failed are filed."""
+        for tid in sorted(self._stranded):
+            self.ledger.requeue_task(tid)
+            self._stranded.discard(tid)
+        for rec in self.ledger.unfinished_recordings():
+            with log_context(recording_id=rec.id):
+                self.finalise(rec.id)
+        self._resume_pending = False
+
+    def free_mb(self) -> float:
+        return shutil.disk_usage(self.settings.var_dir).free / 2**20
 
     def _run_task(self, rec: Recording, task: Task) -> None:
         from heygem_watch import pipeline
         from heygem_watch.media import MediaError
 
-        self.log.info("task_start", attempt=task.attempts, queued=self.ledger.counts()["queued"])
+        self.log.info("task_start", attempt=task.attempts, crashes=task.crashes, stops=task.stops,
+                      queued=self.ledger.counts()["queued"])
         try:
             job, audio_s = self._job_for(rec)
         except MediaError as exc:
@@ -249,7 +406,10 @@ class Daemon:
             self.ledger.fail_task(task.id, f"recording unusable: {reason}", {"error_type": type(exc).__name__})
             self.ledger.fail_queued_for(rec.id, f"recording unusable: {reason}")
             return
-        except Exception as exc:  # e.g. disk full while writing the decoded audio: this task fails, not the rest
+        except Exception as exc:  # this task fails, not the rest (a full disk pauses instead: run_one)
+            shutil.rmtree(self.settings.tmp_dir / f"rec-{rec.id}", ignore_errors=True)
+            if disk_full(exc):
+                raise
             self.ledger.fail_task(task.id, f"could not prepare the audio: {exc}", {"error_type": type(exc).__name__})
             self.log.exception("audio_failed", error=str(exc))
             return
@@ -274,9 +434,15 @@ class Daemon:
             self.log.warning("task_cancelled", reason="shutdown", requeued=True)
             return
         except Exception as exc:  # one failing template never stops the others
+            if disk_full(exc):
+                raise
             self.ledger.fail_task(task.id, str(exc), {"audio_decode_s": round(audio_s, 3),
                                                       "error_type": type(exc).__name__})
             self.log.error("task_failed", error=str(exc), error_type=type(exc).__name__)
+            from heygem_watch.template import TemplateError
+
+            if isinstance(exc, TemplateError):  # e.g. no face: later recordings skip it (check_templates)
+                self.ledger.set_template_check(task.template_fingerprint, task.template_path, False, exc.reason)
             return
         timings = res.as_dict()
         timings.update(audio_decode_s=round(audio_s, 3), audio_duration_s=job.track.duration)
@@ -312,7 +478,10 @@ class Daemon:
             "templates": [{"template": t.template_name, "template_path": t.template_path,
                            "fingerprint": t.template_fingerprint, "status": t.state, "error": t.error,
                            "output": Path(t.output_path).name if t.output_path else None, "attempts": t.attempts,
-                           "timings": t.timings} for t in tasks],
+                           "crashes": t.crashes, "stops": t.stops, "timings": t.timings} for t in tasks],
+            "unusable_templates": [{"template": c["name"], "reason": c["reason"]}
+                                   for c in self.ledger.template_checks().values()
+                                   if not c["usable"] and Path(c["path"]).exists()],
         }
         out_dir = Path(rec.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -327,32 +496,80 @@ class Daemon:
                                    "message": t.error} for t in tasks if t.error],
                     "tasks": manifest["templates"], "created_at": manifest["created_at"],
                     "failed_at": finished}
-            final = self._to_failed(src, rec.day, info)
+            if self._filed_in(src) == "failed":  # a retry that failed again: it stays where it is
+                write_json_atomic(src.with_name(src.name + ".error.json"), info)
+                final = src
+            else:
+                final = self._to_failed(src, rec.day, info)
             self.ledger.set_recording_state(rec.id, "failed", error=info["reason"], final_path=final)
             self.log.error("recording_failed", reason=info["reason"], moved_to=str(final) if final else None,
                            manifest=str(out_dir / "manifest.json"))
         else:
-            final = self._dispose(src, rec.day) if src.exists() else None
+            where = self._filed_in(src)
+            if where == "archive":  # rendered again from the archive (retry, rerun): it stays there
+                final = src
+            else:
+                final = self._dispose(src, rec.day) if src.exists() else None
+                if where == "failed":
+                    src.with_name(src.name + ".error.json").unlink(missing_ok=True)
             self.ledger.set_recording_state(rec.id, state, error="; ".join(errors) or None, final_path=final)
             self.log.info("recording_done", state=state, outputs=n_done, failed=len(tasks) - n_done,
                           output_dir=str(out_dir), source_now=str(final) if final else None)
+        self._file_followers(rec, state, errors)
         return state
+
+    def _filed_in(self, path: Path) -> str | None:
+        """'archive' or 'failed' when path already lies in one of those folders, else None."""
+        for name, d in (("archive", self.settings.archive_dir), ("failed", self.settings.failed_dir)):
+            try:
+                Path(os.path.realpath(path)).relative_to(os.path.realpath(d))
+                return name
+            except ValueError:
+                continue
+        return None
+
+    def _file_followers(self, rec: Recording, state: str, errors: list[str]) -> None:
+        """Copies dropped while this recording was being processed share its fate."""
+        for f in self.ledger.followers(rec.id):
+            p = Path(f)
+            if not p.exists() or os.path.realpath(p) == os.path.realpath(rec.source_path):
+                continue
+            if state == "failed":
+                reason = f"same content as {rec.name} (recording {rec.id}), which failed: " + \
+                         ("; ".join(errors) or "no template produced an output")
+                dest = self._to_failed(p, rec.day, {"recording": p.name, "source_path": str(p),
+                                                    "fingerprint": rec.fingerprint, "reason": reason,
+                                                    "same_as": rec.id,
+                                                    "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                self.log.error("recording_failed", path=str(p), reason=reason, moved_to=str(dest) if dest else None)
+            else:
+                dest = self._dispose(p, rec.day)
+                self.log.warning("duplicate", path=str(p), duplicate_of=rec.id, first_name=rec.name,
+                                 first_state=state, on_done=self.settings.on_done, moved_to=str(dest) if dest else None)
 
     # -- housekeeping -----------------------------------------------------------------------------------------
     def check_disk(self) -> bool:
         """True (and an error at most once a minute) while free space in var/ is below HEYGEM_MIN_FREE_MB."""
         try:
-            free_mb = shutil.disk_usage(self.settings.var_dir).free / 2**20
+            free_mb = self.free_mb()
         except OSError:
             return False
-        low = free_mb < self.settings.min_free_mb
+        if self._full_at is not None and free_mb >= self._full_at + DISK_FULL_RESUME_MB:
+            self._full_at = None
+        low = free_mb < self.settings.min_free_mb or self._full_at is not None
         now = time.monotonic()
         if low and now - self._disk_logged >= DISK_LOG_EVERY_S:
             self._disk_logged = now
+            full = self._full_at is not None
             self.log.error("disk_low", free_mb=round(free_mb), min_free_mb=self.settings.min_free_mb,
-                           path=str(self.settings.var_dir), fix="free space; queued tasks wait until then")
+                           path=str(self.settings.var_dir),
+                           reason=self._full_why if full else "free space below HEYGEM_MIN_FREE_MB",
+                           resumes_at_free_mb=round(self._full_at + DISK_FULL_RESUME_MB) if full else
+                           self.settings.min_free_mb,
+                           fix="free space; queued tasks wait (nothing is failed) and resume by themselves")
         if self._disk_low and not low:
             self.log.info("disk_ok", free_mb=round(free_mb))
+            self._resume_pending = True
         self._disk_low = low
         return low
 
@@ -372,11 +589,16 @@ class Daemon:
 
     def recover(self) -> None:
         """Start-up: re-queue tasks a crash left running, file recordings whose tasks all finished, drop partials."""
+        from heygem_watch import template
+
         n = self.ledger.requeue_running()
         if n:
             self.log.warning("requeued_after_crash", tasks=n)
         for p in self.settings.tmp_dir.rglob(".partial-*"):
             p.unlink(missing_ok=True)
+        for d, size in template.remove_stale_work(self.settings.cache_dir):
+            self.log.info("template_cache_leftover_removed", path=str(d), freed_mb=round(size / 2**20, 1))
+        self.ledger.forget_fingerprints(os.path.exists)
         for rec in self.ledger.unfinished_recordings():
             with log_context(recording_id=rec.id):
                 self.finalise(rec.id)
@@ -404,7 +626,10 @@ class Daemon:
             try:
                 task = self.run_one()
             except Exception as exc:  # a ledger/disk hiccup must not kill the worker
-                self.log.exception("worker_error", error=str(exc))
+                if disk_full(exc):
+                    self._enter_disk_full(exc, "filing results")
+                else:
+                    self.log.exception("worker_error", error=str(exc))
                 task = None
                 self.stopping.wait(5)
             if task is None:
@@ -429,6 +654,8 @@ class Daemon:
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
+        """Raises VarLocked when another daemon works on this var/ (before touching anything)."""
+        self._var_lock = lock_var(self.settings.var_dir)
         self.log.info("starting", version=__version__, pid=os.getpid(), settings=self.settings.as_dict())
         self.recover()
         self.retention()
@@ -468,6 +695,9 @@ class Daemon:
         if self._own_engine and self.engine is not None and not (self._worker and self._worker.is_alive()):
             self.engine.close()
         self.log.info("stopped", seconds=round(time.monotonic() - t0, 2))
+        if self._var_lock is not None:
+            self._var_lock.close()
+            self._var_lock = None
 
     def run(self) -> int:
         """Foreground until SIGTERM/SIGINT; SIGHUP reloads."""

@@ -2,10 +2,13 @@
 listing, collision-free names, atomic JSON writes, and retention of dated folders."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
 import socket
+import sqlite3
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -13,6 +16,46 @@ from heygem_watch.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from heygem_watch.watch import ignored_name
 
 TEMPLATE_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS  # every such file in the template folder is a template
+LOCK_NAME = "heygem-watch.lock"  # in var/: held (flock) by the one daemon working there
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class VarLocked(RuntimeError):
+    """Another daemon holds var/'s lock."""
+
+
+def lock_var(var_dir: Path):
+    """Take var/'s exclusive lock (flock, released by the kernel when the process dies, so a kill -9 leaves no
+    stale lock) and write our pid into it. Returns the open file: keep it, close() releases. Raises VarLocked."""
+    path = Path(var_dir) / LOCK_NAME
+    f = open(path, "a+")  # not "w": truncating would erase the holder's pid before we know we may
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise VarLocked(f"another heygem-watch (pid {pid}) is using {var_dir} (lock {path}); only one daemon may "
+                        "work on a var/ folder: stop the other one (systemctl stop heygem-watch) or set another "
+                        "HEYGEM_VAR_DIR") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """True when exc (or what caused it) says the disk or the ledger's file system is full."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if getattr(exc, "errno", None) in DISK_FULL_ERRNOS:
+            return True
+        if isinstance(exc, sqlite3.Error) and ("disk is full" in str(exc) or
+                                               getattr(exc, "sqlite_errorcode", None) == 13):  # SQLITE_FULL
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def sd_notify(message: str) -> bool:
@@ -88,5 +131,9 @@ def apply_retention(var_dir: Path, days: int, today: date | None = None) -> list
 
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk leaves no half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise

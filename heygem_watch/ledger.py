@@ -7,6 +7,10 @@ a recording arrived, which is also the dated folder it is filed under.
 States
     recording: queued -> running -> done | partial (some templates failed) | failed
     task:      queued -> running -> done | failed      (running -> queued on shutdown or after a crash)
+
+A task counts its clean stops (SIGTERM, disk full: `stops`) apart from its crashes (left running by a process
+that died: `crashes`); only crashes can fail it. Known content dropped again, `retry` and `rerun` extend the
+recording they match (failed tasks re-queued, missing templates added) instead of making a new one.
 """
 from __future__ import annotations
 
@@ -63,7 +67,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     created_at           REAL NOT NULL,
     started_at           REAL,
     finished_at          REAL,
-    timings              TEXT NOT NULL DEFAULT '{}'
+    timings              TEXT NOT NULL DEFAULT '{}',
+    crashes              INTEGER NOT NULL DEFAULT 0,
+    stops                INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state, id);
 CREATE INDEX IF NOT EXISTS tasks_recording ON tasks(recording_id);
@@ -74,7 +80,24 @@ CREATE TABLE IF NOT EXISTS events (
     detail       TEXT NOT NULL DEFAULT '{}',
     created_at   REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS file_fingerprints (
+    path        TEXT PRIMARY KEY,
+    size        INTEGER NOT NULL,
+    mtime_ns    INTEGER NOT NULL,
+    inode       INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS template_checks (
+    fingerprint TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    path        TEXT NOT NULL,
+    usable      INTEGER NOT NULL,
+    reason      TEXT,
+    checked_at  REAL NOT NULL
+);
 """
+# columns added after the first release: (table, column, definition), added to older ledgers at open
+MIGRATIONS = (("tasks", "crashes", "INTEGER NOT NULL DEFAULT 0"), ("tasks", "stops", "INTEGER NOT NULL DEFAULT 0"))
 
 
 def fingerprint_file(path: os.PathLike | str) -> str:
@@ -126,13 +149,17 @@ class Task:
     started_at: float | None
     finished_at: float | None
     timings: dict = field(default_factory=dict)
+    crashes: int = 0  # times the process died while rendering it
+    stops: int = 0  # times it was put back cleanly (SIGTERM, disk full)
 
 
 @dataclass
 class AddResult:
     recording_id: int
-    duplicate_of: int | None  # the earlier recording with the same content; no new tasks then
-    task_ids: list[int]
+    duplicate_of: int | None  # the earlier recording with the same content
+    task_ids: list[int]  # tasks queued by this call (for a duplicate: failed ones re-queued, missing templates)
+    existing: list[str] = field(default_factory=list)  # duplicate: templates it already had (done or pending)
+    prev_state: str | None = None  # duplicate: the earlier recording's state before this call
 
 
 def _recording(row: sqlite3.Row) -> Recording:
@@ -162,6 +189,13 @@ class Ledger:
         # executescript commits on its own, so the schema goes in outside the transaction helper
         with self._lock:
             self._db.executescript(SCHEMA)
+            for table, col, decl in MIGRATIONS:
+                cols = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                if col not in cols:
+                    try:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+                    except sqlite3.OperationalError:  # another process added it meanwhile
+                        pass
 
     # -- plumbing ---------------------------------------------------------------------------------------------
     class _Tx:
@@ -206,20 +240,25 @@ class Ledger:
                       day: str | None = None) -> AddResult:
         """Record a recording and queue one task per (template path, template fingerprint).
 
-        Content already known (and not failed) -> nothing new is queued; a 'duplicate' event is recorded and
-        duplicate_of names the earlier recording. A recording that failed before may be dropped again to retry.
+        Content already known (and not failed) -> duplicate_of names the earlier recording, which is extended
+        instead: its failed tasks among these templates are re-queued and templates it never had are added
+        (task_ids); done and pending ones are listed in `existing`. A finished recording extended this way takes
+        `path` as its new source. A 'duplicate' event is recorded. A recording that failed as a whole may be
+        dropped again: that is a new recording.
         """
         path = Path(path)
         now = time.time()
         day = day or time.strftime("%Y-%m-%d", time.localtime(now))
         with self._write() as db:
-            prev = db.execute("SELECT id FROM recordings WHERE fingerprint=? AND state!='failed' ORDER BY id LIMIT 1",
-                              (fingerprint,)).fetchone()
+            prev = db.execute("SELECT id, state FROM recordings WHERE fingerprint=? AND state!='failed'"
+                              " ORDER BY id LIMIT 1", (fingerprint,)).fetchone()
             if prev is not None:
+                src = str(path) if prev["state"] in ("done", "partial") else None
+                ids, existing = self._extend(db, prev["id"], templates, src, retry_failed=True)
                 db.execute("INSERT INTO events(recording_id, kind, detail, created_at) VALUES (?,?,?,?)",
-                           (prev["id"], "duplicate", json.dumps({"path": str(path), "source": source, "batch": batch}),
-                            now))
-                return AddResult(prev["id"], prev["id"], [])
+                           (prev["id"], "duplicate", json.dumps({"path": str(path), "source": source, "batch": batch,
+                                                                 "queued": ids, "existing": existing}), now))
+                return AddResult(prev["id"], prev["id"], ids, existing, prev["state"])
             cur = db.execute(
                 "INSERT INTO recordings(fingerprint, name, source_path, size, source, batch, state, created_at, day,"
                 " output_dir) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -234,6 +273,111 @@ class Ledger:
             db.execute("INSERT INTO events(recording_id, kind, detail, created_at) VALUES (?,?,?,?)",
                        (rid, "added", json.dumps({"path": str(path), "source": source, "tasks": len(ids)}), now))
             return AddResult(rid, None, ids)
+
+    def _extend(self, db, rid: int, templates: list[tuple[str, str]], source_path: str | None,
+                retry_failed: bool) -> tuple[list[int], list[str]]:
+        """Inside a write transaction: queue what recording rid lacks of `templates` (by template fingerprint),
+        re-queue its failed tasks among them when retry_failed. Returns (task ids queued, template names it
+        already had). When anything was queued a finished recording reads as queued again."""
+        now = time.time()
+        have = {r["template_fingerprint"]: r for r in
+                db.execute("SELECT * FROM tasks WHERE recording_id=? ORDER BY id", (rid,)).fetchall()}
+        ids, existing = [], []
+        for tpath, tfp in dict((fp, (p, fp)) for p, fp in templates).values():
+            row = have.get(tfp)
+            if row is None:
+                c = db.execute("INSERT INTO tasks(recording_id, template_path, template_name, template_fingerprint,"
+                               " state, created_at) VALUES (?,?,?,?,?,?)",
+                               (rid, str(tpath), Path(tpath).name, tfp, "queued", now))
+                ids.append(int(c.lastrowid))
+            elif row["state"] == "failed" and retry_failed:
+                db.execute("UPDATE tasks SET state='queued', error=NULL, finished_at=NULL, started_at=NULL,"
+                           " progress_done=0, eta_s=NULL, crashes=0, stops=0, template_path=? WHERE id=?",
+                           (str(tpath), row["id"]))
+                ids.append(int(row["id"]))
+            else:
+                existing.append(row["template_name"])
+        if ids:
+            db.execute("UPDATE recordings SET state=CASE WHEN state='running' THEN 'running' ELSE 'queued' END,"
+                       " error=NULL, finished_at=NULL, source_path=COALESCE(?, source_path) WHERE id=?",
+                       (source_path, rid))
+        return ids, existing
+
+    def extend_recording(self, recording_id: int, templates: list[tuple[str, str]], *,
+                         source_path: os.PathLike | str | None = None, retry_failed: bool = False,
+                         kind: str = "rerun") -> tuple[list[int], list[str]]:
+        """`rerun`: queue the (recording x template) tasks that do not exist yet (and, with retry_failed, failed
+        ones again), rendering from source_path (where the source was filed). Returns (queued ids, existing)."""
+        with self._write() as db:
+            ids, existing = self._extend(db, recording_id, templates,
+                                         str(source_path) if source_path is not None else None, retry_failed)
+            db.execute("INSERT INTO events(recording_id, kind, detail, created_at) VALUES (?,?,?,?)",
+                       (recording_id, kind, json.dumps({"queued": ids, "existing": existing}), time.time()))
+            return ids, existing
+
+    def retry_failed(self, recording_id: int, source_path: os.PathLike | str | None = None) -> list[int]:
+        """Re-queue every failed task of a recording (done ones stay done). Returns their ids."""
+        with self._write() as db:
+            rows = db.execute("SELECT template_path, template_fingerprint FROM tasks WHERE recording_id=? AND"
+                              " state='failed'", (recording_id,)).fetchall()
+            ids, _ = self._extend(db, recording_id, [(r[0], r[1]) for r in rows],
+                                  str(source_path) if source_path is not None else None, True)
+            db.execute("INSERT INTO events(recording_id, kind, detail, created_at) VALUES (?,?,?,?)",
+                       (recording_id, "retry", json.dumps({"queued": ids}), time.time()))
+            return ids
+
+    def add_follower(self, recording_id: int, path: os.PathLike | str) -> None:
+        """A copy of a recording still being processed: filed like it once it is finished."""
+        self.add_event(recording_id, "follower", path=str(path))
+
+    def followers(self, recording_id: int) -> list[str]:
+        rows = self._query("SELECT detail FROM events WHERE recording_id=? AND kind='follower' ORDER BY id",
+                           (recording_id,))
+        return list(dict.fromkeys(json.loads(r[0])["path"] for r in rows))
+
+    def find_recording(self, ref: str) -> Recording | None:
+        """A recording by id ("42", "#42") or by file name (with or without extension; the latest such)."""
+        ref = ref.strip()
+        if ref.lstrip("#").isdigit():
+            rows = self._query("SELECT * FROM recordings WHERE id=?", (int(ref.lstrip("#")),))
+            if rows:
+                return _recording(rows[0])
+        rows = self._query("SELECT * FROM recordings WHERE name=? ORDER BY id DESC LIMIT 1", (ref,))
+        if not rows:
+            rows = self._query("SELECT * FROM recordings ORDER BY id DESC")
+            rows = [r for r in rows if Path(r["name"]).stem == ref][:1]
+        return _recording(rows[0]) if rows else None
+
+    # -- fingerprints and template checks ----------------------------------------------------------------------
+    def known_fingerprint(self, path: os.PathLike | str, st: os.stat_result) -> str | None:
+        """The fingerprint remembered for this path while its size, mtime and inode are unchanged."""
+        rows = self._query("SELECT fingerprint FROM file_fingerprints WHERE path=? AND size=? AND mtime_ns=? AND"
+                           " inode=?", (str(path), st.st_size, st.st_mtime_ns, st.st_ino))
+        return rows[0][0] if rows else None
+
+    def remember_fingerprint(self, path: os.PathLike | str, st: os.stat_result, fingerprint: str) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO file_fingerprints(path, size, mtime_ns, inode, fingerprint)"
+                       " VALUES (?,?,?,?,?)", (str(path), st.st_size, st.st_mtime_ns, st.st_ino, fingerprint))
+
+    def forget_fingerprints(self, keep) -> None:
+        """Drop remembered fingerprints of paths for which keep(path) is False (files gone)."""
+        gone = [r[0] for r in self._query("SELECT path FROM file_fingerprints") if not keep(r[0])]
+        if gone:
+            with self._write() as db:
+                db.executemany("DELETE FROM file_fingerprints WHERE path=?", [(p,) for p in gone])
+
+    def set_template_check(self, fingerprint: str, path: os.PathLike | str, usable: bool,
+                           reason: str | None = None) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO template_checks(fingerprint, name, path, usable, reason, checked_at)"
+                       " VALUES (?,?,?,?,?,?)", (fingerprint, Path(path).name, str(path), int(bool(usable)), reason,
+                                                 time.time()))
+
+    def template_checks(self) -> dict[str, dict]:
+        """fingerprint -> {name, path, usable, reason, checked_at} of every template checked so far."""
+        return {r["fingerprint"]: {k: r[k] for k in r.keys()} | {"usable": bool(r["usable"])}
+                for r in self._query("SELECT * FROM template_checks")}
 
     def find_by_fingerprint(self, fingerprint: str) -> Recording | None:
         """The earliest non-failed recording with this content (else the latest failed one), or None."""
@@ -350,19 +494,23 @@ class Ledger:
                 " WHERE t.recording_id=recordings.id AND t.state!='queued')")
 
     def requeue_task(self, task_id: int) -> None:
-        """Back to the queue (shutdown mid-render); keeps its place, since order is by id."""
+        """Back to the queue after a clean stop (shutdown mid-render, disk full): counted in `stops`, never as a
+        crash; keeps its place, since order is by id."""
         with self._write() as db:
-            db.execute("UPDATE tasks SET state='queued', started_at=NULL, progress_done=0, fps=0, eta_s=NULL"
-                       " WHERE id=? AND state='running'", (task_id,))
+            db.execute("UPDATE tasks SET state='queued', started_at=NULL, progress_done=0, fps=0, eta_s=NULL,"
+                       " stops=stops+1 WHERE id=? AND state='running'", (task_id,))
             db.execute(self._UNSTART)
 
     def requeue_running(self) -> int:
         """At start-up: tasks left 'running' by a crash go back to the queue (finished ones are never redone).
-        A task already tried MAX_ATTEMPTS times is failed instead, so a file that kills the process cannot loop."""
+        A task whose renders killed the process MAX_ATTEMPTS times is failed instead, so a file that kills the
+        process cannot loop; clean stops (requeue_task) do not count."""
         now = time.time()
         with self._write() as db:
-            db.execute("UPDATE tasks SET state='failed', finished_at=?, error=? WHERE state='running' AND attempts>=?",
-                       (now, f"interrupted {MAX_ATTEMPTS} times (the process died while rendering it)", MAX_ATTEMPTS))
+            db.execute("UPDATE tasks SET crashes=crashes+1 WHERE state='running'")
+            db.execute("UPDATE tasks SET state='failed', finished_at=?, error='interrupted by ' || crashes || ' crash(es)"
+                       " (the process died while rendering it); ' || stops || ' clean stop(s) by a shutdown or a"
+                       " full disk were not counted' WHERE state='running' AND crashes>=?", (now, MAX_ATTEMPTS))
             cur = db.execute("UPDATE tasks SET state='queued', started_at=NULL, progress_done=0, fps=0, eta_s=NULL"
                              " WHERE state='running'")
             n = int(cur.rowcount)

@@ -164,13 +164,15 @@ def run_task(job: RecordingJob, template_path: os.PathLike | str, engine: Engine
 
 def process_files(recording: os.PathLike | str, templates: Sequence[os.PathLike | str],
                   outputs: Sequence[os.PathLike | str], engine: Engine | str = "auto",
-                  model: os.PathLike | str | None = None, var_dir: os.PathLike | str = "var", *,
-                  encoder: EncoderSettings | None = None, log=None,
+                  model: os.PathLike | str | None = None, var_dir: os.PathLike | str | None = None, *,
+                  cache_dir: os.PathLike | str | None = None, encoder: EncoderSettings | None = None, log=None,
                   on_result: Callable[[str, RenderResult | BaseException], None] | None = None
                   ) -> list[RenderResult | BaseException]:
     """`heygem-watch process`: no daemon, no ledger. One result (or the exception) per template, in order.
 
     engine: an Engine, or a name for engines.create_engine (with model).
+    cache_dir: where template analyses are kept for the next run (default var_dir/cache when var_dir is given);
+    None and no var_dir: a temporary folder, deleted afterwards. Work files go to the system's temporary folder.
 
     A broken recording raises MediaError; one failing template never stops the others.
     """
@@ -178,17 +180,21 @@ def process_files(recording: os.PathLike | str, templates: Sequence[os.PathLike 
         from heygem_watch.engines import create_engine
 
         engine = create_engine(engine, Path(model) if model else None)
-    var_dir = Path(var_dir)
-    work = var_dir / "tmp" / f"process-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix=f"heygem-process-{os.getpid()}-"))
+    if cache_dir is None and var_dir is not None:
+        cache_dir = Path(var_dir) / "cache"
+    cache = Path(cache_dir) if cache_dir is not None else work / "cache"
     results: list[RenderResult | BaseException] = []
-    prefetch = _Prefetch(recording, templates, var_dir / "cache", log)
+    prefetch = _Prefetch(recording, templates, cache, log)
     try:
         job = RecordingJob.prepare(recording, work)
         job.speech_for(engine)  # while the templates are still being analysed on the other core
         for k, (tpl, out) in enumerate(zip(templates, outputs)):
             prefetch.wait(k)
             try:
-                res: RenderResult | BaseException = run_task(job, tpl, engine, out, work, var_dir / "cache",
+                res: RenderResult | BaseException = run_task(job, tpl, engine, out, work, cache,
                                                              encoder=encoder, log=log)
             except Cancelled:
                 raise
@@ -203,6 +209,8 @@ def process_files(recording: os.PathLike | str, templates: Sequence[os.PathLike 
                 on_result(str(tpl), res)
     finally:
         prefetch.stop()
+        if cache_dir is None:
+            prefetch.join()  # a template still being analysed writes into work/cache
         shutil.rmtree(work, ignore_errors=True)
     return results
 
@@ -218,6 +226,7 @@ class _Prefetch:
         self._done = [threading.Event() for _ in templates]
         self._stop = threading.Event()
         self.analysis: dict[int, tuple[float, bool]] = {}  # k -> (seconds, cache_hit) of what the thread did
+        self._thread: threading.Thread | None = None
         try:
             duration = probe(recording).duration
         except MediaError:
@@ -239,7 +248,12 @@ class _Prefetch:
                 finally:
                     ev.set()
 
-        threading.Thread(target=run, name="template-prefetch", daemon=True).start()
+        self._thread = threading.Thread(target=run, name="template-prefetch", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
 
     def wait(self, k: int) -> None:
         self._done[k].wait()

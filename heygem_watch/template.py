@@ -188,6 +188,42 @@ def prune_cache(cache_root: os.PathLike | str, keep_fingerprints, unused_s: floa
     return removed
 
 
+def remove_stale_work(cache_root: os.PathLike | str) -> list[tuple[Path, int]]:
+    """Start-up: delete half-written entries (<key>.tmp<pid>.<tid>/, <key>.old<pid>.<tid>/) whose process is gone
+    (a kill -9 during analysis leaves nearly a whole entry: GBs for 1080p). Those of live processes (the web
+    dashboard's face check, a `process` run) are left alone; our own pid counts as gone (a container restarts
+    with the same pids), so call it before this process analyses anything. Returns (folder, bytes freed)."""
+    import re
+
+    base = Path(cache_root) / CACHE_SUBDIR
+    removed = []
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return []
+    for d in entries:
+        m = re.fullmatch(r"[0-9a-f]+\.(?:tmp|old)(\d+)\.\d+", d.name)
+        if not m or not d.is_dir() or d.is_symlink() or _alive(int(m.group(1))):
+            continue
+        size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+        shutil.rmtree(d, ignore_errors=True)
+        if not d.exists():
+            removed.append((d, size))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
+
+
 def _install(tmp: Path, cache_dir: Path, replace: bool) -> None:
     """Move a finished analysis into place. A new entry: rename (another process finishing the same template
     first wins). An extended one: the old entry is moved aside first (readers that still have its files open keep

@@ -47,7 +47,8 @@ def test_unusable_recording_goes_to_failed(daemon_factory, name, make, reason):
     assert not src.exists() and (d.settings.failed_dir / today() / name).exists()
     err = error_json(d, name)
     assert reason in err["reason"] and err["recording"] == name and err["failed_at"]
-    assert d.ledger.recent_recordings(1)[0].state == "failed"
+    recent = d.ledger.recent_recordings(1)  # an empty file never enters the ledger (it is nobody's duplicate)
+    assert (recent[0].state == "failed") if name != "empty.flv" else recent == []
     assert_still_works(d)
 
 
@@ -88,14 +89,31 @@ def test_audio_only_recording_is_valid(daemon_factory, name):
     assert info.has_video and info.has_audio and abs(info.duration - 0.8) < 0.15
 
 
-def test_template_without_face_fails_only_its_tasks(daemon_factory, face_template_file, faceless_template_file):
+def test_template_without_face_is_marked_unusable_and_skipped(daemon_factory, face_template_file,
+                                                              faceless_template_file, capsys):
     d = daemon_factory(templates=(face_template_file, faceless_template_file))
+    checks = d.check_templates()  # what the rescan job does when a template appears, before any recording
+    by_name = {c["name"]: c for c in checks.values()}
+    assert by_name["anchor.png"]["usable"] and not by_name["wall.png"]["usable"]
+    assert "no face found" in by_name["wall.png"]["reason"]
+    assert '"template_unusable"' in capsys.readouterr().out
     gen_media.write_wav(d.settings.incoming_dir / "r.wav", gen_media.speech(0.4))
     run_all(d)
-    tasks = {t.template_name: t for t in d.ledger.tasks_for(1)}
-    assert tasks["anchor.png"].state == "done"
-    assert tasks["wall.png"].state == "failed" and "no face found" in tasks["wall.png"].error
-    assert "wall.png" in tasks["wall.png"].error  # names the file
+    assert [t.template_name for t in d.ledger.tasks_for(1)] == ["anchor.png"]  # the fan-out skips it
+    rec = d.ledger.recording(1)
+    assert rec.state == "done"  # done: every usable template is done
+    man = json.loads((Path(rec.output_dir) / "manifest.json").read_text())
+    assert man["state"] == "done" and man["unusable_templates"][0]["template"] == "wall.png"
+    assert "no face" in man["unusable_templates"][0]["reason"]
+
+
+def test_only_unusable_templates_leave_the_recording_waiting(daemon_factory, faceless_template_file, capsys):
+    d = daemon_factory(templates=(faceless_template_file,))
+    src = d.settings.incoming_dir / "r.wav"
+    gen_media.write_wav(src, gen_media.speech(0.4))
+    run_all(d)
+    assert src.exists() and d.ledger.recent_recordings(1) == []
+    assert '"no_usable_templates"' in capsys.readouterr().out
 
 
 def test_template_with_some_faceless_frames_is_used(daemon_factory, tmp_path):

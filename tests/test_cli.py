@@ -96,7 +96,8 @@ def test_check_reports_problems_with_fixes(in_tmp, capsys, face_template_file, f
     shutil.copy(faceless_template_file, tdir)
     assert cli.main(["check"]) == 1
     out = capsys.readouterr().out
-    assert "ok       template anchor.png" in out and "PROBLEM  template wall.png: no face" in out
+    assert "ok       template anchor.png" in out
+    assert "PROBLEM  template wall.png: unusable, recordings skip it: no face" in out
 
 
 def test_check_reports_a_missing_model(in_tmp, capsys):

@@ -118,8 +118,24 @@ def test_same_stem_twice_a_day_gets_its_own_folder(daemon_factory):
     assert (d.settings.archive_dir / today() / "show-2.wav").exists()
 
 
-def test_one_failing_template_does_not_stop_the_others(daemon_factory, face_template_file, faceless_template_file):
-    d = daemon_factory(templates=(face_template_file, faceless_template_file))
+class FailFor(Engine):
+    """Passthrough, except that rendering a template named in `names` (all when empty) raises."""
+
+    name = "fail-for"
+
+    def __init__(self, *names):
+        self.names = set(names)
+
+    def render(self, template, state, speech, jobs):
+        if not self.names or template.path.name in self.names:
+            raise RuntimeError(f"the engine broke on {template.path.name}")
+        for j in jobs:
+            yield j.image
+
+
+def test_one_failing_template_does_not_stop_the_others(daemon_factory, face_template_file, tmp_path):
+    wall = gen_media.face_png(tmp_path / "wall.png", size=(200, 240))
+    d = daemon_factory(templates=(face_template_file, wall), engine=FailFor("wall.png"))
     drop(d, "rec.wav", 0.4)
     ingest_all(d)
     drain(d)
@@ -128,21 +144,21 @@ def test_one_failing_template_does_not_stop_the_others(daemon_factory, face_temp
     man = json.loads((out / "manifest.json").read_text())
     st = {t["template"]: t for t in man["templates"]}
     assert st["anchor.png"]["status"] == "done" and st["wall.png"]["status"] == "failed"
-    assert "no face" in st["wall.png"]["error"]
+    assert "engine broke" in st["wall.png"]["error"]
     assert man["state"] == "partial"
     assert (d.settings.archive_dir / today() / "rec.wav").exists()
 
 
-def test_every_template_failing_moves_the_recording_to_failed(daemon_factory, faceless_template_file):
-    d = daemon_factory(templates=(faceless_template_file,))
+def test_every_template_failing_moves_the_recording_to_failed(daemon_factory):
+    d = daemon_factory(engine=FailFor())
     src = drop(d, "rec.wav", 0.3)
     ingest_all(d)
     drain(d)
     failed = d.settings.failed_dir / today() / "rec.wav"
     assert failed.exists() and not src.exists()
     err = json.loads((failed.parent / "rec.wav.error.json").read_text())
-    assert "no face" in err["reason"] and err["failed_at"] and err["created_at"]
-    assert err["exception"][0]["type"] == "TemplateError"
+    assert "engine broke" in err["reason"] and err["failed_at"] and err["created_at"]
+    assert err["exception"][0]["type"] == "RuntimeError"
     assert d.ledger.recent_recordings(1)[0].state == "failed"
 
 
