@@ -122,3 +122,49 @@ def test_a_frame_with_degenerate_landmarks_passes_through(tpl):
     out = list(eng.render(bad, state, _Curve(lambda t: 0.8), iter(jobs)))
     assert len(out) == 8
     assert np.array_equal(out[3], orig3)
+
+
+def test_rendered_openness_follows_the_target_curve(tpl):
+    # render fidelity: the opening FaceMesh measures on the output follows the opening the engine aimed at
+    eng = BuiltinEngine()
+    state = eng.prepare_template(tpl)
+    n = 60
+    shape = lambda t: 0.0 if t > 1.8 else max(0.0, np.sin(2 * np.pi * 1.3 * t)) ** 0.7  # syllables, then a pause
+    curve = _Curve(shape)
+    jobs = [j for j in _jobs(tpl, n) if j.template_index not in FACELESS]
+    target, _ = eng.targets(state, curve, np.array([j.time for j in jobs]))
+    out = list(eng.render(tpl, state, curve, iter(jobs)))
+    with face.FaceMesh(static_image=False) as mesh:
+        measured = np.array([float(face.mouth_openness(mesh.detect(f))) for f in out])
+    assert np.corrcoef(target, measured)[0, 1] >= 0.85, np.corrcoef(target, measured)[0, 1]
+    pause = np.array([j.time > 1.9 for j in jobs])
+    assert measured[pause].max() < 0.03
+
+
+def test_a_still_photo_that_starts_open_shuts_in_silence(tmp_path):
+    import cv2
+
+    from heygem_watch.engines.builtin import compose
+
+    img = cv2.resize(mediagen.face_photo(), None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+    with face.FaceMesh(static_image=True) as mesh:
+        lm = mesh.detect(img).astype(np.float64)
+    compose.compose_mouth(img, lm, img, lm, compose.MouthRig.from_shape(lm), 0.25, None, np.zeros(3))
+    cv2.imwrite(str(tmp_path / "open.png"), img)
+    photo = load_template(tmp_path / "open.png", tmp_path / "cache")
+    assert photo.is_image and face.mouth_openness(photo.landmarks[0]) > 0.2
+    eng = BuiltinEngine()
+    on = [1.0] * 6 + [0.0] * 10 + [1.0] * 6  # speech, a pause, speech
+    curve = _Curve(lambda t: on[min(len(on) - 1, int(round(t * 25)))])
+    jobs = [FrameJob(i, i / 25, 0, photo.frame(0)) for i in range(len(on))]
+    out = list(eng.render(photo, eng.prepare_template(photo), curve, iter(jobs)))
+    with face.FaceMesh(static_image=True) as mesh:
+        got = {k: mesh.detect(out[k]) for k in (3, 11, 19)}
+    assert all(v is not None for v in got.values())
+    opening = {k: float(face.mouth_openness(v)) for k, v in got.items()}
+    assert opening[11] < 0.02 < 0.1 < min(opening[3], opening[19])
+    # shut cleanly: the lips meet with no strip of the dark interior left between them
+    mask = np.zeros(out[11].shape[:2], np.uint8)
+    cv2.fillPoly(mask, [np.round(got[11][face.LIPS_OUTER]).astype(np.int32)], 1)
+    luma = cv2.cvtColor(out[11], cv2.COLOR_BGR2GRAY)[mask > 0]
+    assert (luma < 45).mean() < 0.03, (luma < 45).mean()

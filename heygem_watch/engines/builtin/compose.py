@@ -1,4 +1,5 @@
-"""Compositing for the built-in engine: landmark-driven warps, colour matching, feathered masks, mouth synthesis.
+"""Compositing for the built-in engine: landmark-driven warps (warp.py), colour matching, feathered masks, the mouth
+interior (interior.py).
 
 All work happens in a crop around the lower face (a few hundred pixels on a side whatever the frame size):
   rig = MouthRig.from_shape(landmarks)             mesh over the lower face (once per template)
@@ -9,7 +10,9 @@ face, nothing pasted on the jaw line); lips, teeth and mouth interior come from 
 warped onto the same shape and blended through a feathered mask around the lips with no hard edge (reaching a
 little lower when this frame's own mouth was open wider, so no trace of its lower lip is left). Where the target
 mouth is more open than the source frame's, the interior is filled with a shaded cavity and upper teeth (still
-photos, silent presenters).
+photos, silent presenters). Where it must be more shut than the source's (a photo taken mid-word), the upper lip
+comes down a little, both lips are sampled from just inside their edges (interior.seal_lips) and the meeting line
+is mapped per pixel: no strip of the interior is left between them.
 """
 from __future__ import annotations
 
@@ -19,8 +22,11 @@ import cv2
 import numpy as np
 
 from heygem_watch import face
-from heygem_watch.engines.builtin.mouth import (CORNERS, DEFAULT_TEETH_BGR, LOWER_INNER, LOWER_OUTER, UPPER_INNER, UPPER_OUTER,
-                                apply_affine, head_frame, similarity)
+from heygem_watch.engines.builtin.interior import cavity, seal_lips, split_interior
+from heygem_watch.engines.builtin.mouth import (CORNERS, LOWER_INNER, LOWER_OUTER, UPPER_INNER, UPPER_OUTER, apply_affine,
+                                                head_frame, similarity)
+from heygem_watch.engines.builtin.warp import (crop_rect, delaunay, exact_within, grid, mesh_labels, piecewise_map,
+                                               upsample)
 
 # Mesh points: lips, jaw line, chin and cheeks below the nose (MediaPipe indices); the upper ones are anchors.
 CHEEK_CHIN = [18, 200, 199, 175, 57, 287, 212, 432, 202, 422, 204, 424, 210, 430, 83, 313, 201, 421]
@@ -33,15 +39,12 @@ JAW_SPREAD = 0.6  # lateral fall-off of the jaw drop (iod units): wide, so the c
 JAW_FOLLOW = 0.7  # the chin drops this much of the lip opening
 JAW_RAMP = 0.3  # shortest lip-to-chin distance the lip-to-jaw blend is spread over (iod units)
 UPPER_LIFT = 0.12  # the upper lip rises this much of the opening
+UPPER_CLOSE = 0.3  # ...and comes down this much of a closing (a wide-open lip relaxes as the jaw comes up)
 MASK_MARGIN = 0.07  # the pasted mouth extends this far beyond the outer lip line (iod units)
 MASK_SOFT = 0.045  # Gaussian feather of the mouth mask (sigma, iod units)
 GHOST_COVER = 0.5  # the mask reaches this fraction of (this frame's opening - the drawn one) further down
-CAVITY_BGR = (28, 22, 52)  # mouth interior (dark, reddish), scaled by the local brightness
-TONGUE_BGR = (70, 72, 150)  # the tongue at the bottom of a wide-open mouth, scaled likewise
-TEETH_HEIGHT = 0.035  # visible upper-teeth height at full opening (iod units)
 STATS_SAMPLES = 48  # colour statistics use about this many pixels across the mouth
 MIN_IOD_PX = 8.0  # faces smaller than this (eye to eye, pixels) are left alone
-DELAUNAY_SCALE = 4096  # triangulation coordinates span this many units (see delaunay)
 WORK_IOD = 64  # maps and masks are planned on a grid this many pixels per inter-ocular distance (speed)
 
 
@@ -104,8 +107,12 @@ class MouthRig:
         gaps = p[il, 1] - p[iu, 1]
         want = max(open_t, 0.0)
         if want < gap:
-            ratio = want / max(gap, 1e-6)
-            dv_lip = gaps * (ratio - 1.0)
+            # each point's gap scales by the same ratio; the upper lip takes UPPER_CLOSE of it (with its outer
+            # partner, keeping the lip's thickness), so a wide-open lower lip is not bent up into the upper lip's arch
+            close = np.maximum(gaps, 0.0) * (1.0 - want / max(gap, 1e-6))
+            dv_lip = -(1.0 - UPPER_CLOSE) * close
+            dv[iu] = UPPER_CLOSE * close
+            dv[[MESH_POINTS.index(k) for k in UPPER_OUTER]] = UPPER_CLOSE * close
         else:  # the upper lip takes a small share of the opening
             dv_lip = (1.0 - UPPER_LIFT) * delta * lip_w[il]
             dv[is_upper_lip] = -UPPER_LIFT * delta * lip_w[is_upper_lip]
@@ -143,109 +150,13 @@ class MouthRig:
         return p * iod @ rot + origin
 
 
-def delaunay(pts: np.ndarray) -> np.ndarray:
-    """Delaunay triangles (t, 3) int32 of points (n, 2), as vertex indices. OpenCV's Subdiv2D (cv2 is loaded
-    anyway; scipy.spatial costs half a second of imports per process); the points are scaled up first because
-    Subdiv2D's bounding rectangle is integer, and its float32 vertices are mapped back to the nearest input point."""
-    lo = pts.min(0)
-    q = ((pts - lo) * DELAUNAY_SCALE / max(float(np.ptp(pts, 0).max()), 1e-9) + 1.0).astype(np.float32)
-    sub = cv2.Subdiv2D((0, 0, DELAUNAY_SCALE + 3, DELAUNAY_SCALE + 3))
-    sub.insert([(float(x), float(y)) for x, y in q])
-    tri = sub.getTriangleList().reshape(-1, 3, 2)
-    d = ((tri[:, :, None, :] - q[None, None, :, :]) ** 2).sum(-1)  # (t, 3, n)
-    idx = d.argmin(-1).astype(np.int32)
-    ok = (d.min(-1) < 1e-3).all(1)  # triangles touching Subdiv2D's virtual outer vertices are dropped
-    return idx[ok]
-
-
-def _tri_affines(dst: np.ndarray, src: np.ndarray, tris: np.ndarray) -> np.ndarray:
-    """Per triangle, the affine (t, 2, 3) taking dst vertices onto src vertices (degenerate ones: a translation)."""
-    d0, s0 = dst[tris[:, 0]], src[tris[:, 0]]
-    e1, e2 = dst[tris[:, 1]] - d0, dst[tris[:, 2]] - d0
-    f1, f2 = src[tris[:, 1]] - s0, src[tris[:, 2]] - s0
-    det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
-    ok = np.abs(det) > 1e-6
-    inv_det = np.where(ok, 1.0 / np.where(ok, det, 1.0), 0.0)
-    # inverse of [e1 e2] (columns), then A = [f1 f2] @ inv
-    i00, i01 = e2[:, 1] * inv_det, -e2[:, 0] * inv_det
-    i10, i11 = -e1[:, 1] * inv_det, e1[:, 0] * inv_det
-    m = np.empty((len(tris), 2, 3))
-    m[:, :, 0] = f1 * i00[:, None] + f2 * i10[:, None]
-    m[:, :, 1] = f1 * i01[:, None] + f2 * i11[:, None]
-    m[~ok, :, :2] = np.eye(2)
-    m[:, :, 2] = s0 - (m[:, :, 0] * d0[:, :1] + m[:, :, 1] * d0[:, 1:])
-    return m
-
-
-def _grid(rect, step: int) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Sample positions (full-frame pixels) of a grid coarser by `step` over rect: xs (1, cw), ys (ch, 1).
-    With step > 1 the grid has one extra sample beyond each side, so upsample() interpolates all the way to the
-    rect's edges instead of clamping there."""
-    x0, y0, w, h = rect
-    if step == 1:
-        return (np.arange(x0, x0 + w, dtype=np.float32)[None, :], np.arange(y0, y0 + h, dtype=np.float32)[:, None],
-                w, h)
-    cw, ch = -(-w // step) + 2, -(-h // step) + 2
-    off = (step - 1) / 2.0 - step
-    xs = (x0 + off + step * np.arange(cw, dtype=np.float32))[None, :]
-    ys = (y0 + off + step * np.arange(ch, dtype=np.float32))[:, None]
-    return xs, ys, cw, ch
-
-
-def upsample(a: np.ndarray, rect, step: int) -> np.ndarray:
-    """A coarse grid (from _grid) back to rect's full size (bilinear; cv2.resize puts coarse sample j at full
-    pixel (j + 0.5) * step - 0.5, which is where _grid took it)."""
-    if step == 1:
-        return a
-    _, _, w, h = rect
-    big = cv2.resize(a, (a.shape[1] * step, a.shape[0] * step), interpolation=cv2.INTER_LINEAR)
-    return big[step:step + h, step:step + w]
-
-
-def mesh_labels(dst: np.ndarray, tris: np.ndarray, rect: tuple[int, int, int, int], step: int = 1) -> np.ndarray:
-    """(ch, cw) int32 on the coarse grid of rect: index of the triangle (drawn at dst) covering each sample,
-    len(tris) outside the mesh."""
-    xs, ys, cw, ch = _grid(rect, step)
-    label = np.full((ch, cw), len(tris), np.int32)
-    pts = np.round((dst - (xs[0, 0], ys[0, 0])) / step * 16).astype(np.int32)
-    for t, tri in enumerate(tris):
-        cv2.fillConvexPoly(label, pts[tri], int(t), lineType=cv2.LINE_8, shift=4)
-    return label
-
-
-def piecewise_map(dst: np.ndarray, src: np.ndarray, tris: np.ndarray, label: np.ndarray, rect, step: int = 1
-                  ) -> tuple:
-    """Backward map for cv2.remap over rect=(x0, y0, w, h): pixel p (inside the mesh drawn at dst, as labelled)
-    samples the source at the piecewise-affine image of p; outside the mesh the map is the identity. Computed on
-    the coarse grid and upsampled: the map is continuous and piecewise linear, so bilinear upsampling is exact
-    inside triangles and off by a fraction of a pixel at their edges."""
-    xs, ys, _, _ = _grid(rect, step)
-    m = _tri_affines(dst, src, tris)
-    table = np.zeros((len(tris) + 1, 6), np.float32)
-    table[:-1] = m.reshape(-1, 6)
-    table[-1] = (1, 0, 0, 0, 1, 0)
-    c = [table[:, k][label] for k in range(6)]
-    mx = c[0] * xs + c[1] * ys + c[2]
-    my = c[3] * xs + c[4] * ys + c[5]
-    return upsample(mx, rect, step), upsample(my, rect, step)
-
-
-def crop_rect(points: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
-    """Integer (x0, y0, w, h) covering points, clipped to the frame."""
-    x0, y0 = np.floor(points.min(0)).astype(int) - 2
-    x1, y1 = np.ceil(points.max(0)).astype(int) + 3
-    x0, y0 = max(0, x0), max(0, y0)
-    x1, y1 = min(width, x1), min(height, y1)
-    return int(x0), int(y0), int(max(0, x1 - x0)), int(max(0, y1 - y0))
-
-
 def feathered_mask(poly: np.ndarray, centre: np.ndarray, iod: float, rect, margin: float = MASK_MARGIN,
                    soft: float = MASK_SOFT, step: int = 1, down: np.ndarray | None = None,
                    extra: float = 0.0) -> np.ndarray:
     """Soft mask (h, w) float32 0..1 for the polygon grown by margin*iod, feathered by a Gaussian of soft*iod:
     1 inside the lips, falling smoothly to 0 (no step anywhere). Drawn on the coarse grid, then upsampled.
     down (unit vector) and extra (iod units): the lower half of the polygon also grows this much downwards."""
-    xs, ys, cw, ch = _grid(rect, step)
+    xs, ys, cw, ch = grid(rect, step)
     d = poly - centre
     n = np.linalg.norm(d, axis=1, keepdims=True) + 1e-6
     grown = centre + d + d / n * (margin * iod)
@@ -257,96 +168,6 @@ def feathered_mask(poly: np.ndarray, centre: np.ndarray, iod: float, rect, margi
     cv2.fillPoly(m, [pts], 1.0, lineType=cv2.LINE_AA, shift=4)
     m = cv2.GaussianBlur(m, (0, 0), max(1.0, soft * iod / step))
     return upsample(m, rect, step)
-
-
-def cavity(rect, head, inner: np.ndarray, open_px: float, iod: float, light: float, teeth_bgr,
-           step: int = 1, teeth_scale: float = 1.0) -> tuple:
-    """Synthetic mouth interior over rect: (image (h, w, 3) float32, alpha (h, w) float32).
-
-    Inside the inner-lip polygon: a dark cavity, darker at the back and towards the corners, a dim tongue at the
-    bottom; upper teeth hang from the upper lip (height grows with the opening, shaded at their lower edge and
-    towards the corners, faint gaps between them)."""
-    xs, ys, cw, ch = _grid(rect, step)
-    origin, rot, _ = head
-    u = ((xs - origin[0]) * rot[0, 0] + (ys - origin[1]) * rot[0, 1]) / iod
-    v = ((xs - origin[0]) * rot[1, 0] + (ys - origin[1]) * rot[1, 1]) / iod
-    up = (inner[LIPS_INNER_UPPER] - origin) @ rot.T / iod  # upper inner lip, corner to corner
-    lo = (inner[LIPS_INNER_LOWER] - origin) @ rot.T / iod
-    o1, o2 = np.argsort(up[:, 0]), np.argsort(lo[:, 0])
-    v_up = np.interp(u, up[o1, 0], up[o1, 1])
-    v_lo = np.interp(u, lo[o2, 0], lo[o2, 1])
-    half = max(1e-3, 0.5 * (up[:, 0].max() - up[:, 0].min()))
-    gap = open_px / iod
-    lateral = np.clip(1.0 - (u / half) ** 2, 0.0, 1.0)
-    span = np.maximum(v_lo - v_up, 1e-3)
-    depth = np.clip((v - v_up) / span, 0.0, 1.0)  # 0 at the upper lip, 1 at the lower lip
-    dark = np.array(CAVITY_BGR, np.float32) * light
-    tongue = np.array(TONGUE_BGR, np.float32) * light
-    shade = (0.5 + 0.5 * np.sqrt(lateral))[..., None]
-    tw = np.clip((depth - 0.55) / 0.45, 0.0, 1.0)[..., None] * min(1.0, gap / 0.12)
-    img = (dark * (1 - tw) + tongue * tw) * shade
-    teeth = np.asarray(teeth_bgr, np.float32)
-    if not teeth.max() > 0:  # the template never showed teeth: off-white, a touch of the skin's hue, its light
-        teeth = np.array(DEFAULT_TEETH_BGR, np.float32) * float(np.clip(light * 1.05, 0.55, 1.1))
-    # upper teeth: a band under the upper lip, its lower edge a gentle arc, shaded towards the corners
-    th = min(TEETH_HEIGHT, 0.33 * gap) * np.sqrt(lateral) * teeth_scale
-    band = np.clip(((v_up + th) - v) * iod / max(1.2, 0.6 * step), 0.0, 1.0) * (v > v_up - 0.03) * (th > 0.004)
-    gaps = 1.0 - 0.12 * np.exp(-((np.abs(u) % 0.075 - 0.0375) / 0.006) ** 2 / 2) * (np.abs(u) > 0.03)
-    rel = np.clip((v - v_up) / np.maximum(th, 1e-3), 0, 1)  # 0 under the lip .. 1 at the biting edge
-    tshade = ((0.6 + 0.4 * lateral) * (0.82 + 0.18 * np.sin(np.pi * np.clip(rel * 1.3, 0, 1))))[..., None]
-    img = img * (1 - band[..., None]) + teeth * tshade * gaps[..., None] * band[..., None]
-    a = np.zeros((ch, cw), np.float32)
-    pts = np.round((inner - (xs[0, 0], ys[0, 0])) / step * 16).astype(np.int32)
-    cv2.fillPoly(a, [pts], 1.0, lineType=cv2.LINE_AA, shift=4)
-    a = cv2.GaussianBlur(a, (0, 0), max(0.5, 0.006 * iod / step))
-    img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), max(0.5, 0.004 * iod / step))
-    return upsample(img, rect, step), upsample(a, rect, step)
-
-
-# positions of the upper / lower inner lip (corner to corner) within face.LIPS_INNER
-LIPS_INNER_UPPER = [face.LIPS_INNER.index(k) for k in [78] + UPPER_INNER + [308]]
-LIPS_INNER_LOWER = [face.LIPS_INNER.index(k) for k in [78] + LOWER_INNER + [308]]
-
-
-def split_interior(rect, head, inner: np.ndarray, src_inner: np.ndarray, to_src: np.ndarray, src_img):
-    """The source's mouth interior re-attached to the drawn lips over rect: (image (h, w, 3) float32, alpha).
-
-    inner: drawn inner-lip contour, src_inner: the source's inner-lip contour mapped into this frame (both in
-    face.LIPS_INNER order, pixels); to_src: 2x3 affine from this frame to source pixels; src_img: array or
-    callable (x0, y0, w, h) -> crop. A pixel within half the source's gap of the drawn upper lip shows what lay
-    that far below the source's upper lip (its upper teeth), likewise from the lower lip; alpha is 0 in the new
-    gap between the two, where the caller paints the cavity."""
-    x0, y0, w, h = rect
-    origin, rot, iod = head
-    ys, xs = np.mgrid[y0:y0 + h, x0:x0 + w].astype(np.float32)
-    u = ((xs - origin[0]) * rot[0, 0] + (ys - origin[1]) * rot[0, 1]) / iod
-    v = ((xs - origin[0]) * rot[1, 0] + (ys - origin[1]) * rot[1, 1]) / iod
-
-    def curve(pts, sel):
-        q = (pts[sel] - origin) @ rot.T / iod
-        o = np.argsort(q[:, 0])
-        return np.interp(u, q[o, 0], q[o, 1])
-
-    up_t, lo_t = curve(inner, LIPS_INNER_UPPER), curve(inner, LIPS_INNER_LOWER)
-    up_s, lo_s = curve(src_inner, LIPS_INNER_UPPER), curve(src_inner, LIPS_INNER_LOWER)
-    half = 0.5 * np.maximum(lo_s - up_s, 0.0)
-    du, dl = v - up_t, lo_t - v
-    take_up = du <= half
-    take_lo = (dl <= half) & ~take_up
-    vs = np.where(take_up, up_s + du, lo_s - dl).astype(np.float32)
-    px = origin[0] + iod * (u * rot[0, 0] + vs * rot[1, 0])
-    py = origin[1] + iod * (u * rot[0, 1] + vs * rot[1, 1])
-    mx = (to_src[0, 0] * px + to_src[0, 1] * py + to_src[0, 2]).astype(np.float32)
-    my = (to_src[1, 0] * px + to_src[1, 1] * py + to_src[1, 2]).astype(np.float32)
-    if callable(src_img):
-        sx0, sy0 = max(0, int(mx.min()) - 2) & ~1, max(0, int(my.min()) - 2) & ~1
-        crop = src_img((sx0, sy0, int(mx.max()) + 3 - sx0, int(my.max()) + 3 - sy0))
-        mx, my = mx - sx0, my - sy0
-    else:
-        crop = src_img
-    img = cv2.remap(crop, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT).astype(np.float32)
-    alpha = cv2.GaussianBlur((take_up | take_lo).astype(np.float32), (0, 0), max(0.6, 0.005 * iod))
-    return img, alpha
 
 
 def _usable(px: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -411,18 +232,29 @@ def compose_mouth(cur_img: np.ndarray, cur_lm: np.ndarray, src_img, src_lm: np.n
     sl = (slice(my0 - y0, my1 - y0), slice(mx0 - x0, mx1 - x0))
     label = mesh_labels(dst, rig.tris, rect, step)
     idx = MESH_POINTS
-    bmx, bmy = piecewise_map(dst, np.vstack([cur_px[idx], box_cur]), rig.tris, label, rect, step)
+    bsrc = np.vstack([seal_lips(cur_px, open_t)[idx], box_cur])
+    bmx, bmy = piecewise_map(dst, bsrc, rig.tris, label, rect, step)
+    # around the lips' meeting line the map jumps from the upper lip to the lower one: upsampled from a coarse
+    # grid it would sample in between (the mouth interior) along a staircase; there it is computed per pixel
+    lips_box = None
+    if step > 1:
+        pad = 2 * step + 2
+        lx0, ly0 = np.floor(inner.min(0)).astype(int) - pad
+        lx1, ly1 = np.ceil(inner.max(0)).astype(int) + pad
+        lips_box = (int(lx0), int(ly0), int(lx1 - lx0), int(ly1 - ly0))
+        exact_within(bmx, bmy, rect, lips_box, dst, bsrc, rig.tris)
     bg = cv2.remap(cur_img, bmx, bmy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     bgf = bg[sl].astype(np.float32)
     if same:
         fgf = bgf.copy()
     else:
-        src_pts = np.vstack([src_px[idx], apply_affine(_inverse_similarity(a), box_cur)])
+        src_pts = np.vstack([seal_lips(src_px, open_t)[idx], apply_affine(_inverse_similarity(a), box_cur)])
         if step == 1:  # only the mouth rect is needed
             fmx, fmy = piecewise_map(dst, src_pts, rig.tris, label[sl], mrect, 1)
         else:
             fmx, fmy = piecewise_map(dst, src_pts, rig.tris, label, rect, step)
             fmx, fmy = fmx[sl], fmy[sl]
+            exact_within(fmx, fmy, mrect, lips_box, dst, src_pts, rig.tris)
         if callable(src_img):  # read only the source pixels the map touches
             sx0, sy0 = max(0, int(fmx.min()) - 2) & ~1, max(0, int(fmy.min()) - 2) & ~1
             sx1, sy1 = int(fmx.max()) + 3, int(fmy.max()) + 3

@@ -1,0 +1,140 @@
+"""The mouth interior for the built-in engine: what shows between the lips when the drawn mouth opens wider or
+shuts further than the template frame it comes from.
+
+    cavity(...)          a synthetic interior (dark cavity, tongue, upper teeth) where the source never opened
+    split_interior(...)  the source's own interior re-attached to the drawn lips (its teeth stay with their lip)
+    seal_lips(px, open)  where to sample lips that must meet: from just inside each lip, not the interior's edge
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from heygem_watch import face
+from heygem_watch.engines.builtin.mouth import (DEFAULT_TEETH_BGR, LOWER_INNER, LOWER_OUTER, UPPER_INNER, UPPER_OUTER,
+                                                head_frame)
+from heygem_watch.engines.builtin.warp import grid, upsample
+
+CAVITY_BGR = (28, 22, 52)  # mouth interior (dark, reddish), scaled by the local brightness
+TONGUE_BGR = (70, 72, 150)  # the tongue at the bottom of a wide-open mouth, scaled likewise
+TEETH_HEIGHT = 0.035  # visible upper-teeth height at full opening (iod units)
+SEAL_INSET = 0.03  # closing a mouth: lip pixels are taken from this far inside each lip (iod units) ...
+SEAL_FRACTION = 0.6  # ... at most this fraction of the lip's thickness ...
+SEAL_RAMP = 0.04  # ... in full once the mouth closes by this much (iod units) or more ...
+SEAL_OPEN = 0.03  # ... and only for drawn openings below this (iod units), in full when shut
+
+
+def cavity(rect, head, inner: np.ndarray, open_px: float, iod: float, light: float, teeth_bgr,
+           step: int = 1, teeth_scale: float = 1.0) -> tuple:
+    """Synthetic mouth interior over rect: (image (h, w, 3) float32, alpha (h, w) float32).
+
+    Inside the inner-lip polygon: a dark cavity, darker at the back and towards the corners, a dim tongue at the
+    bottom; upper teeth hang from the upper lip (height grows with the opening, shaded at their lower edge and
+    towards the corners, faint gaps between them)."""
+    xs, ys, cw, ch = grid(rect, step)
+    origin, rot, _ = head
+    u = ((xs - origin[0]) * rot[0, 0] + (ys - origin[1]) * rot[0, 1]) / iod
+    v = ((xs - origin[0]) * rot[1, 0] + (ys - origin[1]) * rot[1, 1]) / iod
+    up = (inner[LIPS_INNER_UPPER] - origin) @ rot.T / iod  # upper inner lip, corner to corner
+    lo = (inner[LIPS_INNER_LOWER] - origin) @ rot.T / iod
+    o1, o2 = np.argsort(up[:, 0]), np.argsort(lo[:, 0])
+    v_up = np.interp(u, up[o1, 0], up[o1, 1])
+    v_lo = np.interp(u, lo[o2, 0], lo[o2, 1])
+    half = max(1e-3, 0.5 * (up[:, 0].max() - up[:, 0].min()))
+    gap = open_px / iod
+    lateral = np.clip(1.0 - (u / half) ** 2, 0.0, 1.0)
+    span = np.maximum(v_lo - v_up, 1e-3)
+    depth = np.clip((v - v_up) / span, 0.0, 1.0)  # 0 at the upper lip, 1 at the lower lip
+    dark = np.array(CAVITY_BGR, np.float32) * light
+    tongue = np.array(TONGUE_BGR, np.float32) * light
+    shade = (0.5 + 0.5 * np.sqrt(lateral))[..., None]
+    tw = np.clip((depth - 0.55) / 0.45, 0.0, 1.0)[..., None] * min(1.0, gap / 0.12)
+    img = (dark * (1 - tw) + tongue * tw) * shade
+    teeth = np.asarray(teeth_bgr, np.float32)
+    if not teeth.max() > 0:  # the template never showed teeth: off-white, a touch of the skin's hue, its light
+        teeth = np.array(DEFAULT_TEETH_BGR, np.float32) * float(np.clip(light * 1.05, 0.55, 1.1))
+    # upper teeth: a band under the upper lip, its lower edge a gentle arc, shaded towards the corners
+    th = min(TEETH_HEIGHT, 0.33 * gap) * np.sqrt(lateral) * teeth_scale
+    band = np.clip(((v_up + th) - v) * iod / max(1.2, 0.6 * step), 0.0, 1.0) * (v > v_up - 0.03) * (th > 0.004)
+    gaps = 1.0 - 0.12 * np.exp(-((np.abs(u) % 0.075 - 0.0375) / 0.006) ** 2 / 2) * (np.abs(u) > 0.03)
+    rel = np.clip((v - v_up) / np.maximum(th, 1e-3), 0, 1)  # 0 under the lip .. 1 at the biting edge
+    tshade = ((0.6 + 0.4 * lateral) * (0.82 + 0.18 * np.sin(np.pi * np.clip(rel * 1.3, 0, 1))))[..., None]
+    img = img * (1 - band[..., None]) + teeth * tshade * gaps[..., None] * band[..., None]
+    a = np.zeros((ch, cw), np.float32)
+    pts = np.round((inner - (xs[0, 0], ys[0, 0])) / step * 16).astype(np.int32)
+    cv2.fillPoly(a, [pts], 1.0, lineType=cv2.LINE_AA, shift=4)
+    a = cv2.GaussianBlur(a, (0, 0), max(0.5, 0.006 * iod / step))
+    img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), max(0.5, 0.004 * iod / step))
+    return upsample(img, rect, step), upsample(a, rect, step)
+
+
+# positions of the upper / lower inner lip (corner to corner) within face.LIPS_INNER
+LIPS_INNER_UPPER = [face.LIPS_INNER.index(k) for k in [78] + UPPER_INNER + [308]]
+LIPS_INNER_LOWER = [face.LIPS_INNER.index(k) for k in [78] + LOWER_INNER + [308]]
+
+
+def split_interior(rect, head, inner: np.ndarray, src_inner: np.ndarray, to_src: np.ndarray, src_img):
+    """The source's mouth interior re-attached to the drawn lips over rect: (image (h, w, 3) float32, alpha).
+
+    inner: drawn inner-lip contour, src_inner: the source's inner-lip contour mapped into this frame (both in
+    face.LIPS_INNER order, pixels); to_src: 2x3 affine from this frame to source pixels; src_img: array or
+    callable (x0, y0, w, h) -> crop. A pixel within half the source's gap of the drawn upper lip shows what lay
+    that far below the source's upper lip (its upper teeth), likewise from the lower lip; alpha is 0 in the new
+    gap between the two, where the caller paints the cavity."""
+    x0, y0, w, h = rect
+    origin, rot, iod = head
+    ys, xs = np.mgrid[y0:y0 + h, x0:x0 + w].astype(np.float32)
+    u = ((xs - origin[0]) * rot[0, 0] + (ys - origin[1]) * rot[0, 1]) / iod
+    v = ((xs - origin[0]) * rot[1, 0] + (ys - origin[1]) * rot[1, 1]) / iod
+
+    def curve(pts, sel):
+        q = (pts[sel] - origin) @ rot.T / iod
+        o = np.argsort(q[:, 0])
+        return np.interp(u, q[o, 0], q[o, 1])
+
+    up_t, lo_t = curve(inner, LIPS_INNER_UPPER), curve(inner, LIPS_INNER_LOWER)
+    up_s, lo_s = curve(src_inner, LIPS_INNER_UPPER), curve(src_inner, LIPS_INNER_LOWER)
+    half = 0.5 * np.maximum(lo_s - up_s, 0.0)
+    du, dl = v - up_t, lo_t - v
+    take_up = du <= half
+    take_lo = (dl <= half) & ~take_up
+    vs = np.where(take_up, up_s + du, lo_s - dl).astype(np.float32)
+    px = origin[0] + iod * (u * rot[0, 0] + vs * rot[1, 0])
+    py = origin[1] + iod * (u * rot[0, 1] + vs * rot[1, 1])
+    mx = (to_src[0, 0] * px + to_src[0, 1] * py + to_src[0, 2]).astype(np.float32)
+    my = (to_src[1, 0] * px + to_src[1, 1] * py + to_src[1, 2]).astype(np.float32)
+    if callable(src_img):
+        sx0, sy0 = max(0, int(mx.min()) - 2) & ~1, max(0, int(my.min()) - 2) & ~1
+        crop = src_img((sx0, sy0, int(mx.max()) + 3 - sx0, int(my.max()) + 3 - sy0))
+        mx, my = mx - sx0, my - sy0
+    else:
+        crop = src_img
+    img = cv2.remap(crop, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT).astype(np.float32)
+    alpha = cv2.GaussianBlur((take_up | take_lo).astype(np.float32), (0, 0), max(0.6, 0.005 * iod))
+    return img, alpha
+
+
+def seal_lips(px: np.ndarray, open_t: float) -> np.ndarray:
+    """Where to sample the lips of a face (478, 2 pixels) whose mouth is drawn narrower than it is (open_t, iod):
+    its inner-lip points moved into the lips (up the upper lip, down the lower one, the inner corners towards the
+    outer ones, by SEAL_INSET, at most SEAL_FRACTION of the lip's thickness). The real lip edge wanders between
+    the landmarks, and the dark interior just inside it would be squeezed into a jagged black seam where the lips
+    meet; sampled from a little inside each lip, they meet cleanly (losing that sliver of their inner edge)."""
+    origin, rot, iod = head_frame(px)
+    gap = float(np.linalg.norm(px[13] - px[14])) / iod
+    # only lips that (nearly) meet: an opening keeps its real edges, or it would look narrower than drawn
+    k = float(np.clip((gap - max(open_t, 0.0)) / SEAL_RAMP, 0.0, 1.0) * np.clip(1.0 - open_t / SEAL_OPEN, 0.0, 1.0))
+    if k <= 0.0:
+        return px
+    out = px.copy()
+    down = rot[1]  # the head's downward axis, pixels per unit
+    for inner, outer, sign in ((UPPER_INNER, UPPER_OUTER, -1.0), (LOWER_INNER, LOWER_OUTER, 1.0)):
+        thick = np.abs((px[outer] - px[inner]) @ down)
+        step = np.minimum(SEAL_INSET * k * iod, SEAL_FRACTION * thick)
+        out[inner] = px[inner] + sign * step[:, None] * down[None, :]
+    # the interior reaches into the inner corners: they are sampled further out, towards the outer corners
+    for ci, co in ((78, 61), (308, 291)):
+        d = px[co] - px[ci]
+        n = float(np.hypot(*d)) + 1e-9
+        out[ci] = px[ci] + d / n * min(SEAL_INSET * k * iod, SEAL_FRACTION * n)
+    return out

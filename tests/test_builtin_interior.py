@@ -1,0 +1,35 @@
+"""engines/builtin/interior.py: lips that must meet are sampled from inside each lip, never from the interior."""
+import numpy as np
+import pytest
+
+from heygem_watch import face
+from heygem_watch.engines.builtin import compose, interior
+from tests import mediagen
+
+
+@pytest.fixture(scope="module")
+def photo():
+    img = mediagen.face_photo()
+    with face.FaceMesh(static_image=True) as mesh:
+        lm = mesh.detect(img)
+    assert lm is not None
+    return img, lm.astype(np.float64)
+
+
+def test_seal_lips_moves_the_inner_lips_inwards_only_for_a_mouth_drawn_shut(photo):
+    img, lm = photo
+    opened = img.copy()
+    compose.compose_mouth(opened, lm, opened, lm, compose.MouthRig.from_shape(lm), 0.25, None, np.zeros(3))
+    with face.FaceMesh(static_image=True) as mesh:
+        wide = mesh.detect(opened).astype(np.float64)
+    gap = float(face.mouth_openness(wide))
+    assert interior.seal_lips(wide, gap) is wide  # drawn as open as it is: sampled where it is
+    assert interior.seal_lips(wide, 0.1) is wide  # drawn open: its real lip edges stay
+    sealed = interior.seal_lips(wide, 0.0)
+    moved = np.flatnonzero(np.abs(sealed - wide).max(1) > 0)
+    assert set(moved) <= set(face.LIPS_INNER)
+    down = wide[152] - wide[6]  # chin below the nose bridge
+    assert (sealed[13] - wide[13]) @ down < 0 < (sealed[14] - wide[14]) @ down  # each into its own lip
+    for inner, outer in ((interior.UPPER_INNER, interior.UPPER_OUTER), (interior.LOWER_INNER, interior.LOWER_OUTER)):
+        step = np.linalg.norm(sealed[inner] - wide[inner], axis=1)
+        assert (step <= interior.SEAL_FRACTION * np.linalg.norm(wide[outer] - wide[inner], axis=1) + 1e-6).all()
