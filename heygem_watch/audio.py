@@ -26,6 +26,7 @@ M4A_NAME = "audio.m4a"
 INFO_NAME = "audio.json"
 GAP_TOLERANCE_S = 0.010  # timestamp jitter below this is ignored (FLV has 1 ms timestamps)
 MAX_LEADING_GAP_S = 600.0  # a later audio start than this is a broken timestamp, not silence
+WAV_SHORT_S = 0.05  # a WAV whose data is this much shorter than its header says was cut off (a full disk)
 MAX_PRIMING_SHIFT_S = 0.5  # a larger audio/video start difference is real content, not encoder priming
 OUT_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 
@@ -95,24 +96,41 @@ class AudioTrack:
 
 
 class _Aligner:
-    """Places decoded chunks on the timeline: pads gaps with silence, drops overlaps."""
+    """Places decoded audio on the timeline: pads gaps with silence, drops overlaps.
+
+    Gaps are measured on the decoder's side (each frame's timestamp against where the previous frame ended), not
+    against what the resampler has put out so far: the resampler holds back a few input samples, which at a low
+    source rate (1 kHz: 16 ms) looked like a gap."""
 
     def __init__(self, rate: int, origin: float):
         self.rate, self.origin, self.written = rate, origin, 0
         self.gaps = 0
+        self._in_end: float | None = None  # input time (s) where the last decoded frame ended
+        self._drop = 0  # output samples still to drop (an overlap larger than one resampled chunk)
 
-    def place(self, t: float | None, data: np.ndarray) -> np.ndarray:
-        """data (channels, n) starting at t seconds -> samples to append (channels, m)."""
-        if t is None:
-            expected = self.written
-        else:
-            expected = int(round((t - self.origin) * self.rate))
-        delta = expected - self.written
-        if delta > GAP_TOLERANCE_S * self.rate and delta < MAX_LEADING_GAP_S * self.rate:
-            data = np.concatenate([np.zeros((data.shape[0], delta), np.float32), data], axis=1)
-            self.gaps += 1
-        elif delta < -GAP_TOLERANCE_S * self.rate:
-            data = data[:, min(-delta, data.shape[1]):]
+    def frame(self, t: float | None, duration: float) -> int:
+        """A decoded frame starting at t (s, None = unknown) lasting `duration` s: output samples to pad before
+        its resampled audio (> 0) or to drop from it (< 0)."""
+        ref = self._in_end if self._in_end is not None else self.origin
+        shift = 0
+        if t is not None:
+            delta = t - ref
+            if GAP_TOLERANCE_S < delta < MAX_LEADING_GAP_S:
+                shift = int(round(delta * self.rate))
+                self.gaps += 1
+            elif delta < -GAP_TOLERANCE_S:
+                shift = -int(round(-delta * self.rate))
+        self._in_end = (t if t is not None else ref) + duration
+        return shift
+
+    def place(self, shift: int, data: np.ndarray) -> np.ndarray:
+        """Resampled data (channels, n) -> samples to append (channels, m), after frame()'s shift."""
+        if shift > 0:
+            data = np.concatenate([np.zeros((data.shape[0], shift), np.float32), data], axis=1)
+        self._drop += max(0, -shift)
+        if self._drop:
+            k = min(self._drop, data.shape[1])
+            data, self._drop = data[:, k:], self._drop - k
         self.written += data.shape[1]
         return data
 
@@ -174,14 +192,15 @@ def extract_audio(recording: os.PathLike | str, work_dir: os.PathLike | str) -> 
                         continue
                     for frame in frames:
                         t = float(frame.pts * frame.time_base) if frame.pts is not None else None
+                        shift = align.frame(t, frame.samples / (frame.sample_rate or src_rate))
                         for r in to_native.resample(frame):
-                            emit(align.place(t, r.to_ndarray()))
-                            t = None  # later chunks of the same frame follow on directly
+                            emit(align.place(shift, r.to_ndarray()))
+                            shift = 0  # later chunks of the same frame follow on directly
             except av.error.FFmpegError as exc:
                 notes.append(f"recording is truncated or damaged; used the first {align.written / out_rate:.1f} s "
                              f"of audio ({exc.strerror or exc})")
             for r in to_native.resample(None):
-                emit(align.place(None, r.to_ndarray()))
+                emit(align.place(0, r.to_ndarray()))
             for pkt in aout.encode(None):
                 m4a.mux(pkt)
             for r in to_16k.resample(None):
@@ -271,12 +290,43 @@ def flv_truncated(path: Path) -> bool:
         return False
 
 
+def wav_stated_seconds(path: Path) -> float | None:
+    """The length a RIFF/WAVE header promises (data chunk size / byte rate), or None when it does not say (a
+    streaming writer's 0 or 0xFFFFFFFF, RF64, not a WAV). Walks the chunk headers only."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            byte_rate = None
+            while True:
+                ch = f.read(8)
+                if len(ch) < 8:
+                    return None
+                cid, size = ch[:4], int.from_bytes(ch[4:8], "little")
+                if cid == b"fmt ":
+                    fmt = f.read(size)
+                    byte_rate = int.from_bytes(fmt[8:12], "little") if len(fmt) >= 12 else None
+                    size -= len(fmt)
+                elif cid == b"data":
+                    if not byte_rate or size in (0, 0xFFFFFFFF):
+                        return None
+                    return size / byte_rate
+                f.seek(size + (size & 1), 1)
+    except OSError:
+        return None
+
+
 def completeness_notes(path: Path, decoded_s: float) -> list[str]:
     """Say so when a recording was cut short (crashed OBS): FLV ending mid-tag, or less audio than the header says."""
     notes = []
+    wav = wav_stated_seconds(path) if path.suffix.lower() in (".wav", ".wave") else None
     if path.suffix.lower() == ".flv" and flv_truncated(path):
         notes.append(f"recording is truncated (the file ends mid-packet); processed the {decoded_s:.1f} s "
                      "that could be decoded")
+    elif wav is not None and wav > decoded_s + WAV_SHORT_S:
+        notes.append(f"recording is truncated: its header says {wav:.1f} s, {decoded_s:.1f} s are present and "
+                     "were processed")
     else:
         try:
             stated = probe(path).duration

@@ -31,6 +31,20 @@ DISK_LOG_EVERY_S = 60.0
 DISK_FULL_RESUME_MB = 512
 RETENTION_EVERY_S = 3600
 DATED = "%Y-%m-%d"
+# Settings field -> its key, for SIGHUP. Keys in RESTART_KEYS keep their old value until a restart, with the reason.
+RELOAD_KEYS = {"var_dir": "HEYGEM_VAR_DIR", "incoming_dir": "HEYGEM_INCOMING_DIR",
+               "template_dir": "HEYGEM_TEMPLATE_DIR", "model_dir": "HEYGEM_MODEL_DIR", "model": "HEYGEM_MODEL",
+               "engine": "HEYGEM_ENGINE", "extensions": "HEYGEM_EXTENSIONS", "settle_seconds": "HEYGEM_SETTLE_SECONDS",
+               "polling": "HEYGEM_POLLING", "rescan_seconds": "HEYGEM_RESCAN_SECONDS", "on_done": "HEYGEM_ON_DONE",
+               "retention_days": "HEYGEM_RETENTION_DAYS", "min_free_mb": "HEYGEM_MIN_FREE_MB",
+               "log_format": "HEYGEM_LOG_FORMAT", "log_level": "HEYGEM_LOG_LEVEL",
+               "encoder": "HEYGEM_X264_PRESET/HEYGEM_X264_CRF/HEYGEM_ENCODER_THREADS",
+               "onnx_options": "HEYGEM_ONNX_PROVIDER/HEYGEM_ONNX_BATCH/HEYGEM_ONNX_THREADS",
+               "web_host": "HEYGEM_WEB_HOST", "web_port": "HEYGEM_WEB_PORT", "web_token": "HEYGEM_WEB_TOKEN",
+               "web_max_upload_mb": "HEYGEM_WEB_MAX_UPLOAD_MB", "process_cache_dir": "HEYGEM_CACHE_DIR"}
+_WEB = "read by the dashboard process at its start: systemctl restart heygem-watch-web"
+RESTART_KEYS = {"var_dir": "the ledger, lock and folders are opened at start: systemctl restart heygem-watch",
+                "web_host": _WEB, "web_port": _WEB, "web_token": _WEB, "web_max_upload_mb": _WEB}
 
 
 class Daemon:
@@ -160,9 +174,12 @@ class Daemon:
                 self._fail_unreadable(path, day, f"cannot read the file ({exc.strerror or exc})", exc)
                 return None
             prior = self.ledger.find_by_fingerprint(fp)
-            if prior is not None and prior.state != "failed" and \
-                    os.path.realpath(path) == os.path.realpath(prior.source_path):
-                # the very file already known (kept after processing, or a dashboard upload into incoming/)
+            here = os.path.realpath(path)
+            if prior is not None and prior.state != "failed" and (
+                    (prior.state in ("queued", "running") and here == os.path.realpath(prior.source_path))
+                    or (prior.final_path and here == os.path.realpath(prior.final_path))):
+                # the very file already known: kept after processing (ON_DONE=keep; a restart scans it again),
+                # or a dashboard upload into incoming/ that is queued
                 self.log.info("already_known", path=str(path), recording_id=prior.id, state=prior.state)
                 return None
             try:
@@ -604,21 +621,45 @@ class Daemon:
                 self.finalise(rec.id)
 
     def reload(self) -> None:
-        """SIGHUP: re-read config (templates are re-listed at every ingest anyway)."""
+        """SIGHUP: re-read config. Every changed key takes effect now, except those in RESTART_KEYS: they keep
+        their old value and the `reloaded` event names them (restart_needed)."""
+        import dataclasses
+
+        from heygem_watch.logs import configure
+
         try:
             new = load_settings(self.config_path)
         except Exception as exc:
             self.log.error("reload_failed", error=str(exc), kept="previous settings")
             return
-        engine_changed = (new.engine, new.model) != (self.settings.engine, self.settings.model)
+        old = self.settings
+        changed = [f for f in RELOAD_KEYS if getattr(new, f) != getattr(old, f)]
+        restart = {RELOAD_KEYS[f]: RESTART_KEYS[f] for f in changed if f in RESTART_KEYS}
+        new = dataclasses.replace(new, **{f: getattr(old, f) for f in changed if f in RESTART_KEYS})
+        engine_changed = (new.engine, new.model, new.onnx_options) != (old.engine, old.model, old.onnx_options)
         self.settings = new
         self._tpl_fp.clear()
+        for d in (new.incoming_dir, new.template_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        if {"log_format", "log_level"} & set(changed):
+            configure(new.log_format, new.log_level)
+        if {"incoming_dir", "polling"} & set(changed):  # a new folder (or observer kind): a new watcher
+            running = self.watcher._observer is not None
+            self.watcher.stop()
+            self.watcher = self._make_watcher()
+            if running:
+                self.watcher.start()
         w = self.watcher
         w.extensions, w.settle_seconds = tuple(new.extensions), new.settle_seconds
+        if "rescan_seconds" in changed and self.scheduler is not None:
+            self.scheduler.reschedule_job("rescan", trigger="interval", seconds=new.rescan_seconds)
         if engine_changed and self._own_engine and self.engine is not None:
-            old, self.engine = self.engine, None  # the worker creates the new one before its next task
-            old.close()
-        self.log.info("reloaded", settings=new.as_dict(), engine_changed=engine_changed)
+            eng, self.engine = self.engine, None  # the worker creates the new one before its next task
+            eng.close()
+        self.log.info("reloaded", settings=new.as_dict(), engine_changed=engine_changed,
+                      applied=[RELOAD_KEYS[f] for f in changed if f not in RESTART_KEYS], restart_needed=restart)
+        if restart:
+            self.log.warning("reload_needs_restart", keys=restart, kept="their previous values")
         self.watcher.scan()
 
     def _worker_loop(self) -> None:
@@ -636,11 +677,19 @@ class Daemon:
                 self.wake.wait(IDLE_POLL_S)
                 self.wake.clear()
 
+    def rescan(self) -> None:
+        """Periodic job: incoming/ again (missed events) and the template folder (new templates are checked)."""
+        self.watcher.scan()
+        self.check_templates()
+
     def _start_scheduler(self) -> None:
+        import datetime
+
         from apscheduler.schedulers.background import BackgroundScheduler
 
         s = self.scheduler = BackgroundScheduler(daemon=True)
-        s.add_job(self.watcher.scan, "interval", seconds=self.settings.rescan_seconds, id="rescan", coalesce=True)
+        s.add_job(self.rescan, "interval", seconds=self.settings.rescan_seconds, id="rescan", coalesce=True,
+                  next_run_time=datetime.datetime.now())  # templates are checked at start, off the start path
         s.add_job(self.retention, "interval", seconds=RETENTION_EVERY_S, id="retention", coalesce=True)
         s.add_job(self.check_disk, "interval", seconds=DISK_LOG_EVERY_S, id="disk", coalesce=True)
         wd = watchdog_interval()

@@ -107,3 +107,34 @@ def test_truncated_flv_is_decoded_as_far_as_possible_and_noted(tmp_path):
     part = extract_audio(cut, tmp_path / "w2")
     assert 0.5 < part.duration < full.duration - 0.5
     assert any("truncated" in n for n in part.notes), part.notes
+
+
+def _wav(path, samples, rate):
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def test_truncated_wav_is_noted_like_flv(tmp_path):
+    whole = _wav(tmp_path / "whole.wav", _tone(3.0), SAMPLE_RATE)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(data[: 44 + int(1.66 * SAMPLE_RATE) * 2])  # a full disk: the header still says 3.0 s
+    assert not any("truncated" in n for n in extract_audio(whole, tmp_path / "w1").notes)
+    part = extract_audio(cut, tmp_path / "w2")
+    assert abs(part.duration - 1.66) < 0.01
+    notes = [n for n in part.notes if "truncated" in n]
+    assert notes and "3.0 s" in notes[0] and "1.7 s" in notes[0], part.notes
+
+
+@pytest.mark.parametrize("rate", [1000, 8000, 44100])
+def test_plain_wav_gets_no_spurious_gap_note(tmp_path, rate):
+    src = _wav(tmp_path / f"tone{rate}.wav", _tone(3.0, freq=min(1000.0, rate / 4), rate=rate), rate)
+    tr = extract_audio(src, tmp_path / "w")
+    assert tr.notes == (), tr.notes
+    assert abs(tr.duration - 3.0) < 0.01
