@@ -174,6 +174,11 @@ def cmd_status(args, settings) -> int:
                   f"({pct:.0f}%), {t.fps:.1f} fps, ETA {eta}")
         if not running:
             print("running: none")
+        rs = led.renderer_status()
+        if rs["running"]:
+            print(rs["message"])
+        else:
+            print(rs["message"] + (f"; {c['queued']} queued tasks wait for it" if c["queued"] else ""))
         recs = led.recent_recordings(args.limit)
         print(f"last {len(recs)} recordings:")
         for r in recs:

@@ -18,7 +18,7 @@ from heygem_watch import __version__
 from heygem_watch.config import Settings, load_settings
 from heygem_watch.housekeeping import (VarLocked, apply_retention, disk_full, list_templates,  # noqa: F401
                                        lock_var, sd_notify, unique_path, watchdog_interval, write_json_atomic)
-from heygem_watch.ledger import Ledger, Recording, Task, fingerprint_file
+from heygem_watch.ledger import HEARTBEAT_EVERY_S, Ledger, Recording, Task, fingerprint_file
 from heygem_watch.logs import get_logger, log_context, recording_log
 from heygem_watch.watch import IncomingWatcher
 
@@ -692,10 +692,20 @@ class Daemon:
                   next_run_time=datetime.datetime.now())  # templates are checked at start, off the start path
         s.add_job(self.retention, "interval", seconds=RETENTION_EVERY_S, id="retention", coalesce=True)
         s.add_job(self.check_disk, "interval", seconds=DISK_LOG_EVERY_S, id="disk", coalesce=True)
+        s.add_job(self.beat, "interval", seconds=HEARTBEAT_EVERY_S, id="heartbeat", coalesce=True)
         wd = watchdog_interval()
         if wd:
             s.add_job(self._watchdog_ping, "interval", seconds=wd, id="watchdog", coalesce=True)
         s.start()
+
+    def beat(self) -> None:
+        """Heartbeat in the ledger: `status` and the dashboard say "renderer not running" when it goes stale."""
+        if self._worker is not None and not self._worker.is_alive():
+            return  # a dead worker renders nothing: let the beat go stale
+        try:
+            self.ledger.beat()
+        except Exception as exc:  # noqa: BLE001 - a locked or full ledger: the next beat tries again
+            self.log.warning("heartbeat_failed", error=str(exc))
 
     def _watchdog_ping(self) -> None:
         if self._worker is not None and self._worker.is_alive():
@@ -717,6 +727,7 @@ class Daemon:
         self._start_scheduler()
         self._worker = threading.Thread(target=self._worker_loop, name="worker", daemon=True)
         self._worker.start()
+        self.beat()
         sd_notify(f"READY=1\nSTATUS=watching {self.settings.incoming_dir}\nMAINPID={os.getpid()}")
         self.log.info("ready", incoming=str(self.settings.incoming_dir), templates=len(list_templates(
             self.settings.template_dir)), engine=self.engine.describe() if self.engine else None)
@@ -743,6 +754,10 @@ class Daemon:
                 self.log.warning("task_abandoned", task_id=self.current.id, requeued=True)
         if self._own_engine and self.engine is not None and not (self._worker and self._worker.is_alive()):
             self.engine.close()
+        try:
+            self.ledger.beat_stopped()
+        except Exception as exc:  # noqa: BLE001 - the heartbeat goes stale by itself then
+            self.log.warning("heartbeat_failed", error=str(exc))
         self.log.info("stopped", seconds=round(time.monotonic() - t0, 2))
         if self._var_lock is not None:
             self._var_lock.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -27,6 +28,9 @@ from typing import Iterable
 BUSY_TIMEOUT_MS = 15_000  # another process (the web dashboard) may hold the write lock briefly
 MAX_ATTEMPTS = 3  # a task interrupted this many times (crash loop, OOM kill) is failed instead of re-queued
 FINGERPRINT_CHUNK = 1 << 20  # bytes read at a time while hashing
+HEARTBEAT_EVERY_S = 10.0  # the daemon writes its heartbeat this often
+HEARTBEAT_STALE_S = 60.0  # no heartbeat for this long: the renderer counts as not running
+RENDERER = "renderer"  # heartbeat name of `heygem-watch run`; other renderers use names starting with it
 
 RECORDING_STATES = ("queued", "running", "done", "partial", "failed")
 TASK_STATES = ("queued", "running", "done", "failed")
@@ -73,6 +77,14 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state, id);
 CREATE INDEX IF NOT EXISTS tasks_recording ON tasks(recording_id);
+CREATE TABLE IF NOT EXISTS heartbeats (
+    name       TEXT PRIMARY KEY,
+    pid        INTEGER NOT NULL,
+    host       TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    beat_at    REAL NOT NULL,
+    stopped_at REAL
+);
 CREATE TABLE IF NOT EXISTS events (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     recording_id INTEGER,
@@ -160,6 +172,10 @@ class AddResult:
     task_ids: list[int]  # tasks queued by this call (for a duplicate: failed ones re-queued, missing templates)
     existing: list[str] = field(default_factory=list)  # duplicate: templates it already had (done or pending)
     prev_state: str | None = None  # duplicate: the earlier recording's state before this call
+
+
+def _local(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
 def _recording(row: sqlite3.Row) -> Recording:
@@ -456,6 +472,13 @@ class Ledger:
         return {r[0] for r in self._query("SELECT DISTINCT template_fingerprint FROM tasks "
                                           "WHERE state IN ('queued', 'running')")}
 
+    def queued_tasks(self, limit: int = 500) -> list[dict]:
+        """The queue in the order it runs: task_id, recording_id, recording (name), template, batch."""
+        rows = self._query("SELECT t.id AS task_id, r.id AS recording_id, r.name AS recording, t.template_name AS"
+                           " template, r.batch AS batch FROM tasks t JOIN recordings r ON r.id=t.recording_id"
+                           " WHERE t.state='queued' ORDER BY t.id LIMIT ?", (limit,))
+        return [dict(r) for r in rows]
+
     def running_tasks(self) -> list[Task]:
         return [_task(r) for r in self._query("SELECT * FROM tasks WHERE state='running' ORDER BY id")]
 
@@ -516,6 +539,43 @@ class Ledger:
             n = int(cur.rowcount)
             db.execute(self._UNSTART)
             return n
+
+    # -- heartbeat --------------------------------------------------------------------------------------------
+    def beat(self, name: str = RENDERER) -> None:
+        """A renderer says it is alive (every HEARTBEAT_EVERY_S); the first beat of a process sets started_at."""
+        now, pid = time.time(), os.getpid()
+        with self._write() as db:
+            db.execute("INSERT INTO heartbeats(name, pid, host, started_at, beat_at) VALUES (?,?,?,?,?)"
+                       " ON CONFLICT(name) DO UPDATE SET beat_at=excluded.beat_at, stopped_at=NULL,"
+                       " started_at=CASE WHEN heartbeats.pid=excluded.pid AND heartbeats.stopped_at IS NULL"
+                       " THEN heartbeats.started_at ELSE excluded.started_at END, pid=excluded.pid, host=excluded.host",
+                       (name, pid, socket.gethostname(), now, now))
+
+    def beat_stopped(self, name: str = RENDERER) -> None:
+        """A clean stop: the renderer is not running from now on (no need to wait until the beat is stale)."""
+        with self._write() as db:
+            db.execute("UPDATE heartbeats SET stopped_at=? WHERE name=?", (time.time(), name))
+
+    def renderer_status(self) -> dict:
+        """{running, since, pid, host, last_beat, message}: running while some renderer beat within
+        HEARTBEAT_STALE_S and did not stop; since = when it started, or when it was last seen alive."""
+        now = time.time()
+        rows = self._query("SELECT * FROM heartbeats WHERE name=? OR name LIKE ? ORDER BY beat_at DESC",
+                           (RENDERER, RENDERER + "@%"))
+        alive = [r for r in rows if r["stopped_at"] is None and now - r["beat_at"] <= HEARTBEAT_STALE_S]
+        if alive:
+            r = alive[0]
+            return {"running": True, "since": r["started_at"], "pid": r["pid"], "host": r["host"],
+                    "last_beat": r["beat_at"], "message": f"renderer running (pid {r['pid']} on {r['host']}, "
+                    f"since {_local(r['started_at'])})"}
+        if not rows:
+            return {"running": False, "since": None, "pid": None, "host": None, "last_beat": None,
+                    "message": "renderer not running (never started on this var/): start `heygem-watch run`"}
+        r = rows[0]
+        since = r["stopped_at"] if r["stopped_at"] is not None else r["beat_at"]
+        how = "stopped" if r["stopped_at"] is not None else "last heartbeat"
+        return {"running": False, "since": since, "pid": r["pid"], "host": r["host"], "last_beat": r["beat_at"],
+                "message": f"renderer not running since {_local(since)} ({how}; pid {r['pid']} on {r['host']})"}
 
     def counts(self) -> dict[str, int]:
         """Tasks per state (every state present, 0 when none)."""

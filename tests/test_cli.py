@@ -56,6 +56,26 @@ def test_status_before_and_after_work(in_tmp, capsys, daemon_factory):
     assert "show one.wav" in out and "show two.wav" in out and " done " in out
 
 
+def test_status_says_when_the_renderer_is_not_running(in_tmp, capsys, daemon_factory):
+    """Issue 11 item 12: work waits in the queue and no daemon runs -> `status` says so, and since when."""
+    d = daemon_factory()
+    gen_media.write_wav(d.settings.incoming_dir / "waiting.wav", gen_media.speech(0.3))
+    d.watcher.scan()
+    d.watcher.check()  # queued; this daemon was never started, so nothing renders it
+    capsys.readouterr()
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "renderer not running" in out and "queued tasks wait" in out
+    d.beat()
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "renderer running" in out and "not running" not in out
+    d.stop()  # a clean stop says so at once, with the time
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "renderer not running since " + time.strftime("%Y-%m-%d") in out
+
+
 def test_process_batch_and_single(in_tmp, monkeypatch, capsys, passthrough_engine, face_template_file,
                                   faceless_template_file):
     from heygem_watch import engines

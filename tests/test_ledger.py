@@ -156,3 +156,26 @@ def test_requeued_recording_reads_as_queued_again(led):
     t2 = led.claim_next_task()
     led.requeue_task(t2.id)
     assert led.recording(r.recording_id).state == "running"  # one template is already done
+
+
+def test_renderer_heartbeat_running_stale_and_stopped(led, monkeypatch):
+    """No heartbeat yet: not running (never seen). A fresh beat: running. A beat older than the limit, or a clean
+    stop: not running, since the last sign of life."""
+    import heygem_watch.ledger as L
+
+    st = led.renderer_status()
+    assert st["running"] is False and st["since"] is None and "never" in st["message"]
+    t0 = 1_800_000_000.0
+    monkeypatch.setattr(L.time, "time", lambda: t0)
+    led.beat()
+    st = led.renderer_status()
+    assert st["running"] is True and st["pid"] > 0 and st["last_beat"] == t0
+    monkeypatch.setattr(L.time, "time", lambda: t0 + L.HEARTBEAT_STALE_S + 1)
+    st = led.renderer_status()
+    assert st["running"] is False and st["since"] == t0 and "not running since" in st["message"]
+    led.beat()
+    assert led.renderer_status()["running"] is True
+    monkeypatch.setattr(L.time, "time", lambda: t0 + L.HEARTBEAT_STALE_S + 5)
+    led.beat_stopped()
+    st = led.renderer_status()
+    assert st["running"] is False and st["since"] == t0 + L.HEARTBEAT_STALE_S + 5

@@ -117,6 +117,23 @@ def test_single_submit_queues_one_task_and_status_shows_position(env):
     assert hist["days"][0]["recordings"][0]["tasks"][0]["state"] == "queued"
 
 
+def test_status_and_submit_say_when_the_renderer_is_not_running(env):
+    """Issue 11 item 12: no daemon -> /api/status says "renderer not running", the submit answer says the job
+    waits for it; with a fresh heartbeat both say it runs."""
+    var, tdir, media = env
+    c = client_for(var, tdir)
+    r = submit(c, make_recording(media / "talk.mp4"), ["anna.mp4"])
+    assert r.status_code == 201
+    assert r.json()["renderer"]["running"] is False and "wait" in r.json()["note"]
+    st = c.get("/api/status").json()
+    assert st["renderer"]["running"] is False and "not running" in st["renderer"]["message"]
+    with Ledger(var / "ledger.sqlite3") as db:
+        db.beat()  # another process's write: the status snapshot sees it at once
+    assert c.get("/api/status").json()["renderer"]["running"] is True
+    r = submit(c, make_recording(media / "talk2.mp4", seed=2), ["anna.mp4"])
+    assert r.json()["renderer"]["running"] is True and "note" not in r.json()
+
+
 def test_batch_with_library_and_uploaded_template_is_one_batch(env):
     var, tdir, media = env
     c = client_for(var, tdir)

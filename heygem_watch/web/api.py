@@ -18,11 +18,13 @@ from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from heygem_watch.web import files as F
 from heygem_watch.web import security
+from heygem_watch.web.audit import AuditLog
+from heygem_watch.web.status import StatusSnapshot
 from heygem_watch.web.templates import FaceChecker, describe, list_template_files
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -80,6 +82,7 @@ def create_app(cfg: WebConfig) -> FastAPI:
     max_bytes = cfg.max_upload_mb << 20
     app = FastAPI(title="heygem-watch", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.cfg = cfg
+    snapshot = app.state.status = StatusSnapshot(var / "ledger.sqlite3")
 
     @contextmanager
     def ledger():
@@ -92,6 +95,7 @@ def create_app(cfg: WebConfig) -> FastAPI:
             db.close()
 
     security.install(app, cfg.token, max_bytes)
+    app.add_middleware(AuditLog)  # added last = outermost: sees the guard's refusals too
 
     @app.exception_handler(F.WebError)
     async def web_error(request: Request, exc: F.WebError):
@@ -206,8 +210,16 @@ def create_app(cfg: WebConfig) -> FastAPI:
         except BaseException:
             part.unlink(missing_ok=True)
             raise
+        snapshot.invalidate()
         body = {"recording_id": res.recording_id, "duplicate_of": res.duplicate_of, "task_ids": list(res.task_ids),
                 "batch": batch if res.duplicate_of is None else None, "templates": [p.name for p in tpl_paths], "name": final.name}
+        with ledger() as db:
+            body["renderer"] = db.renderer_status()
+        if res.task_ids and not body["renderer"]["running"]:
+            since = body["renderer"]["since"]
+            when = f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since else ""
+            body["note"] = (f"the renderer (heygem-watch run) is not running{when}: this job waits in the queue "
+                            "until it is started")
         return JSONResponse(body, 200 if res.duplicate_of is not None else 201)
 
     def unique_dir(db, base: Path) -> Path:
@@ -274,24 +286,8 @@ def create_app(cfg: WebConfig) -> FastAPI:
             raise
 
     @app.get("/api/status")
-    def status():
-        with ledger() as db:
-            running = []
-            for t in db.running_tasks():
-                r = db.recording(t.recording_id)
-                ids = [x.id for x in db.tasks_for(r.id)]
-                running.append({"task": _jsonable(t), "recording": {"id": r.id, "name": r.name, "batch": r.batch},
-                                "k": ids.index(t.id) + 1, "n": len(ids)})  # "k of n": the batch's k-th template
-            queued = []
-            for r in db.recent_recordings(limit=HISTORY_LIMIT):
-                if r.state not in ("queued", "running"):  # only these have queued tasks
-                    continue
-                for t in db.tasks_for(r.id):
-                    if t.state == "queued":
-                        queued.append({"task_id": t.id, "position": db.queue_position(t.id), "recording": r.name,
-                                       "recording_id": r.id, "template": t.template_name, "batch": r.batch})
-            queued.sort(key=lambda q: q["position"] or 0)
-            return {"counts": _jsonable(db.counts()), "running": running, "queued": queued}
+    async def status():
+        return Response(await snapshot.get(), media_type="application/json")
 
     @app.get("/api/recordings")
     def recordings(limit: int = 50):
@@ -404,6 +400,7 @@ def create_app(cfg: WebConfig) -> FastAPI:
                     shutil.rmtree(d)
             # the ledger row stays (the content is still known: dropping it again is a duplicate, not new work)
             db.add_event(r.id, DELETED_EVENT, files=removed)
+        snapshot.invalidate()
         return {"deleted": rid, "files": removed}
 
     @app.get("/api/files/{rel:path}")

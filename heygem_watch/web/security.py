@@ -41,11 +41,22 @@ def presented_token(request: Request) -> str:
     return request.headers.get(TOKEN_HEADER) or request.cookies.get(TOKEN_COOKIE) or ""
 
 
-def install(app: FastAPI, token: str | None, max_bytes: int) -> None:
-    """Add the guard middleware and the /api/auth, /api/login routes."""
+class Guard:
+    """The checks above as plain ASGI middleware (Starlette's BaseHTTPMiddleware costs a quarter of a status request)."""
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
+    def __init__(self, app, token: str | None, max_bytes: int):
+        self.app, self.token, self.max_bytes = app, token, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refusal = self.refusal(Request(scope))
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def refusal(self, request: Request) -> JSONResponse | None:
+        token = self.token
         host = request.headers.get("host", "")
         if not token and host_name(host) not in LOOPBACK_HOSTS:
             return JSONResponse({"error": "this server only answers on 127.0.0.1 (set HEYGEM_WEB_TOKEN)"}, 403)
@@ -53,12 +64,17 @@ def install(app: FastAPI, token: str | None, max_bytes: int) -> None:
         if request.method not in ("GET", "HEAD") and origin and urlsplit(origin).netloc != host:
             return JSONResponse({"error": "cross-site request refused"}, 403)
         cl = request.headers.get("content-length")
-        if cl and cl.isdigit() and int(cl) > max_bytes + FORM_SLACK:
-            return JSONResponse({"error": f"upload larger than the limit of {max_bytes >> 20} MB"}, 413)
+        if cl and cl.isdigit() and int(cl) > self.max_bytes + FORM_SLACK:
+            return JSONResponse({"error": f"upload larger than the limit of {self.max_bytes >> 20} MB"}, 413)
         path = request.url.path
         if token and path.startswith("/api/") and path not in OPEN_PATHS and not same(presented_token(request), token):
             return JSONResponse({"error": "token required", "auth": True}, 401)
-        return await call_next(request)
+        return None
+
+
+def install(app: FastAPI, token: str | None, max_bytes: int) -> None:
+    """Add the guard middleware and the /api/auth, /api/login routes."""
+    app.add_middleware(Guard, token=token, max_bytes=max_bytes)
 
     @app.get("/api/auth")
     def auth_state(request: Request):

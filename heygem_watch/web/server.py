@@ -58,11 +58,22 @@ def cli_web(args, settings) -> int:
     spool.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(spool)
     sweep_partials([cfg.var_dir / "uploads", cfg.template_dir])
+    from heygem_watch import logrelay
+    from heygem_watch.logs import configure, get_logger
+
+    # the daemon's logging: JSON lines (journald) or console; uvicorn's own messages and the face checker's native
+    # libraries (MediaPipe) come out through it too
+    fmt, level = getattr(settings, "log_format", "json"), getattr(settings, "log_level", "info")
+    configure(fmt, level)
+    logrelay.start(fmt, level)
     app = create_app(cfg)
     shown = f"[{host}]" if ":" in host else host
-    print(f"heygem-watch web: http://{shown}:{port}/  (var: {cfg.var_dir}, templates: {cfg.template_dir})",
-          file=sys.stderr)
-    # one worker: the app keeps per-process locks (double submit) and a background face checker
-    uvicorn.run(app, host=host.strip("[]"), port=port, log_level="warning", access_log=False,
-                proxy_headers=False, server_header=False)
+    get_logger().info("web_started", url=f"http://{shown}:{port}/", var=str(cfg.var_dir),
+                      templates=str(cfg.template_dir), token_required=bool(cfg.token))
+    try:
+        # one worker: the app keeps per-process locks (double submit) and a background face checker
+        uvicorn.run(app, host=host.strip("[]"), port=port, log_level="warning", access_log=False, log_config=None,
+                    proxy_headers=False, server_header=False)
+    finally:
+        logrelay.stop()
     return 0
