@@ -228,3 +228,65 @@ def test_batch_of_two_in_a_real_browser(stack, tmp_path):
             time.sleep(0.3)
         assert [e["recording_id"] for e in db.events("duplicate")] == [1]
         assert len(db.recent_recordings(10)) == 1 and db.counts() == {"queued": 0, "running": 0, "done": 2, "failed": 0}
+
+
+def test_header_labels_and_renderer_banner(tmp_path):
+    """Issue 11 items 12 and 16, in the page: templates whose names share a long prefix get labels that tell them
+    apart (none cut off by the box); the header says which counts are renders and which recordings; with no daemon,
+    a banner says the renderer is not running. Only `heygem-watch web` runs here."""
+    assert Path(CHROMIUM).exists(), "needs Debian's Chromium: apt-get install -y chromium"
+    var, tdir, port = tmp_path / "var", tmp_path / "var" / "templates", free_port()
+    tdir.mkdir(parents=True)
+    names = ["videoretalking_face2.mp4", "videoretalking_face3.mp4", "videoretalking_presenter_studio_front.mp4",
+             "videoretalking_presenter_studio_side.mp4", "anna.mp4"]
+    one = write_video(tmp_path / "one.mp4", face_frames(3, (96, 80)), fps=FPS)
+    for n in names:
+        shutil.copy(one, tdir / n)
+    with Ledger(var / "ledger.sqlite3") as db:  # one recording failed with two templates, another waits
+        r = db.add_recording(var / "x.flv", "f1", 10, [(str(tdir / names[0]), "a"), (str(tdir / names[1]), "b")],
+                             output_dir=var / "outputs" / "x")
+        for tid in r.task_ids:
+            db.claim_next_task()
+            db.fail_task(tid, "no face")
+        db.set_recording_state(r.recording_id, "failed", error="every template failed")
+        db.add_recording(var / "y.flv", "f2", 10, [(str(tdir / names[2]), "c")], output_dir=var / "outputs" / "y")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEYGEM_")}
+    env.update(PYTHONPATH=str(ROOT), HEYGEM_VAR_DIR=str(var), HEYGEM_LOG_FORMAT="json")
+    web = subprocess.Popen([sys.executable, "-m", "heygem_watch", "web", "--port", str(port)], cwd=tmp_path, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                urllib.request.urlopen(url + "/api/config", timeout=1).read()
+                break
+            except OSError:
+                assert web.poll() is None and time.monotonic() < deadline, "web did not start"
+                time.sleep(0.2)
+        with playwright_sync.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.goto(url + "/")
+                page.wait_for_selector("#template-choices .choice")
+                page.wait_for_selector("#renderer-banner:not(.hidden)")
+                page.wait_for_load_state("networkidle")  # thumbnails and fonts in: the layout is final
+                shot(page, tmp_path, "labels-header-banner.png", full=False)
+                labels = page.eval_on_selector_all("#template-choices .choice span", """els => els.map(e => ({
+                    text: e.innerText, title: e.closest('.choice').title,
+                    clipped: e.scrollWidth > e.clientWidth || e.scrollHeight > e.clientHeight}))""")
+                assert sorted(x["title"] for x in labels) == sorted(names)
+                assert len({x["text"] for x in labels}) == len(names), labels
+                assert not any(x["clipped"] for x in labels), labels
+                header = page.inner_text("#counts")
+                assert "renders" in header and "recordings" in header, header
+                assert page.inner_text("#counts .chip.failed") == "failed 2"  # the two templates' renders
+                assert page.inner_text("#counts .chip.rec-failed") == "failed 1"  # the one recording
+                banner = page.inner_text("#renderer-banner")
+                assert "renderer not running" in banner and "wait" in banner, banner
+            finally:
+                browser.close()
+    finally:
+        web.terminate()
+        web.wait(20)

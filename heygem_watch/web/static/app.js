@@ -44,9 +44,23 @@ $("#token-form").addEventListener("submit", async (ev) => {
 // ------------------------------------------------------------------ status: running + queue
 async function refreshStatus() {
   const st = await api("/api/status");
-  const c = st.counts || {};
-  $("#counts").innerHTML = ["queued", "running", "done", "failed"]
-    .map((k) => `<span class="chip ${k}">${k} ${c[k] ?? 0}</span>`).join("");
+  const c = st.counts || {}, rc = st.recording_counts || {};
+  // two kinds of count: renders (one per recording x template) and recordings; a failed recording has failed renders
+  $("#counts").innerHTML = '<span class="counts-label" title="one render per recording × template">renders</span>' +
+    ["queued", "running", "done", "failed"].map((k) =>
+      `<span class="chip ${k}" title="${k} renders">${k} ${c[k] ?? 0}</span>`).join("") +
+    '<span class="counts-label">recordings</span>' +
+    `<span class="chip rec-partial" title="recordings where some templates failed">partial ${rc.partial ?? 0}</span>` +
+    `<span class="chip rec-failed" title="recordings where every template failed">failed ${rc.failed ?? 0}</span>`;
+  const rd = st.renderer || {running: true};
+  const banner = $("#renderer-banner");
+  banner.classList.toggle("hidden", !!rd.running);
+  if (!rd.running) {
+    const since = rd.since ? ` since ${new Date(rd.since * 1000).toLocaleString()}` : " (never started on this server)";
+    const waiting = c.queued ? `${c.queued} queued render(s) wait` : "new jobs wait";
+    banner.textContent = `${since}: ${waiting} until \`heygem-watch run\` (systemctl start heygem-watch) is started.`;
+    banner.prepend(Object.assign(document.createElement("b"), {textContent: "renderer not running"}));
+  }
   $("#running-list").innerHTML = st.running.length ? st.running.map(runView).join("")
     : '<p class="hint">Nothing is running.</p>';
   $("#queue-list").innerHTML = st.queued.length ? st.queued.map((q) =>
@@ -144,6 +158,49 @@ $("#player-close").addEventListener("click", () => { $("#player").pause(); $("#p
 $("#player-dialog").addEventListener("close", () => $("#player").pause());
 
 // ------------------------------------------------------------------ templates
+// Template names often share a long prefix (videoretalking_face2.mp4, videoretalking_face3.mp4), so a label cut at
+// its end shows the same text for all of them: cut in the middle, keep the end, and where two labels still look
+// alike, show from the point where those names differ. The full name is the label's tooltip.
+const LABEL_MAX = 40;  // characters at most; fitLabels() shortens them until they fit their box
+function midCut(name, max = LABEL_MAX) {
+  if (name.length <= max) return name;
+  const tail = Math.ceil((max - 1) * 0.6);
+  return name.slice(0, max - 1 - tail) + "…" + name.slice(name.length - tail);
+}
+function shortLabels(names, max = LABEL_MAX) {
+  // the extension says nothing when no other template has the same stem: leave it out (more room for the name)
+  const stem = (n) => n.replace(/\.[^.]{1,5}$/, "");
+  const base = new Map(names.map((n) => [n, names.filter((m) => stem(m) === stem(n)).length > 1 ? n : stem(n)]));
+  const out = new Map(names.map((n) => [n, midCut(base.get(n), max)]));
+  for (const n of names) {
+    const twins = names.filter((m) => m !== n && out.get(m) === out.get(n));
+    if (!twins.length) continue;
+    for (const m of [n, ...twins]) {
+      const b = base.get(m);
+      let p = 0;  // where m stops sharing a prefix with the others
+      for (const o of [n, ...twins]) {
+        if (o === m) continue;
+        const ob = base.get(o);
+        let i = 0;
+        while (i < b.length && b[i] === ob[i]) i++;
+        p = Math.max(p, i);
+      }
+      const rest = b.slice(Math.max(0, p - 4));
+      out.set(m, b.slice(0, 4) + "…" + (rest.length > max - 5 ? midCut(rest, max - 5) : rest));
+    }
+  }
+  return out;
+}
+
+function fitLabels(spans) {
+  const names = spans.map((sp) => sp.closest(".choice").title);
+  for (let max = LABEL_MAX; max >= 8; max -= 1) {
+    const labels = shortLabels(names, max);
+    spans.forEach((sp, i) => { sp.textContent = labels.get(names[i]); });
+    if (spans.every((sp) => sp.scrollWidth <= sp.clientWidth)) return;
+  }
+}
+
 async function refreshTemplates() {
   const r = await api("/api/templates");
   templatesCache = r.templates;
@@ -154,6 +211,7 @@ async function refreshTemplates() {
       <span>${esc(t.name)}</span><input type="${batch ? "checkbox" : "radio"}" name="templates" value="${esc(t.name)}"
       ${checked.has(t.name) ? "checked" : ""}></label>`).join("")
     : '<span class="hint">no templates yet — upload one below</span>';
+  fitLabels([...document.querySelectorAll("#template-choices .choice span")]);
   $("#template-list").innerHTML = r.templates.map(tplView).join("") || '<p class="hint">The library is empty.</p>';
   if (r.templates.some((t) => t.face?.state === "pending")) setTimeout(refreshTemplates, 3000);
 }
@@ -237,8 +295,8 @@ $("#job-form").addEventListener("submit", (ev) => {
     if (xhr.status >= 200 && xhr.status < 300) {
       msg.textContent = body.duplicate_of != null
         ? `already known: same content as recording #${body.duplicate_of} — not processed again`
-        : `queued: ${body.task_ids.length} job(s) for ${body.name}`;
-      msg.className = "msg ok";
+        : `queued: ${body.task_ids.length} job(s) for ${body.name}` + (body.note ? ` — ${body.note}` : "");
+      msg.className = body.note ? "msg warn" : "msg ok";
       const batch = $("#mode-batch").checked;
       $("#job-form").reset();
       $(batch ? "#mode-batch" : "#mode-single").checked = true;
