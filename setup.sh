@@ -14,6 +14,7 @@ DEBIAN_PACKAGES=(
   "chromium          chromium"                                       # the dashboard's browser test
   "systemd           systemd-analyze"                                # the systemd unit's test
   "fonts-wqy-zenhei  /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc"   # Chinese names in screenshots
+  "jq                jq"                                             # the README's log recipes (and their test)
 )
 # apt may be busy (unattended-upgrades runs right after boot): wait for it this long instead of failing at once.
 APT_LOCK_WAIT_S=${HEYGEM_APT_LOCK_WAIT_S:-900}

@@ -59,29 +59,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SERVICES = ("run", "web")  # the commands systemd runs: their every line may have to be JSON
+
+
 def _settings(args):
     from heygem_watch.config import ConfigError, load_settings
 
     try:
         return load_settings(args.config)
     except ConfigError as exc:
-        print(f"heygem-watch: {exc}", file=sys.stderr)
+        fmt = os.environ.get("HEYGEM_LOG_FORMAT", "").strip().lower()
+        if args.command in SERVICES and (fmt == "json" or (fmt != "console" and not sys.stdout.isatty())):
+            # the log format may be the broken setting, but under systemd the journal is read with jq
+            from heygem_watch.logs import configure, get_logger
+
+            configure("json", "error", stream=sys.stderr)
+            get_logger().error("config_invalid", error=str(exc), fix="fix the key named in config.env")
+        else:
+            print(f"heygem-watch: {exc}", file=sys.stderr)
         return None
 
 
 def cmd_run(args, settings) -> int:
     from heygem_watch import logrelay
     from heygem_watch.daemon import Daemon
-    from heygem_watch.logs import configure
-
     from heygem_watch.housekeeping import VarLocked
+    from heygem_watch.logs import configure, get_logger
 
     configure(settings.log_format, settings.log_level)
     logrelay.start(settings.log_format, settings.log_level)  # what native libraries write to stderr: logged too
     try:
         daemon = Daemon(settings, config_path=args.config)
     except OSError as exc:
-        print(f"heygem-watch: cannot prepare the folders: {exc}", file=sys.stderr)
+        get_logger().error("folders_unusable", error=str(exc), fix="check HEYGEM_VAR_DIR and its permissions")
+        logrelay.stop()
         return EXIT_FAIL
     try:
         rc = daemon.run()

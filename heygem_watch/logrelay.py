@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 EVENT = "native_log"
-STOP_WAIT_S = 2.0  # stop(): how long the relay may take to write what is left in the pipe
+STOP_WAIT_S = 1.0  # stop(): how long the relay may take to write what is left (shutdown must stay under 10 s)
 LEVELS = ("debug", "info", "warning", "error", "critical")
 # Printed every time a tracker starts; harmless for how MediaPipe is used here (see face.py).
 CHATTER = ("Created TensorFlow Lite XNNPACK delegate", "All log messages before absl::InitializeLog()",

@@ -156,3 +156,14 @@ def test_stderr_relay_keeps_a_native_abort_s_last_words_as_json(tmp_path):
                for e in events)
     assert any(e["event"] == "library_log" and "deprecated thing" in e["message"] for e in events)
     assert any(e.get("message") == "plain text to stderr from Python" and e["level"] == "warning" for e in events)
+
+
+def test_a_bad_setting_at_service_start_is_a_json_line(tmp_path):
+    """Under systemd the most common start failure, an invalid config.env, is read with jq too."""
+    r = subprocess.run([str(EXE), "run"], cwd=tmp_path, env=_env(HEYGEM_ON_DONE="shred"), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and not _not_json(lines), r.stderr
+    ev = json.loads(lines[0])
+    assert ev["event"] == "config_invalid" and ev["level"] == "error" and "HEYGEM_ON_DONE" in ev["error"]
