@@ -77,9 +77,8 @@ def sheet(video: Path, png: Path, audio: Path | None, t0: float, t1: float | Non
                 c = 0.5 * (lm[13] + lm[14])
                 r = MOUTH_HALF * float(face.inter_ocular(lm))
                 x0, y0 = int(c[0] - r), int(c[1] - r)
-                crop = cv2.copyMakeBorder(img, 0, 0, 0, 0, cv2.BORDER_REPLICATE)
-                pad = int(r) + 2
-                big = cv2.copyMakeBorder(crop, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+                pad = int(r) + 2  # beyond the frame: flat grey (replicated edges would look like smeared skin)
+                big = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(128, 128, 128))
                 m = big[y0 + pad:y0 + pad + int(2 * r), x0 + pad:x0 + pad + int(2 * r)]
                 m = cv2.resize(m, (TILE_H, TILE_H), interpolation=cv2.INTER_CUBIC)
                 cv2.rectangle(thumb, (int(x0 * s), int(y0 * s)), (int((x0 + 2 * r) * s), int((y0 + 2 * r) * s)),

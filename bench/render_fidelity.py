@@ -41,6 +41,10 @@ PAIRS = "/work/shared/tools/dev_pairs.tsv"
 MEDIA = "/work/shared/media"
 MAX_LAG = 4
 SHUT_BELOW = 0.01  # target gap (iod) counted as "mouth shut"
+PAUSE_DB = 35.0  # a pause: RMS this far below the recording's loud 5 % ...
+PAUSE_MIN_S = 0.25  # ... for at least this long (the judge's silence rule)
+SPEECH_DB = 20.0  # speech: RMS within this of the loud 5 %
+SYL_PROM_DB = 6.0  # a syllable: a loudness peak standing this far above its surroundings
 
 
 def read_pairs(path: str) -> list[tuple[str, str]]:
@@ -122,6 +126,41 @@ def figures(target: np.ndarray, rendered: np.ndarray, chosen_open: np.ndarray) -
             "r_range": (round(float(np.nanpercentile(r, 3)), 3), round(float(np.nanpercentile(r, 97)), 3))}
 
 
+def audio_figures(samples: np.ndarray, rate: int, rendered: np.ndarray, fps: float, target: np.ndarray) -> dict:
+    """What the mouth does against the recording's own sound, language-independent:
+      pause     mean rendered openness in pauses (>= PAUSE_MIN_S, RMS PAUSE_DB below the loud 5 %) over that in
+                speech (within SPEECH_DB): 0 = shut in every pause (the judge's silence measure, on any audio)
+      syl_hz    loudness peaks per second of speech (syllable nuclei, prominence >= SYL_PROM_DB)
+      open_hz   rendered openness peaks per second of speech (prominence >= a quarter of its p5-p95 range)
+      target_hz the same count on the target curve (what the engine asked for)"""
+    from scipy.signal import find_peaks
+
+    hop = rate // 100
+    n = len(samples) // hop
+    db = 20 * np.log10(np.sqrt((samples[: n * hop].reshape(n, hop).astype(np.float64) ** 2).mean(1)) + 1e-9)
+    ref = np.percentile(db, 95)
+    t_out = np.arange(len(rendered)) / fps
+    db_out = np.interp(t_out, (np.arange(n) + 0.5) / 100, db)
+    quiet = db_out < ref - PAUSE_DB
+    run = max(1, int(round(PAUSE_MIN_S * fps)))
+    pause = quiet & (np.convolve(quiet.astype(int), np.ones(run, int), "same") >= run)
+    speech = db_out > ref - SPEECH_DB
+    ok = np.isfinite(rendered)
+    out = {"pause_s": round(float(pause.sum() / fps), 2)}
+    if (pause & ok).sum() >= 3 and (speech & ok).sum() >= 3:
+        out["pause"] = round(float(rendered[pause & ok].mean() / (rendered[speech & ok].mean() + 1e-9)), 3)
+    smooth = np.convolve(db, np.hanning(5) / np.hanning(5).sum(), "same")
+    sp100 = smooth > ref - SPEECH_DB
+    pk, _ = find_peaks(smooth, prominence=SYL_PROM_DB, distance=8)
+    speech_s = max(sp100.sum() / 100, 1e-3)
+    out["syl_hz"] = round(float(sp100[pk].sum() / speech_s), 2)
+    for key, curve in (("open_hz", rendered), ("target_hz", target[: len(rendered)])):
+        span = np.nanpercentile(curve, 95) - np.nanpercentile(curve, 5)
+        mk, _ = find_peaks(np.where(np.isfinite(curve), curve, 0.0), prominence=max(0.25 * span, 1e-3))
+        out[key] = round(float(speech[mk[mk < len(speech)]].sum() / speech_s), 2)
+    return out
+
+
 def run_pair(template: Path, driving: Path, work: Path, cache: Path, engine_name: str = "builtin") -> dict:
     engine = create_engine(engine_name)
     rec = Recorder(engine)
@@ -137,6 +176,7 @@ def run_pair(template: Path, driving: Path, work: Path, cache: Path, engine_name
     res = figures(np.asarray(rec.gap), rendered, chosen_open)
     res["wall_s"] = round(wall, 1)
     res["judge_corr"] = round(corr(np.asarray(rec.gap), plain[: len(rec.gap)]), 3)
+    res.update(audio_figures(job.track.all(), job.track.sample_rate, rendered, float(tpl.fps), np.asarray(rec.gap)))
     np.savez(work / "curves.npz", target=np.asarray(rec.gap), rendered=rendered, plain=plain, chosen=np.asarray(rec.chosen),
              chosen_open=chosen_open, fps=float(tpl.fps))
     return res
@@ -167,7 +207,9 @@ def main(argv=None) -> int:
         rows.append((name, res))
         print(f"{name:55s} corr {res['corr']:.3f}  judge-mesh {res['judge_corr']:.3f}  sel_corr {res['sel_corr']:.3f}  slope {res['slope']:.2f} "
               f"off {res['off']:+.3f}  lag {res['lag']:+d} ({res['corr_lag']:.3f})  shut {res['shut']}  "
-              f"target {res['t_range']} rendered p3-p97 {res['r_range']}  face {res['face']}  {res['wall_s']} s",
+              f"target {res['t_range']} rendered p3-p97 {res['r_range']}  face {res['face']}  {res['wall_s']} s  "
+              f"pause {res.get('pause')} ({res['pause_s']} s)  syllables {res['syl_hz']}/s  openings {res['open_hz']}/s "
+              f"(target {res['target_hz']}/s)",
               flush=True)
     if not rows:
         print("no pairs matched", file=sys.stderr)
