@@ -8,6 +8,7 @@ every client asks again as soon as it has its answer, harsher than dashboards po
 p99 and max latency and the throughput; stops by itself (bounded request count, --timeout). Loopback only.
 
     .venv/bin/python bench/web_status.py [--clients 200] [--requests 20] [--recordings 300] [--queued 20]
+    .venv/bin/python bench/web_status.py --path "/api/recordings?limit=100"     # the history the page polls
 """
 from __future__ import annotations
 
@@ -58,9 +59,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def client(port: int, n: int, lat: list[float], errors: list[str]) -> None:
+async def client(port: int, n: int, lat: list[float], errors: list[str], path: str = "/api/status") -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    req = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    req = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
     try:
         for _ in range(n):
             t0 = time.perf_counter()
@@ -72,7 +73,7 @@ async def client(port: int, n: int, lat: list[float], errors: list[str]) -> None
                     length = int(line.split(b":")[1])
             body = await reader.readexactly(length)
             lat.append(time.perf_counter() - t0)
-            if not head.startswith(b"HTTP/1.1 200") or b'"counts"' not in body:
+            if not head.startswith(b"HTTP/1.1 200") or not body.startswith(b"{"):
                 errors.append(head.split(b"\r\n")[0].decode())
     except (OSError, asyncio.IncompleteReadError) as exc:
         errors.append(f"{type(exc).__name__}: {exc}")
@@ -80,11 +81,13 @@ async def client(port: int, n: int, lat: list[float], errors: list[str]) -> None
         writer.close()
 
 
-async def load(port: int, clients: int, requests: int, timeout: float) -> tuple[list[float], list[str], float]:
+async def load(port: int, clients: int, requests: int, timeout: float,
+               path: str = "/api/status") -> tuple[list[float], list[str], float]:
     lat: list[float] = []
     errors: list[str] = []
     t0 = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*(client(port, requests, lat, errors) for _ in range(clients))), timeout)
+    await asyncio.wait_for(asyncio.gather(*(client(port, requests, lat, errors, path) for _ in range(clients))),
+                           timeout)
     return lat, errors, time.perf_counter() - t0
 
 
@@ -100,11 +103,12 @@ def main() -> int:
     ap.add_argument("--templates", type=int, default=3)
     ap.add_argument("--queued", type=int, default=20, help="recordings still waiting")
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds for the whole load")
+    ap.add_argument("--path", default="/api/status", help="the GET request to time (another API call, for comparison)")
     ap.add_argument("--port", type=int, default=None,
                     help="load a dashboard already listening on this loopback port (e.g. under py-spy) instead")
     args = ap.parse_args()
     if args.port:
-        lat, errors, wall = asyncio.run(load(args.port, args.clients, args.requests, args.timeout))
+        lat, errors, wall = asyncio.run(load(args.port, args.clients, args.requests, args.timeout, args.path))
         return report(args, lat, errors, wall)
     with tempfile.TemporaryDirectory(prefix="heygem-web-bench-") as tmp:
         var = Path(tmp) / "var"
@@ -125,8 +129,8 @@ def main() -> int:
                         print(server.stderr.read().decode(), file=sys.stderr)
                         return 1
                     time.sleep(0.2)
-            asyncio.run(load(port, 10, 5, 60))  # warm-up: imports, sqlite pages, first snapshot
-            lat, errors, wall = asyncio.run(load(port, args.clients, args.requests, args.timeout))
+            asyncio.run(load(port, 10, 5, 60, args.path))  # warm-up: imports, sqlite pages, first snapshot
+            lat, errors, wall = asyncio.run(load(port, args.clients, args.requests, args.timeout, args.path))
         finally:
             server.terminate()
             server.wait(10)
@@ -135,7 +139,7 @@ def main() -> int:
 
 def report(args, lat: list[float], errors: list[str], wall: float) -> int:
     ms = [x * 1000 for x in lat]
-    print(json.dumps({"clients": args.clients, "requests": len(ms), "errors": len(errors),
+    print(json.dumps({"path": args.path, "clients": args.clients, "requests": len(ms), "errors": len(errors),
                       "p50_ms": round(pct(ms, 50), 1), "p95_ms": round(pct(ms, 95), 1),
                       "p99_ms": round(pct(ms, 99), 1), "max_ms": round(max(ms), 1),
                       "mean_ms": round(statistics.fmean(ms), 1), "req_per_s": round(len(ms) / wall, 1),

@@ -26,3 +26,20 @@ def test_status_reads_the_ledger_once_per_change(env, monkeypatch):
     assert submit(c, make_recording(media / "b.mp4", seed=1), ["anna.mp4", "ben.png"]).status_code == 201
     st = c.get("/api/status").json()  # this process's own submit shows at once
     assert [q["position"] for q in st["queued"]] == [1, 2] and st["queued_total"] == 2
+
+
+def test_history_is_built_once_per_change_too(env, monkeypatch):
+    var, tdir, media = env
+    c = client_for(var, tdir)
+    assert submit(c, make_recording(media / "a.mp4"), ["anna.mp4"]).status_code == 201
+    reads = []
+    real = Ledger.recent_recordings
+    monkeypatch.setattr(Ledger, "recent_recordings", lambda self, limit=20: reads.append(limit) or real(self, limit))
+    first = [c.get("/api/recordings?limit=100").json() for _ in range(30)]
+    assert reads == [100] and all(h == first[0] for h in first)
+    assert first[0]["days"][0]["recordings"][0]["tasks"][0]["state"] == "queued"
+    with Ledger(var / "ledger.sqlite3") as db:  # the daemon fails the task: the next answer shows it
+        t = db.claim_next_task()
+        db.fail_task(t.id, "no face found")
+    h = c.get("/api/recordings?limit=100").json()
+    assert len(reads) == 2 and h["days"][0]["recordings"][0]["tasks"][0]["state"] == "failed"

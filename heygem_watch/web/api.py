@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from heygem_watch.web import files as F
 from heygem_watch.web import security
 from heygem_watch.web.audit import AuditLog
-from heygem_watch.web.status import StatusSnapshot
+from heygem_watch.web.status import HISTORY_MAX_AGE_S, StatusSnapshot
 from heygem_watch.web.templates import FaceChecker, describe, list_template_files
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -290,8 +290,12 @@ def create_app(cfg: WebConfig) -> FastAPI:
         return Response(await snapshot.get(), media_type="application/json")
 
     @app.get("/api/recordings")
-    def recordings(limit: int = 50):
+    async def recordings(limit: int = 50):
         limit = max(1, min(limit, HISTORY_LIMIT))
+        body = await snapshot.cached(f"recordings:{limit}", lambda: history(limit), HISTORY_MAX_AGE_S)
+        return Response(body, media_type="application/json")
+
+    def history(limit: int) -> dict:
         with ledger() as db:
             days: dict[str, list] = {}
             gone = deleted_ids(db)

@@ -1,5 +1,6 @@
-"""`GET /api/status`, answered from a snapshot: every open dashboard asks once a second, so 200 of them must not
-mean 200 ledger reads a second (measured before this: p95 4 s at 200 clients, bench/web_status.py).
+"""`GET /api/status` (and the history), answered from a snapshot: every open dashboard asks for the status once a
+second and for the history every 4 s, so 200 of them must not mean 250 ledger reads a second (measured before this:
+/api/status p95 1.9-4 s at 200 clients, bench/web_status.py).
 
 The snapshot (counts, the running task, the queue, the renderer's heartbeat) is rebuilt only when the ledger changed
 (SQLite's `PRAGMA data_version`, a few microseconds on a connection kept open) or is older than MAX_AGE_S (the
@@ -12,20 +13,22 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 MAX_AGE_S = 2.0  # rebuild at least this often even when nothing was written (heartbeat staleness, clocks)
+HISTORY_MAX_AGE_S = 4.0  # history: also shows whether output files still exist, which the ledger does not know
 QUEUE_LIMIT = 500  # queued tasks listed at most (the count is always complete)
 
 
 class StatusSnapshot:
+    """Cached JSON answers keyed by name, each rebuilt when the ledger changed or it is older than its max age."""
+
     def __init__(self, db_path: Path):
         self.db_path = Path(db_path)
-        self._db = None  # a Ledger, used by the rebuilding thread (one at a time)
+        self._db = None  # a Ledger for the status rebuild (one rebuild at a time)
         self._ver = None  # a plain connection of its own for data_version, used on the event loop only
-        self._body: bytes | None = None
-        self._key: int | None = None
-        self._built_at = -1e9
-        self._rebuild: asyncio.Lock | None = None
+        self._answers: dict[str, tuple[bytes, int, float]] = {}  # name -> (body, data_version, built at)
+        self._locks: dict[str, asyncio.Lock] = {}
 
     def _open(self) -> None:
         import sqlite3
@@ -38,8 +41,8 @@ class StatusSnapshot:
             self._ver = sqlite3.connect(str(self.db_path), check_same_thread=False, isolation_level=None)
 
     def invalidate(self) -> None:
-        """This process changed the ledger (a submit, a delete): the next request rebuilds."""
-        self._built_at = -1e9
+        """This process changed the ledger or var/ (a submit, a delete): every answer is rebuilt on next use."""
+        self._answers.clear()
 
     def build(self) -> dict:
         """The status as a dict (what /api/status returns); reads the ledger."""
@@ -58,30 +61,37 @@ class StatusSnapshot:
         return {"counts": counts, "recording_counts": db.recording_counts(), "running": running, "queued": queued,
                 "queued_total": counts["queued"], "renderer": db.renderer_status()}
 
-    def _refresh(self, key: int) -> bytes:
-        body = json.dumps(self.build(), ensure_ascii=False).encode("utf-8")
-        self._body, self._key, self._built_at = body, key, time.monotonic()
-        return body
-
-    def _fresh(self, key: int) -> bool:
-        return self._body is not None and key == self._key and time.monotonic() - self._built_at < MAX_AGE_S
-
     async def get(self) -> bytes:
         """The current status as JSON bytes."""
+        return await self.cached("status", self.build, MAX_AGE_S)
+
+    async def cached(self, name: str, build: Callable[[], dict], max_age: float) -> bytes:
+        """build()'s answer as JSON bytes, rebuilt (in a worker thread, once for all waiting requests) when the
+        ledger changed since, or after max_age seconds."""
         from starlette.concurrency import run_in_threadpool
 
         if self._ver is None:
             await run_in_threadpool(self._open)
-        if self._rebuild is None:
-            self._rebuild = asyncio.Lock()
-        key = self._ver.execute("PRAGMA data_version").fetchone()[0]
-        if self._fresh(key):
-            return self._body
-        async with self._rebuild:  # one rebuild at a time; whoever waited reuses its result
-            key = self._ver.execute("PRAGMA data_version").fetchone()[0]
-            if self._fresh(key):
-                return self._body
-            return await run_in_threadpool(self._refresh, key)
+        body = self._fresh(name, max_age)
+        if body is not None:
+            return body
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            body = self._fresh(name, max_age)  # rebuilt by the request this one waited for
+            if body is not None:
+                return body
+            version = self._version()  # read before building: a change during the build means another rebuild
+            body = await run_in_threadpool(lambda: json.dumps(build(), ensure_ascii=False, default=str).encode())
+            self._answers[name] = (body, version, time.monotonic())
+            return body
+
+    def _version(self) -> int:
+        return self._ver.execute("PRAGMA data_version").fetchone()[0]
+
+    def _fresh(self, name: str, max_age: float) -> bytes | None:
+        got = self._answers.get(name)
+        if got is not None and got[1] == self._version() and time.monotonic() - got[2] < max_age:
+            return got[0]
+        return None
 
     def close(self) -> None:
         for c in (self._db, self._ver):
