@@ -105,6 +105,46 @@ def test_process_batch_and_single(in_tmp, monkeypatch, capsys, passthrough_engin
     assert "recording unusable" in capsys.readouterr().out
 
 
+def test_process_keeps_its_cache_in_the_user_cache_dir_not_in_the_cwd(in_tmp, monkeypatch, capsys,
+                                                                      passthrough_engine, face_template_file):
+    from heygem_watch import engines
+
+    monkeypatch.setattr(engines, "create_engine", lambda name, model=None, **kw: passthrough_engine)
+    work = in_tmp / "somewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    xdg = in_tmp / "xdg-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+    rec = gen_media.write_av(in_tmp / "rec.flv", 0.4)
+    tpl = str(shutil.copy(face_template_file, in_tmp / "face.png"))
+    assert cli.main(["process", str(rec), "-t", tpl, "--output", str(in_tmp / "a.mp4")]) == 0
+    assert list(work.iterdir()) == []  # no ./var (cache, tmp) left where it ran
+    assert len(list((xdg / "heygem-watch" / "templates").iterdir())) == 1
+    # HEYGEM_CACHE_DIR wins; --no-cache keeps nothing anywhere
+    monkeypatch.setenv("HEYGEM_CACHE_DIR", str(in_tmp / "mine"))
+    assert cli.main(["process", str(rec), "-t", tpl, "--output", str(in_tmp / "b.mp4")]) == 0
+    assert len(list((in_tmp / "mine" / "templates").iterdir())) == 1
+    shutil.rmtree(xdg)
+    shutil.rmtree(in_tmp / "mine")
+    assert cli.main(["process", str(rec), "-t", tpl, "--output", str(in_tmp / "c.mp4"), "--no-cache"]) == 0
+    assert (in_tmp / "c.mp4").exists() and not xdg.exists() and not (in_tmp / "mine").exists()
+    assert list(work.iterdir()) == []
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(in_tmp / "home"))
+    monkeypatch.delenv("HEYGEM_CACHE_DIR")
+    assert cli.main(["process", str(rec), "-t", tpl, "--output", str(in_tmp / "d.mp4")]) == 0
+    assert (in_tmp / "home" / ".cache" / "heygem-watch" / "templates").is_dir()
+
+
+def test_status_and_check_show_an_unusable_template(in_tmp, capsys, daemon_factory, faceless_template_file):
+    d = daemon_factory(templates=(faceless_template_file,))
+    d.check_templates()
+    capsys.readouterr()
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "template wall.png: unusable, skipped: no face found" in out
+
+
 def test_check_reports_problems_with_fixes(in_tmp, capsys, face_template_file, faceless_template_file):
     tdir = in_tmp / "var" / "templates"
     assert cli.main(["check"]) == 1

@@ -414,3 +414,88 @@ def test_stale_partials_are_swept_fresh_ones_kept(tmp_path):
     os.utime(real, (time.time() - 7200, time.time() - 7200))
     assert sweep_partials([tmp_path / "uploads", tmp_path / "missing"]) == 1
     assert not old.exists() and fresh.exists() and real.exists()
+
+
+# ------------------------------------------------------------------ retry, rerun, known content (issue #11)
+def _finish_with(var: Path, states: dict[str, str]) -> None:
+    """Work the queue like the daemon, failing the templates named in states with 'failed'; file the source."""
+    import shutil
+
+    with Ledger(var / "ledger.sqlite3") as db:
+        while (t := db.claim_next_task()) is not None:
+            if states.get(t.template_name) == "failed":
+                db.fail_task(t.id, "engine failed")
+            else:
+                out = Path(db.recording(t.recording_id).output_dir) / f"{Path(t.template_name).stem}.mp4"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(b"mp4")
+                db.finish_task(t.id, out, {})
+            r = db.recording(t.recording_id)
+            tasks = db.tasks_for(r.id)
+            if all(x.state in ("done", "failed") for x in tasks):
+                arch = var / "archive" / r.day / r.name
+                arch.parent.mkdir(parents=True, exist_ok=True)
+                if Path(r.source_path).exists():
+                    shutil.move(r.source_path, arch)
+                state = "done" if all(x.state == "done" for x in tasks) else "partial"
+                db.set_recording_state(r.id, state, final_path=arch)
+
+
+def test_retry_button_endpoint_requeues_only_failed_tasks(env):
+    var, tdir, media = env
+    c = client_for(var, tdir)
+    body = submit(c, make_recording(media / "show.mp4"), ["anna.mp4", "ben.png"]).json()
+    _finish_with(var, {"ben.png": "failed"})
+    rid = body["recording_id"]
+    r = c.post(f"/api/recordings/{rid}/retry")
+    assert r.status_code == 200, r.text
+    assert r.json()["queued"] == ["ben.png"] and r.json()["existing"] == ["anna.mp4"]
+    with Ledger(var / "ledger.sqlite3") as db:
+        assert [t.state for t in db.tasks_for(rid)] == ["done", "queued"]
+        assert db.recording(rid).state == "queued" and "archive" in db.recording(rid).source_path
+    again = c.post(f"/api/recordings/{rid}/retry")
+    assert again.status_code == 409 and "no failed tasks" in again.json()["error"]
+    assert c.post("/api/recordings/999/retry").status_code == 404
+
+
+def test_render_with_endpoint_and_known_submit_say_what_was_queued(env):
+    var, tdir, media = env
+    c = client_for(var, tdir)
+    rec = make_recording(media / "show.mp4")
+    body = submit(c, rec, ["anna.mp4"]).json()
+    _finish_with(var, {})
+    rid = body["recording_id"]
+    r = c.post(f"/api/recordings/{rid}/rerun", data={"templates": ["anna.mp4", "ben.png"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["queued"] == ["ben.png"] and r.json()["existing"] == ["anna.mp4"]
+    _finish_with(var, {})
+    make_template(tdir / "cleo.mp4", color=(10, 10, 250))
+    again = submit(c, rec, ["anna.mp4", "cleo.mp4"])  # the same content once more, one new template
+    assert again.status_code == 200 and again.json()["duplicate_of"] == rid
+    assert again.json()["queued"] == ["cleo.mp4"] and again.json()["existing"] == ["anna.mp4"]
+    with Ledger(var / "ledger.sqlite3") as db:
+        assert [t.template_name for t in db.tasks_for(rid)] == ["anna.mp4", "ben.png", "cleo.mp4"]
+        assert Path(db.recording(rid).source_path).read_bytes() == rec.read_bytes()  # renders from the upload
+    none = submit(c, rec, ["anna.mp4"]).json()
+    assert none["queued"] == [] and none["existing"] == ["anna.mp4"]
+    assert c.post(f"/api/recordings/{rid}/rerun", data={"templates": ["../x.mp4"]}).status_code in (400, 404)
+
+
+def test_unusable_template_is_shown_and_refused(env):
+    var, tdir, media = env
+    c = client_for(var, tdir)
+    from heygem_watch.web.files import content_fingerprint
+
+    with Ledger(var / "ledger.sqlite3") as db:
+        db.set_template_check(content_fingerprint(tdir / "ben.png"), tdir / "ben.png", False,
+                              "no face found in any frame of the template")
+    tpls = {t["name"]: t for t in c.get("/api/templates").json()["templates"]}
+    assert tpls["ben.png"]["unusable"].startswith("no face") and tpls["anna.mp4"]["unusable"] is None
+    r = submit(c, make_recording(media / "x.mp4"), ["ben.png"])
+    assert r.status_code == 422 and "unusable" in r.json()["error"]
+
+
+def test_dashboard_has_the_retry_and_render_with_buttons():
+    js = (Path(__file__).resolve().parents[1] / "heygem_watch" / "web" / "static" / "app.js").read_text()
+    assert "Retry failed" in js and "/retry`" in js
+    assert "Render with" in js and "/rerun`" in js and "unusable" in js

@@ -290,3 +290,87 @@ def test_header_labels_and_renderer_banner(tmp_path):
     finally:
         web.terminate()
         web.wait(20)
+
+
+def test_retry_failed_and_render_with_buttons_in_a_real_browser(tmp_path):
+    """Dashboard only (no daemon): a partial recording filed in archive/; "Retry failed" queues its failed
+    template again, "Render with…" queues a library template it never had."""
+    assert Path(CHROMIUM).exists(), "needs Debian's Chromium: apt-get install -y chromium"
+    import cv2
+
+    var, port = tmp_path / "var", free_port()
+    tdir = var / "templates"
+    tdir.mkdir(parents=True)
+    for name, gain in (("anna.png", (0.85, 0.95, 1.12)), ("ben.png", (1.12, 1.0, 0.88)), ("cleo.png", (1, 1, 1))):
+        cv2.imwrite(str(tdir / name), next(tinted(face_frames(1, (192, 160)), gain)))  # faces: all usable
+    src = var / "archive" / time.strftime("%Y-%m-%d") / "show.mp4"
+    src.parent.mkdir(parents=True)
+    write_video(src, (np.full((48, 64, 3), 90, np.uint8) for _ in range(10)), fps=10, audio=speech_like(1.0))
+    from heygem_watch.ledger import fingerprint_file
+
+    with Ledger(var / "ledger.sqlite3") as db:
+        res = db.add_recording(src, fingerprint_file(src), src.stat().st_size,
+                               [(str(tdir / n), fingerprint_file(tdir / n)) for n in ("anna.png", "ben.png")],
+                               output_dir=var / "outputs" / "x" / "show")
+        a = db.claim_next_task()
+        db.finish_task(a.id, var / "outputs" / "x" / "show" / "anna.mp4", {})
+        b = db.claim_next_task()
+        db.fail_task(b.id, "engine failed")
+        db.set_recording_state(res.recording_id, "partial", final_path=src)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEYGEM_")}
+    env.update(PYTHONPATH=str(ROOT), HEYGEM_VAR_DIR=str(var), HEYGEM_LOG_FORMAT="json")
+    log = open(tmp_path / "web.log", "wb")
+    web = subprocess.Popen([sys.executable, "-m", "heygem_watch", "web", "--port", str(port)], cwd=tmp_path, env=env,
+                           stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                urllib.request.urlopen(url + "/api/config", timeout=1).read()
+                break
+            except OSError:
+                assert web.poll() is None and time.monotonic() < deadline, (tmp_path / "web.log").read_text()
+                time.sleep(0.2)
+        with playwright_sync.sync_playwright() as pw:
+            ctx = pw.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+                viewport={"width": 1280, "height": 900})
+            try:
+                page = ctx.new_page()
+                errors: list[str] = []
+                dialogs: list[str] = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("dialog", lambda d: (dialogs.append(d.message), d.accept()))
+                page.goto(url + "/")
+                page.wait_for_selector(".retry-rec")
+                page.wait_for_selector(".rerun summary")
+                shot(page, tmp_path, "web-retry-rerun.png")
+                page.click(".retry-rec")
+                try:
+                    page.wait_for_function("document.querySelectorAll('.result[data-state=queued]').length == 1",
+                                           timeout=10_000)
+                except playwright_sync.TimeoutError:
+                    pytest.fail(f"dialogs {dialogs}, errors {errors}")
+                assert dialogs and "ben.png" in dialogs[-1]
+                renders = page.evaluate("""new Promise((ok) => { let n = 0;
+                    new MutationObserver(() => n++).observe(document.querySelector('#history-list'), {childList: true});
+                    setTimeout(() => ok(n), 5000); })""")
+                assert renders <= 3, f"history re-rendered {renders} times in 5 s"
+                page.click(".rerun summary")
+                page.check('.rerun input[value="cleo.png"]')
+                shot(page, tmp_path, "web-render-with.png", full=False)
+                page.click(".rerun-go")
+                page.wait_for_function("document.querySelectorAll('.result[data-state=queued]').length == 2")
+                assert "queued: cleo.png" in dialogs[-1]
+                assert errors == []
+            finally:
+                ctx.close()
+    finally:
+        web.terminate()
+        web.wait(20)
+        log.close()
+    with Ledger(var / "ledger.sqlite3") as db:
+        tasks = {t.template_name: t.state for t in db.tasks_for(res.recording_id)}
+        assert tasks == {"anna.png": "done", "ben.png": "queued", "cleo.png": "queued"}
+        assert db.recording(res.recording_id).source_path == str(src)

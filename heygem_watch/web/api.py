@@ -77,7 +77,7 @@ def create_app(cfg: WebConfig) -> FastAPI:
     tdir = cfg.template_dir.resolve()
     uploads, outputs, failed, logs = var / "uploads", var / "outputs", var / "failed", var / "logs"
     thumbs = var / "cache" / "web-thumbs"
-    checker = FaceChecker(var / "cache") if cfg.face_check else None
+    checker = FaceChecker(var / "cache", ledger_path=var / "ledger.sqlite3") if cfg.face_check else None
     submit_lock = threading.Lock()  # fingerprint -> ledger in one step per process (double submit = one recording)
     max_bytes = cfg.max_upload_mb << 20
     app = FastAPI(title="heygem-watch", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
@@ -133,14 +133,30 @@ def create_app(cfg: WebConfig) -> FastAPI:
             part.unlink(missing_ok=True)
             raise
 
+    def unusable() -> dict[str, str]:
+        """template fingerprint -> why it is unusable (the daemon's or the face check's verdict)."""
+        if not (var / "ledger.sqlite3").exists():
+            return {}
+        with ledger() as db:
+            return {fp: c["reason"] or "unusable" for fp, c in db.template_checks().items() if not c["usable"]}
+
+    def described(paths) -> list[dict]:
+        bad = unusable()
+        out = []
+        for p in paths:
+            d = describe(p, checker)
+            d["unusable"] = bad.get(F.content_fingerprint(p)) if bad else None
+            out.append(d)
+        return out
+
     @app.get("/api/templates")
     def templates():
-        return {"templates": [describe(p, checker) for p in list_template_files(tdir)]}
+        return {"templates": described(list_template_files(tdir))}
 
     @app.post("/api/templates", status_code=201)
     def upload_templates(files: list[UploadFile] = File(...)):
         tdir.mkdir(parents=True, exist_ok=True)
-        return {"templates": [describe(store_template(up), checker) for up in files]}
+        return {"templates": described([store_template(up) for up in files])}
 
     @app.delete("/api/templates/{name}")
     def delete_template(name: str):
@@ -176,6 +192,10 @@ def create_app(cfg: WebConfig) -> FastAPI:
         tpl_paths = list(dict.fromkeys(tpl_paths))
         if not tpl_paths:
             raise F.WebError(400, "choose or upload at least one template")
+        bad = unusable()
+        for p in tpl_paths:
+            if F.content_fingerprint(p) in bad:
+                raise F.WebError(422, f"template {p.name} is unusable: {bad[F.content_fingerprint(p)]}")
         name = F.sanitize_name(recording.filename or "", "recording")
         ext = os.path.splitext(name)[1].lower()
         if ext not in cfg.extensions:
@@ -193,12 +213,15 @@ def create_app(cfg: WebConfig) -> FastAPI:
             batch = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}" if len(tpls) > 1 else None
             with submit_lock, ledger() as db:
                 prior = db.find_by_fingerprint(fp)
-                if prior is not None and prior.state != "failed":  # known content: record the duplicate, keep no copy
-                    size = part.stat().st_size
-                    part.unlink(missing_ok=True)
-                    final = Path(prior.source_path)
-                    res = db.add_recording(final, fp, size, tpls, source="web", batch=batch,
+                if prior is not None and prior.state != "failed":
+                    # known content: the templates it lacks (and failed ones) are queued for it; the upload is kept
+                    # as its source only when it is finished (else its own source is still waiting)
+                    final = F.commit(part, uploads / day, name)
+                    res = db.add_recording(final, fp, final.stat().st_size, tpls, source="web", batch=batch,
                                            output_dir=prior.output_dir, day=day)
+                    if not (res.task_ids and res.prev_state in ("done", "partial")):
+                        final.unlink(missing_ok=True)
+                        final = Path(prior.source_path)
                 else:  # new, or a failed one dropped again to retry
                     final = F.commit(part, uploads / day, name)
                     out_dir = unique_dir(db, outputs / day / final.stem)
@@ -215,12 +238,43 @@ def create_app(cfg: WebConfig) -> FastAPI:
                 "batch": batch if res.duplicate_of is None else None, "templates": [p.name for p in tpl_paths], "name": final.name}
         with ledger() as db:
             body["renderer"] = db.renderer_status()
+            # what this call queued, and (for known content) what the recording already had
+            names = {t.id: t.template_name for t in db.tasks_for(res.recording_id)}
+        body["queued"] = [names[i] for i in res.task_ids if i in names]
+        body["existing"] = list(res.existing)
         if res.task_ids and not body["renderer"]["running"]:
             since = body["renderer"]["since"]
             when = f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since else ""
             body["note"] = (f"the renderer (heygem-watch run) is not running{when}: this job waits in the queue "
                             "until it is started")
         return JSONResponse(body, 200 if res.duplicate_of is not None else 201)
+
+    @app.post("/api/recordings/{rid}/retry")
+    def retry_recording(rid: int):
+        """Queue the failed tasks of a recording again (done ones are kept)."""
+        from heygem_watch import requeue
+
+        with ledger() as db:
+            get_recording(db, rid)
+            try:
+                return requeue.retry(db, rid).as_dict()
+            except requeue.RequeueError as exc:
+                raise F.WebError(409, str(exc)) from None
+
+    @app.post("/api/recordings/{rid}/rerun")
+    def rerun_recording(rid: int, templates: list[str] = Form(...)):
+        """Render a known recording with library templates it does not have yet (same folder and manifest)."""
+        from heygem_watch import requeue
+
+        paths = [template_path(n) for n in templates if n]
+        if not paths:
+            raise F.WebError(400, "choose at least one template")
+        with ledger() as db:
+            get_recording(db, rid)
+            try:
+                return requeue.rerun(db, rid, paths, tdir).as_dict()
+            except requeue.RequeueError as exc:
+                raise F.WebError(409, str(exc)) from None
 
     def unique_dir(db, base: Path) -> Path:
         out, i = base, 1

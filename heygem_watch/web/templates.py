@@ -45,8 +45,9 @@ def list_template_files(template_dir: Path) -> list[Path]:
 class FaceChecker:
     """Background face analysis of templates; results as JSON under cache_root/RESULTS_DIR/<fingerprint>.json."""
 
-    def __init__(self, cache_root: Path):
+    def __init__(self, cache_root: Path, ledger_path: Path | None = None):
         self.cache_root = Path(cache_root)
+        self.ledger_path = ledger_path  # the verdict goes into the ledger too: the daemon's fan-out skips a bad one
         self.results = self.cache_root / RESULTS_DIR
         self._queue: queue.Queue[tuple[Path, str]] = queue.Queue()
         self._pending: set[str] = set()
@@ -83,8 +84,22 @@ class FaceChecker:
                 tmp = self.results / f"{PARTIAL_PREFIX}{fp}.json"
                 tmp.write_text(json.dumps(res))
                 os.replace(tmp, self.results / f"{fp}.json")
+                self._record(path, fp, res)
             with self._lock:
                 self._pending.discard(fp)
+
+    def _record(self, path: Path, fp: str, res: dict) -> None:
+        """A template that cannot be used (no face, unreadable) is marked so in the ledger, as the daemon does."""
+        if self.ledger_path is None or "ok" not in res:  # a crash or timeout says nothing about the template
+            return
+        from heygem_watch.ledger import Ledger
+
+        try:
+            with Ledger(self.ledger_path) as db:
+                usable = res.get("state") == "done"
+                db.set_template_check(fp, path, usable, None if usable else res.get("message"))
+        except Exception:  # noqa: BLE001 - the listing still shows the verdict
+            pass
 
     def _analyse(self, path: Path) -> dict:
         cmd = [sys.executable, "-m", "heygem_watch.web.templates", str(path), str(self.cache_root)]

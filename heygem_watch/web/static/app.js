@@ -90,12 +90,19 @@ async function refreshHistory() {
   const h = await api("/api/recordings?limit=100");
   if (seq !== historySeq) return;  // a newer request was sent meanwhile: its answer wins
   if (!h.days.length) { $("#history-list").innerHTML = '<p class="hint">No recordings yet.</p>'; return; }
-  const open = new Set([...document.querySelectorAll("#history-list details[open]")].map((d) => d.dataset.rec));
+  const open = new Set([...document.querySelectorAll("#history-list details[open][data-rec]")].map((d) => d.dataset.rec));
+  // a "Render with…" being filled in stays open with its ticks across refreshes
+  const picking = new Map([...document.querySelectorAll("#history-list details.rerun[open]")].map((d) =>
+    [d.dataset.rerun, new Set([...d.querySelectorAll("input:checked")].map((i) => i.value))]));
   $("#history-list").innerHTML = h.days.map((d) =>
     `<div class="day"><div class="day-title">${esc(d.day)}</div>${d.recordings.map(recView).join("")}</div>`).join("");
   for (const id of open) {
     const d = document.querySelector(`#history-list details[data-rec="${id}"]`);
     if (d) { d.open = true; loadLog(d); }
+  }
+  for (const [id, ticked] of picking) {
+    const d = document.querySelector(`#history-list details.rerun[data-rerun="${id}"]`);
+    if (d) { d.open = true; d.querySelectorAll("input").forEach((i) => { i.checked = ticked.has(i.value); }); }
   }
 }
 
@@ -104,6 +111,14 @@ function recView(r) {
   const zip = r.n_done ? `<a class="zip-link button" href="/api/recordings/${r.id}/zip" download>Download ZIP</a>` : "";
   const busy = r.tasks.some((t) => t.state === "queued" || t.state === "running");
   const del = busy ? "" : `<button class="danger del-rec" data-rec="${r.id}" data-name="${esc(r.name)}">Delete</button>`;
+  // a partial or failed recording can be completed: only its failed templates run again
+  const retry = r.n_failed ? `<button class="retry-rec" data-rec="${r.id}">Retry failed</button>` : "";
+  // more templates for a known recording: the ones it lacks are rendered from its archived source
+  const have = new Set(r.tasks.map((t) => t.template_name));
+  const more = templatesCache.filter((t) => !have.has(t.name) && !t.unusable);
+  const rerun = more.length ? `<details class="rerun" data-rerun="${r.id}"><summary>Render with…</summary>
+      ${more.map((t) => `<label><input type="checkbox" value="${esc(t.name)}"> ${esc(t.name)}</label>`).join("")}
+      <button class="rerun-go" data-rec="${r.id}">Queue</button></details>` : "";
   // the recording's reason (error.json when the daemon wrote one); each failed template says why in its card
   const ej = r.error_json;
   const reason = (ej && (ej.reason || ej.error)) || (r.state === "failed" ? r.error : "");
@@ -113,7 +128,7 @@ function recView(r) {
     <div class="rec-head"><span class="rec-name">${esc(r.name)}</span>
       <span class="state ${esc(r.state)}">${esc(r.state)}</span>${batch}
       <span class="hint">${r.created_at ? new Date(r.created_at * 1000).toLocaleString() : ""}</span>
-      <span class="rec-actions">${zip}${del}</span></div>
+      <span class="rec-actions">${zip}${retry}${del}</span></div>${rerun}
     ${err}<div class="results">${r.tasks.map(taskView).join("")}</div></div>`;
 }
 
@@ -147,13 +162,34 @@ $("#history-list").addEventListener("click", async (ev) => {
     $("#player-dialog").showModal();
     $("#player").play().catch(() => {});
   }
+  const retry = ev.target.closest(".retry-rec");
+  if (retry) {
+    try {
+      const r = await api(`/api/recordings/${retry.dataset.rec}/retry`, {method: "POST"});
+      alert(`queued again: ${r.queued.join(", ")}`);
+    } catch (e) { alert(e.message); }
+    refreshAll();
+  }
+  const go = ev.target.closest(".rerun-go");
+  if (go) {
+    const fd = new FormData();
+    go.closest(".rerun").querySelectorAll("input:checked").forEach((i) => fd.append("templates", i.value));
+    try {
+      const r = await api(`/api/recordings/${go.dataset.rec}/rerun`, {method: "POST", body: fd});
+      alert((r.queued.length ? `queued: ${r.queued.join(", ")}` : "nothing new to queue")
+        + (r.existing.length ? `; already there: ${r.existing.join(", ")}` : ""));
+    } catch (e) { alert(e.message); }
+    refreshAll();
+  }
   const del = ev.target.closest(".del-rec");
   if (del && confirm(`Delete the results of “${del.dataset.name}”? This removes the MP4 files.`)) {
     try { await api(`/api/recordings/${del.dataset.rec}`, {method: "DELETE"}); } catch (e) { alert(e.message); }
     refreshHistory();
   }
 });
-$("#history-list").addEventListener("toggle", (ev) => { if (ev.target.open) loadLog(ev.target); }, true);
+$("#history-list").addEventListener("toggle", (ev) => {
+  if (ev.target.open && ev.target.dataset.rec) loadLog(ev.target);
+}, true);
 $("#player-close").addEventListener("click", () => { $("#player").pause(); $("#player-dialog").close(); });
 $("#player-dialog").addEventListener("close", () => $("#player").pause());
 
@@ -203,7 +239,10 @@ function fitLabels(spans) {
 
 async function refreshTemplates() {
   const r = await api("/api/templates");
+  const names = (ts) => JSON.stringify(ts.map((t) => [t.name, t.unusable]));
+  const changed = names(templatesCache) !== names(r.templates);
   templatesCache = r.templates;
+  if (changed) refreshHistory();  // its "Render with…" lists the library's templates
   const checked = new Set([...document.querySelectorAll("#template-choices input:checked")].map((i) => i.value));
   const batch = $("#mode-batch").checked;
   $("#template-choices").innerHTML = r.templates.length ? r.templates.map((t) =>
@@ -225,6 +264,7 @@ function tplView(t) {
     <div class="tpl-name">${esc(t.name)}</div>
     <div>${t.width}×${t.height} &middot; ${t.fps ?? "–"} fps &middot; ${dur}</div>
     <div class="face ${cls}" title="${esc(f.message || "")}">${esc(face)}</div>
+    ${t.unusable ? `<div class="face bad unusable" title="recordings skip this template">unusable: ${esc(t.unusable)}</div>` : ""}
     <button class="danger del-tpl" data-name="${esc(t.name)}">Delete</button></div>`;
 }
 
@@ -293,9 +333,11 @@ $("#job-form").addEventListener("submit", (ev) => {
     try { body = JSON.parse(xhr.responseText); } catch (e) { /* not JSON */ }
     if (xhr.status === 401) { askToken(); return; }
     if (xhr.status >= 200 && xhr.status < 300) {
-      msg.textContent = body.duplicate_of != null
-        ? `already known: same content as recording #${body.duplicate_of} — not processed again`
-        : `queued: ${body.task_ids.length} job(s) for ${body.name}` + (body.note ? ` — ${body.note}` : "");
+      const had = body.existing?.length ? `; already had ${body.existing.join(", ")}` : "";
+      msg.textContent = (body.duplicate_of == null ? `queued: ${body.task_ids.length} job(s) for ${body.name}`
+        : body.queued?.length ? `already known (recording #${body.duplicate_of}): queued ${body.queued.join(", ")}${had}`
+        : `already known: same content as recording #${body.duplicate_of} — nothing new to render${had}`)
+        + (body.note ? ` — ${body.note}` : "");
       msg.className = body.note ? "msg warn" : "msg ok";
       const batch = $("#mode-batch").checked;
       $("#job-form").reset();
