@@ -30,8 +30,9 @@ def finished(daemon_factory):
     return d, rec
 
 
-def test_rerun_command_queues_only_the_new_template_and_adds_to_the_same_folder(daemon_factory, monkeypatch,
+def test_rerun_command_queues_only_the_new_template_and_adds_to_the_same_folder(daemon_factory, env_clean,
                                                                                  capsys):
+    monkeypatch = env_clean
     d, rec = finished(daemon_factory)
     monkeypatch.setenv("HEYGEM_VAR_DIR", str(d.settings.var_dir))
     capsys.readouterr()
@@ -70,7 +71,8 @@ def test_dropping_a_known_recording_again_renders_the_templates_it_lacks(daemon_
     assert d.ledger.events("duplicate")[0]["detail"]["queued"] == []
 
 
-def test_rerun_refuses_a_recording_whose_source_is_gone(daemon_factory, monkeypatch, capsys):
+def test_rerun_refuses_a_recording_whose_source_is_gone(daemon_factory, env_clean, capsys):
+    monkeypatch = env_clean
     d = daemon_factory(HEYGEM_ON_DONE="delete")
     gen_media.write_wav(d.settings.incoming_dir / "gone.wav", gen_media.speech(0.4))
     ingest_all(d)

@@ -307,7 +307,8 @@ def test_redropping_a_partial_recording_requeues_exactly_its_failed_tasks(daemon
 
 @pytest.mark.parametrize("ref", ["id", "name"])
 def test_retry_command_requeues_failed_tasks_from_the_archive(daemon_factory, face_template_file, capsys,
-                                                              monkeypatch, ref):
+                                                              env_clean, ref):
+    monkeypatch = env_clean
     from heygem_watch import cli
 
     d, eng, src, rec = _partial(daemon_factory, face_template_file)
