@@ -257,9 +257,11 @@ def create_app(cfg: WebConfig) -> FastAPI:
         with ledger() as db:
             get_recording(db, rid)
             try:
-                return requeue.retry(db, rid).as_dict()
+                res = requeue.retry(db, rid)
             except requeue.RequeueError as exc:
                 raise F.WebError(409, str(exc)) from None
+        snapshot.invalidate()
+        return res.as_dict()
 
     @app.post("/api/recordings/{rid}/rerun")
     def rerun_recording(rid: int, templates: list[str] = Form(...)):
@@ -272,9 +274,11 @@ def create_app(cfg: WebConfig) -> FastAPI:
         with ledger() as db:
             get_recording(db, rid)
             try:
-                return requeue.rerun(db, rid, paths, tdir).as_dict()
+                res = requeue.rerun(db, rid, paths, tdir)
             except requeue.RequeueError as exc:
                 raise F.WebError(409, str(exc)) from None
+        snapshot.invalidate()
+        return res.as_dict()
 
     def unique_dir(db, base: Path) -> Path:
         out, i = base, 1
