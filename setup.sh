@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command to set everything up: ./setup.sh
 #   - Debian packages the tests and the service use (chromium for the dashboard's browser test, systemd for
-#     systemd-analyze), when run as root on Debian/Ubuntu (skip with HEYGEM_SKIP_APT=1); waits while apt is busy;
+#     systemd-analyze, redis-server for the render farm's tests: they start their own on a free port), when run
+#     as root on Debian/Ubuntu (skip with HEYGEM_SKIP_APT=1); waits while apt is busy;
 #   - a virtual environment in .venv with heygem-watch and its extras (test, web, export).
 # Environment: PYTHON (default python3), HEYGEM_EXTRAS (default "test,web,export"), HEYGEM_GPU=1 adds onnxruntime-gpu.
 set -euo pipefail
@@ -13,6 +14,7 @@ EXTRAS=${HEYGEM_EXTRAS:-test,web,export}
 DEBIAN_PACKAGES=(
   "chromium          chromium"                                       # the dashboard's browser test
   "systemd           systemd-analyze"                                # the systemd unit's test
+  "redis-server      redis-server"                                   # the render farm's tests start their own
   "fonts-wqy-zenhei  /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc"   # Chinese names in screenshots
   "jq                jq"                                             # the README's log recipes (and their test)
 )

@@ -1,4 +1,4 @@
-"""`heygem-watch` command line: run | process | status | retry | rerun | check | export-model | web.
+"""`heygem-watch` command line: run | process | status | retry | rerun | check | export-model | web | worker.
 
 Thin on purpose: argument parsing here, work in the modules. Heavy imports (numpy, PyAV, MediaPipe,
 ONNX Runtime) happen inside the commands, so `--help` and `status` start fast.
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     web = sub.add_parser("web", help="the web dashboard (its own process, same ledger and folders)")
     web.add_argument("--host", default=None)
     web.add_argument("--port", type=int, default=None)
+    wk = sub.add_parser("worker", help="render farm worker: renders tasks a head sends through HEYGEM_BROKER_URL")
+    wk.add_argument("--name", default=None, help="worker name (default heygem@HOST; one worker per GPU: gpu0, gpu1)")
+    wk.add_argument("--loglevel", default="INFO", help="Celery's own log level (default INFO)")
     return p
 
 
@@ -181,8 +184,9 @@ def cmd_status(args, settings) -> int:
             rec = led.recording(t.recording_id)
             pct = 100.0 * t.progress_done / t.progress_total if t.progress_total else 0.0
             eta = f"{t.eta_s:.0f} s" if t.eta_s is not None else "-"
-            print(f"running: task {t.id} {rec.name} x {t.template_name}: {t.progress_done}/{t.progress_total} frames "
-                  f"({pct:.0f}%), {t.fps:.1f} fps, ETA {eta}")
+            where = f" on {t.worker}" if t.worker else ""
+            print(f"running: task {t.id} {rec.name} x {t.template_name}{where}: {t.progress_done}/{t.progress_total} "
+                  f"frames ({pct:.0f}%), {t.fps:.1f} fps, ETA {eta}")
         if not running:
             print("running: none")
         rs = led.renderer_status()
@@ -190,6 +194,7 @@ def cmd_status(args, settings) -> int:
             print(rs["message"])
         else:
             print(rs["message"] + (f"; {c['queued']} queued tasks wait for it" if c["queued"] else ""))
+        _print_workers(led)
         recs = led.recent_recordings(args.limit)
         print(f"last {len(recs)} recordings:")
         for r in recs:
@@ -231,6 +236,43 @@ def cmd_rerun(args, settings) -> int:
 
     return _requeue(args, settings, lambda led: requeue.rerun(led, args.recording, args.templates,
                                                                settings.template_dir))
+
+
+WORKER_LOST_S = 10.0  # Celery workers send a heartbeat every 2 s; silent this long = gone
+
+
+def _print_workers(led) -> None:
+    """Farm workers seen by the head (ledger table `workers`): host, last heartbeat, current task."""
+    workers = led.workers()
+    if not workers:
+        return
+    current = {t.worker: t for t in led.running_tasks() if t.worker}
+    print(f"workers: {len(workers)}")
+    for w in workers:
+        ago = max(0.0, time.time() - w.last_heartbeat)
+        state = w.state if w.state == "offline" else ("lost" if ago > WORKER_LOST_S else "online")
+        t = current.get(w.hostname)
+        doing = f"task {t.id} {t.template_name} {t.progress_done}/{t.progress_total}" if t else "idle"
+        print(f"  {w.hostname:<30} {state:<7} last heartbeat {_fmt_time(w.last_heartbeat)} ({ago:.0f} s ago)  "
+              f"{doing}  processed {w.processed}")
+
+
+def cmd_worker(args, settings) -> int:
+    if not settings.broker_url:
+        print("heygem-watch worker: set HEYGEM_BROKER_URL (the head's Redis, redis://:PASSWORD@HOST:6379/0)",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    from heygem_watch import logrelay
+    from heygem_watch.farm import run_worker
+    from heygem_watch.logs import configure
+
+    configure(settings.log_format, settings.log_level)
+    logrelay.start(settings.log_format, settings.log_level)  # MediaPipe's native chatter: JSON lines too
+    try:
+        return run_worker(settings, args.name, args.loglevel)
+    finally:
+        sys.stdout.flush()
+        logrelay.stop()
 
 
 MIN_FACE_FRACTION = 0.5  # `check` wants a face in most template frames
@@ -381,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return cli_web(args, settings)
     command = {"run": cmd_run, "process": cmd_process, "status": cmd_status, "check": cmd_check,
-               "retry": cmd_retry, "rerun": cmd_rerun}[args.command]
+               "retry": cmd_retry, "rerun": cmd_rerun, "worker": cmd_worker}[args.command]
     try:
         return command(args, settings)
     except BrokenPipeError:  # `heygem-watch status | head`: the reader left; not an error worth a traceback

@@ -20,6 +20,7 @@ ON_DONE_CHOICES = ("archive", "keep", "delete")
 LOG_FORMATS = ("json", "console")
 ENGINE_CHOICES = ("auto", "builtin", "onnx")
 ONNX_PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+DISPATCH_CHOICES = ("local", "celery")
 DETECTOR_PATTERNS = ("scrfd*.onnx", "det_*.onnx")  # insightface face detectors users may put in models/
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
@@ -28,8 +29,8 @@ KEYS: dict[str, tuple[str, str]] = {
     "HEYGEM_VAR_DIR": ("./var", "state, outputs, archive, logs, cache"),
     "HEYGEM_INCOMING_DIR": ("$HEYGEM_VAR_DIR/incoming", "folder watched for recordings"),
     "HEYGEM_TEMPLATE_DIR": ("$HEYGEM_VAR_DIR/templates", "every video or image in it is an avatar template"),
-    "HEYGEM_CACHE_DIR": ("$XDG_CACHE_HOME/heygem-watch", "template analyses kept by `heygem-watch process` "
-                         "(else ~/.cache/heygem-watch); the daemon keeps its own in $HEYGEM_VAR_DIR/cache"),
+    "HEYGEM_CACHE_DIR": ("$XDG_CACHE_HOME/heygem-watch", "template analyses kept by `heygem-watch process` and "
+                         "farm workers (else ~/.cache/heygem-watch); the daemon keeps its own in $HEYGEM_VAR_DIR/cache"),
     "HEYGEM_MODEL_DIR": ("./models", "where models live (relative HEYGEM_MODEL paths resolve here too)"),
     "HEYGEM_MODEL": ("", "ONNX lip-sync model; empty = the only .onnx in HEYGEM_MODEL_DIR, if exactly one"),
     "HEYGEM_ENGINE": ("auto", "auto | builtin | onnx (auto = onnx when a model is set)"),
@@ -48,6 +49,9 @@ KEYS: dict[str, tuple[str, str]] = {
     "HEYGEM_ONNX_PROVIDER": ("auto", "auto | cpu | cuda | tensorrt: where the ONNX engine runs"),
     "HEYGEM_ONNX_BATCH": ("0", "frames per ONNX inference call; 0 = auto (4 on CPU, up to 64 on GPU)"),
     "HEYGEM_ONNX_THREADS": ("0", "onnxruntime threads per inference run; 0 = auto"),
+    "HEYGEM_DISPATCH": ("local", "local = render on this machine | celery = render farm (docs/farm.md)"),
+    "HEYGEM_BROKER_URL": ("", "farm broker + result backend, redis://:PASSWORD@HOST:6379/0 or rediss://..."),
+    "HEYGEM_VISIBILITY_TIMEOUT": ("7200", "farm: seconds before a task a dead worker held is delivered again"),
     "HEYGEM_WEB_HOST": ("127.0.0.1", "web dashboard address"),
     "HEYGEM_WEB_PORT": ("7860", "web dashboard port"),
     "HEYGEM_WEB_TOKEN": ("", "web dashboard access token; empty = no login (only safe on 127.0.0.1)"),
@@ -98,7 +102,10 @@ class Settings:
     web_token: str
     web_max_upload_mb: int
     onnx_options: dict = field(default_factory=dict)  # provider / batch_size / threads for the ONNX engine
-    process_cache_dir: Path | None = None  # HEYGEM_CACHE_DIR: `heygem-watch process` only (not var/)
+    process_cache_dir: Path | None = None  # HEYGEM_CACHE_DIR: `process` and farm workers (not var/)
+    dispatch: str = "local"  # local | celery (see dispatch.py)
+    broker_url: str = ""  # secret (may hold the Redis password): never logged
+    visibility_timeout: float = 7200.0
     config_file: Path | None = None  # the file read, None when none
 
     # Folders under var/; the daemon creates them.
@@ -135,7 +142,19 @@ class Settings:
         d["encoder"] = dict(self.encoder.__dict__)
         d["extensions"] = list(self.extensions)
         d.pop("web_token", None)  # never logged
+        if d.get("broker_url"):
+            d["broker_url"] = redact_url(d["broker_url"])
         return d
+
+
+def redact_url(url: str) -> str:
+    """redis://:secret@host:6379/0 -> redis://:***@host:6379/0 (for logs and status)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    cred, _, host = rest.rpartition("@")
+    user = cred.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
 
 
 def _read_file(path: Path) -> dict[str, str]:
@@ -264,7 +283,17 @@ def load_settings(config: os.PathLike | str | None = None, environ: Mapping[str,
     onnx = {"provider": _choice("HEYGEM_ONNX_PROVIDER", raw("HEYGEM_ONNX_PROVIDER").lower(), ONNX_PROVIDERS, problems),
             "batch_size": _number("HEYGEM_ONNX_BATCH", raw("HEYGEM_ONNX_BATCH"), problems, int, 0, 4096),
             "threads": _number("HEYGEM_ONNX_THREADS", raw("HEYGEM_ONNX_THREADS"), problems, int, 0, 256)}
+    dispatch = _choice("HEYGEM_DISPATCH", raw("HEYGEM_DISPATCH"), DISPATCH_CHOICES, problems)
+    broker_url = values.get("HEYGEM_BROKER_URL", "").strip()
+    if broker_url and not broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
+        problems.append(f"HEYGEM_BROKER_URL: {redact_url(broker_url)!r} is not a redis://, rediss:// or "
+                        "redis+socket:// URL")
+    if dispatch == "celery" and not broker_url:
+        problems.append("HEYGEM_DISPATCH: 'celery' needs HEYGEM_BROKER_URL (redis://:PASSWORD@HOST:6379/0)")
     s = Settings(
+        dispatch=dispatch, broker_url=broker_url,
+        visibility_timeout=_number("HEYGEM_VISIBILITY_TIMEOUT", raw("HEYGEM_VISIBILITY_TIMEOUT"), problems, float,
+                                   1, 30 * 86400),
         var_dir=var_dir, incoming_dir=incoming, template_dir=templates, model_dir=model_dir, model=model,
         engine=engine, extensions=tuple(dict.fromkeys(exts)),
         settle_seconds=_number("HEYGEM_SETTLE_SECONDS", raw("HEYGEM_SETTLE_SECONDS"), problems, float, 0, 86400),

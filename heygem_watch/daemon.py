@@ -14,7 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
-from heygem_watch import __version__
+from heygem_watch import __version__, dispatch
 from heygem_watch.config import Settings, load_settings
 from heygem_watch.housekeeping import (VarLocked, apply_retention, disk_full, list_templates,  # noqa: F401
                                        lock_var, sd_notify, unique_path, watchdog_interval, write_json_atomic)
@@ -24,6 +24,7 @@ from heygem_watch.watch import IncomingWatcher
 
 SHUTDOWN_GRACE_S = 7.0  # SIGTERM -> exit well within systemd's (and the issue's) 10 s
 IDLE_POLL_S = 1.0  # the worker looks at the ledger this often when idle (the web process adds tasks too)
+FARM_POLL_S = 0.25  # farm head: how often it asks the result backend about in-flight tasks
 PROGRESS_LOG_S = 4.0  # progress events at least every 5 s (the pipeline reports every 2 s)
 DISK_LOG_EVERY_S = 60.0
 # After a write failed for lack of space (ENOSPC, "database or disk is full"), tasks wait until this much more is
@@ -76,6 +77,7 @@ class Daemon:
         self._tpl_fp: dict[tuple[str, int, int], str] = {}
         self.current: Task | None = None
         self.watcher = self._make_watcher()
+        self.dispatcher = dispatch.create(self)  # renders here, or sends to the farm (HEYGEM_DISPATCH)
         self.scheduler = None
         self._worker: threading.Thread | None = None
 
@@ -611,11 +613,14 @@ class Daemon:
         n = self.ledger.requeue_running()
         if n:
             self.log.warning("requeued_after_crash", tasks=n)
+        farm_tmp = self.settings.tmp_dir / "farm"  # farm workers' partials: each worker cleans its own
         for p in self.settings.tmp_dir.rglob(".partial-*"):
-            p.unlink(missing_ok=True)
+            if farm_tmp not in p.parents:
+                p.unlink(missing_ok=True)
         for d, size in template.remove_stale_work(self.settings.cache_dir):
             self.log.info("template_cache_leftover_removed", path=str(d), freed_mb=round(size / 2**20, 1))
         self.ledger.forget_fingerprints(os.path.exists)
+        self.dispatcher.recover()
         for rec in self.ledger.unfinished_recordings():
             with log_context(recording_id=rec.id):
                 self.finalise(rec.id)
@@ -665,7 +670,7 @@ class Daemon:
     def _worker_loop(self) -> None:
         while not self.stopping.is_set():
             try:
-                task = self.run_one()
+                task = self.dispatcher.step()
             except Exception as exc:  # a ledger/disk hiccup must not kill the worker
                 if disk_full(exc):
                     self._enter_disk_full(exc, "filing results")
@@ -673,8 +678,8 @@ class Daemon:
                     self.log.exception("worker_error", error=str(exc))
                 task = None
                 self.stopping.wait(5)
-            if task is None:
-                self.wake.wait(IDLE_POLL_S)
+            if not task:
+                self.wake.wait(IDLE_POLL_S if self.dispatcher.renders_here else FARM_POLL_S)
                 self.wake.clear()
 
     def rescan(self) -> None:
@@ -722,7 +727,9 @@ class Daemon:
         if not list_templates(self.settings.template_dir):
             self.log.warning("no_templates", template_dir=str(self.settings.template_dir),
                              fix="put avatar videos or images there; recordings wait until then")
-        self.ensure_engine()
+        if self.dispatcher.renders_here:
+            self.ensure_engine()
+        self.dispatcher.start()
         self.watcher.start()
         self._start_scheduler()
         self._worker = threading.Thread(target=self._worker_loop, name="worker", daemon=True)
@@ -730,7 +737,8 @@ class Daemon:
         self.beat()
         sd_notify(f"READY=1\nSTATUS=watching {self.settings.incoming_dir}\nMAINPID={os.getpid()}")
         self.log.info("ready", incoming=str(self.settings.incoming_dir), templates=len(list_templates(
-            self.settings.template_dir)), engine=self.engine.describe() if self.engine else None)
+            self.settings.template_dir)), engine=self.engine.describe() if self.engine else None,
+                      dispatch=self.dispatcher.kind)
 
     def request_stop(self, *_args) -> None:
         self.stopping.set()
@@ -741,6 +749,7 @@ class Daemon:
         sd_notify("STOPPING=1")
         self.log.info("stopping", running_task=self.current.id if self.current else None)
         self.request_stop()
+        self.dispatcher.stop()
         t0 = time.monotonic()
         self.watcher.stop(timeout=2.0)
         if self.scheduler is not None:

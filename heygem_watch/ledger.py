@@ -85,6 +85,14 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     beat_at    REAL NOT NULL,
     stopped_at REAL
 );
+CREATE TABLE IF NOT EXISTS workers (
+    hostname       TEXT PRIMARY KEY,
+    first_seen     REAL NOT NULL,
+    last_heartbeat REAL NOT NULL,
+    state          TEXT NOT NULL DEFAULT 'online',
+    active         INTEGER NOT NULL DEFAULT 0,
+    processed      INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS events (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     recording_id INTEGER,
@@ -109,7 +117,10 @@ CREATE TABLE IF NOT EXISTS template_checks (
 );
 """
 # columns added after the first release: (table, column, definition), added to older ledgers at open
-MIGRATIONS = (("tasks", "crashes", "INTEGER NOT NULL DEFAULT 0"), ("tasks", "stops", "INTEGER NOT NULL DEFAULT 0"))
+MIGRATIONS = (("tasks", "crashes", "INTEGER NOT NULL DEFAULT 0"), ("tasks", "stops", "INTEGER NOT NULL DEFAULT 0"),
+              # the render farm (dispatch.py): the Celery id (the same for every delivery of the task), when the
+              # broker accepted it (NULL = not sent yet), the worker that renders or rendered it
+              ("tasks", "celery_id", "TEXT"), ("tasks", "dispatched_at", "REAL"), ("tasks", "worker", "TEXT"))
 
 
 def fingerprint_file(path: os.PathLike | str) -> str:
@@ -163,6 +174,19 @@ class Task:
     timings: dict = field(default_factory=dict)
     crashes: int = 0  # times the process died while rendering it
     stops: int = 0  # times it was put back cleanly (SIGTERM, disk full)
+    celery_id: str | None = None  # farm: the Celery task id (the same for every delivery of this task)
+    dispatched_at: float | None = None  # farm: when the broker accepted it; None = not sent (yet)
+    worker: str | None = None  # farm: the worker rendering (or that rendered) it
+
+
+@dataclass
+class Worker:
+    hostname: str
+    first_seen: float
+    last_heartbeat: float
+    state: str  # online | offline (said goodbye)
+    active: int  # tasks it is running, as it last said
+    processed: int
 
 
 @dataclass
@@ -212,6 +236,7 @@ class Ledger:
                         self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
                     except sqlite3.OperationalError:  # another process added it meanwhile
                         pass
+            self._db.execute("CREATE INDEX IF NOT EXISTS tasks_celery ON tasks(celery_id)")
 
     # -- plumbing ---------------------------------------------------------------------------------------------
     class _Tx:
@@ -527,15 +552,17 @@ class Ledger:
     def requeue_running(self) -> int:
         """At start-up: tasks left 'running' by a crash go back to the queue (finished ones are never redone).
         A task whose renders killed the process MAX_ATTEMPTS times is failed instead, so a file that kills the
-        process cannot loop; clean stops (requeue_task) do not count."""
+        process cannot loop; clean stops (requeue_task) do not count.
+        Farm tasks (a Celery id) are not touched: a worker renders them, the head re-attaches (dispatch.py)."""
         now = time.time()
         with self._write() as db:
-            db.execute("UPDATE tasks SET crashes=crashes+1 WHERE state='running'")
+            db.execute("UPDATE tasks SET crashes=crashes+1 WHERE state='running' AND celery_id IS NULL")
             db.execute("UPDATE tasks SET state='failed', finished_at=?, error='interrupted by ' || crashes || ' crash(es)"
                        " (the process died while rendering it); ' || stops || ' clean stop(s) by a shutdown or a"
-                       " full disk were not counted' WHERE state='running' AND crashes>=?", (now, MAX_ATTEMPTS))
+                       " full disk were not counted' WHERE state='running' AND crashes>=? AND celery_id IS NULL",
+                       (now, MAX_ATTEMPTS))
             cur = db.execute("UPDATE tasks SET state='queued', started_at=NULL, progress_done=0, fps=0, eta_s=NULL"
-                             " WHERE state='running'")
+                             " WHERE state='running' AND celery_id IS NULL")
             n = int(cur.rowcount)
             db.execute(self._UNSTART)
             return n
@@ -589,3 +616,58 @@ class Ledger:
         for r in self._query("SELECT state, COUNT(*) AS n FROM recordings GROUP BY state"):
             out[r["state"]] = int(r["n"])
         return out
+
+    # -- render farm (dispatch.py; the head is the only writer) ------------------------------------------------
+    def undispatched(self, limit: int = 100) -> list[Task]:
+        """Queued tasks not handed to the broker yet (no Celery id), oldest first."""
+        return [_task(r) for r in self._query("SELECT * FROM tasks WHERE state='queued' AND celery_id IS NULL"
+                                              " ORDER BY id LIMIT ?", (limit,))]
+
+    def assign_celery_id(self, task_id: int, celery_id: str) -> None:
+        """Before sending: a head that dies between this and the send sends the same id again on restart."""
+        with self._write() as db:
+            db.execute("UPDATE tasks SET celery_id=?, dispatched_at=NULL WHERE id=? AND state='queued'",
+                       (celery_id, task_id))
+
+    def mark_dispatched(self, task_id: int) -> None:
+        with self._write() as db:
+            db.execute("UPDATE tasks SET dispatched_at=? WHERE id=?", (time.time(), task_id))
+
+    def in_flight(self) -> list[Task]:
+        """Farm tasks with a Celery id that have not finished: in the broker or on a worker."""
+        return [_task(r) for r in self._query("SELECT * FROM tasks WHERE celery_id IS NOT NULL AND state IN"
+                                              " ('queued','running') ORDER BY id")]
+
+    def mark_remote_progress(self, task_id: int, worker: str | None, delivery: int, done: int, total: int,
+                             fps: float, eta_s: float | None) -> None:
+        """A worker started (or reports on) a farm task: running there, attempts = its delivery number."""
+        now = time.time()
+        with self._write() as db:
+            row = db.execute("SELECT recording_id, state FROM tasks WHERE id=?", (task_id,)).fetchone()
+            if row is None or row["state"] not in ("queued", "running"):
+                return
+            db.execute("UPDATE tasks SET state='running', worker=COALESCE(?, worker), attempts=MAX(attempts, ?),"
+                       " started_at=COALESCE(started_at, ?), progress_done=?, progress_total=?, fps=?, eta_s=?"
+                       " WHERE id=?", (worker, int(delivery), now, int(done), int(total), float(fps),
+                                       None if eta_s is None else float(eta_s), task_id))
+            db.execute("UPDATE recordings SET state='running' WHERE id=? AND state='queued'", (row["recording_id"],))
+
+    def set_delivery(self, task_id: int, worker: str | None, attempts: int) -> None:
+        """A farm task's outcome came in: the worker that rendered it and its delivery count (attempts)."""
+        with self._write() as db:
+            db.execute("UPDATE tasks SET worker=COALESCE(?, worker), attempts=MAX(attempts, ?) WHERE id=?",
+                       (worker, int(attempts), task_id))
+
+    def worker_seen(self, hostname: str, *, state: str = "online", active: int | None = None,
+                    processed: int | None = None, at: float | None = None) -> None:
+        now = at or time.time()
+        with self._write() as db:
+            db.execute("INSERT INTO workers(hostname, first_seen, last_heartbeat, state, active, processed)"
+                       " VALUES (?,?,?,?,?,?) ON CONFLICT(hostname) DO UPDATE SET"
+                       " last_heartbeat=excluded.last_heartbeat, state=excluded.state,"
+                       " active=COALESCE(?, active), processed=COALESCE(?, processed)",
+                       (hostname, now, now, state, active or 0, processed or 0, active, processed))
+
+    def workers(self) -> list[Worker]:
+        return [Worker(**{k: r[k] for k in r.keys()})
+                for r in self._query("SELECT * FROM workers ORDER BY hostname")]

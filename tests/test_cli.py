@@ -216,6 +216,41 @@ def test_systemd_unit_verifies():
             assert score <= 2.0
 
 
+def test_worker_systemd_unit_verifies_and_is_hardened_like_the_head():
+    """systemd/heygem-watch-worker.service: verify + security like the head's unit, but the broker is reachable."""
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        pytest.skip("systemd-analyze not installed")
+    head = UNIT.read_text()
+    text = (ROOT / "systemd" / "heygem-watch-worker.service").read_text()
+    assert "heygem-watch worker" in text and "HEYGEM_CACHE_DIR=" in text and "EnvironmentFile=" in text
+    shared = ("ProtectSystem=strict", "ReadWritePaths=/var/lib/heygem-watch", "ProtectHome=yes", "PrivateTmp=yes",
+              "NoNewPrivileges=yes", "CapabilityBoundingSet=", "SystemCallFilter=@system-service",
+              "RestrictNamespaces=yes", "ProtectKernelModules=yes", "User=heygem", "IPAddressDeny=any")
+    for needed in shared:
+        assert needed in head and needed in text, needed
+    assert "PrivateNetwork=yes" not in text and "AF_INET" in text and "IPAddressAllow=" in text  # the broker
+    local = Path(sys.executable).parent / "heygem-watch"
+    assert local.exists(), "pip install -e . first (./setup.sh)"
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        unit = Path(d) / "heygem-watch-worker.service"
+        unit.write_text(text.replace("/opt/heygem-watch/.venv/bin/heygem-watch", str(local)))
+        r = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True)
+        assert r.returncode == 0 and "heygem-watch-worker.service" not in r.stderr, r.stderr
+        sec = subprocess.run([exe, "security", "--offline=true", str(unit)], capture_output=True, text=True)
+        if sec.returncode == 0 or "exposure level" in sec.stdout:
+            score = float(sec.stdout.split("exposure level for heygem-watch-worker.service:")[1].split()[0])
+            print(f"worker unit: systemd-analyze security exposure {score}")
+            assert score <= 2.0
+
+
+def test_worker_without_a_broker_url_is_a_config_error(in_tmp, capsys, env_clean):
+    assert cli.main(["worker"]) == cli.EXIT_CONFIG
+    assert "HEYGEM_BROKER_URL" in capsys.readouterr().err
+
+
 def test_run_command_starts_and_stops_on_sigterm(in_tmp, face_template_file):
     """The real `heygem-watch run` entry point (default engine) on the defaults: starts, then stops on SIGTERM."""
     import signal

@@ -112,3 +112,20 @@ def test_auto_engine_uses_the_only_model_in_the_model_dir(tmp_path):
     assert load_settings(None, environ={}, cwd=tmp_path).model is None
     s = load_settings(None, environ={"HEYGEM_MODEL": "wav2lip.onnx"}, cwd=tmp_path)
     assert s.model == models / "wav2lip.onnx"
+
+
+def test_farm_settings_are_validated_and_the_broker_password_is_never_logged(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, environ={"HEYGEM_DISPATCH": "celery"}, cwd=tmp_path)
+    assert "HEYGEM_BROKER_URL" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, environ={"HEYGEM_BROKER_URL": "amqp://guest@x//", "HEYGEM_DISPATCH": "farm"}, cwd=tmp_path)
+    assert "HEYGEM_BROKER_URL" in str(err.value) and "HEYGEM_DISPATCH" in str(err.value)
+    s = load_settings(None, environ={"HEYGEM_DISPATCH": "celery", "HEYGEM_BROKER_URL": "rediss://:s3cret@head:6380/0",
+                                     "HEYGEM_CACHE_DIR": "/srv/cache", "HEYGEM_VISIBILITY_TIMEOUT": "900"},
+                      cwd=tmp_path)
+    assert (s.dispatch, s.broker_url, s.visibility_timeout) == ("celery", "rediss://:s3cret@head:6380/0", 900.0)
+    assert s.process_cache_dir == Path("/srv/cache") and s.cache_dir == tmp_path / "var" / "cache"
+    assert "s3cret" not in str(s.as_dict()) and s.as_dict()["broker_url"] == "rediss://:***@head:6380/0"
+    d = load_settings(None, environ={}, cwd=tmp_path)
+    assert d.dispatch == "local"

@@ -179,3 +179,31 @@ def test_renderer_heartbeat_running_stale_and_stopped(led, monkeypatch):
     led.beat_stopped()
     st = led.renderer_status()
     assert st["running"] is False and st["since"] == t0 + L.HEARTBEAT_STALE_S + 5
+
+
+def test_a_ledger_from_before_the_farm_gains_its_columns(tmp_path):
+    import sqlite3
+
+    from heygem_watch.ledger import Ledger
+
+    db = tmp_path / "old.sqlite3"
+    with Ledger(db) as led:
+        led.add_recording(tmp_path / "a.flv", "fp", 1, [("t.png", "tfp")], output_dir=tmp_path / "out")
+    con = sqlite3.connect(db)
+    con.execute("DROP INDEX tasks_celery")  # the schema as it was before: no farm columns
+    for name in ("celery_id", "dispatched_at", "worker"):
+        con.execute(f"ALTER TABLE tasks DROP COLUMN {name}")
+    con.commit()
+    con.close()
+    with Ledger(db) as led:  # reopened by the new code: columns added, the old task intact
+        t = led.undispatched()[0]
+        assert t.template_name == "t.png" and t.celery_id is None and t.worker is None
+        led.assign_celery_id(t.id, "cid-1")
+        assert led.undispatched() == [] and [x.celery_id for x in led.in_flight()] == ["cid-1"]
+        led.mark_dispatched(t.id)
+        led.mark_remote_progress(t.id, "w1@host", 2, 10, 50, 25.0, 1.6)
+        t = led.task(t.id)
+        assert (t.state, t.worker, t.attempts, t.progress_done) == ("running", "w1@host", 2, 10)
+        assert led.requeue_running() == 0 and led.task(t.id).state == "running"  # farm tasks are re-attached
+        led.worker_seen("w1@host", active=1, processed=3)
+        assert [(w.hostname, w.active, w.processed) for w in led.workers()] == [("w1@host", 1, 3)]
