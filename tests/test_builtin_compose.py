@@ -116,3 +116,32 @@ def test_a_wide_open_mouth_shuts_with_no_interior_left_between_the_lips(photo):
     assert face.mouth_openness(lm_shut) < 0.02
     # no more of the dark interior shows along the lips than in the person's own shut mouth
     assert _dark_fraction(shut, lm_shut) <= _dark_fraction(img, lm)
+
+
+def _teeth_rows(img, lm):
+    """Rows of teeth (bright, nearly grey) in a 7-pixel column through the middle of the mouth."""
+    import cv2
+
+    x = int(round(0.5 * (lm[13, 0] + lm[14, 0])))
+    yuv = cv2.cvtColor(img, cv2.COLOR_BGR2YUV).astype(int)[int(lm[13, 1]) - 4:int(lm[14, 1]) + 4, x - 3:x + 4]
+    teeth = (yuv[..., 0] > 150) & (np.abs(yuv[..., 1] - 128) + np.abs(yuv[..., 2] - 128) < 30)
+    return int(teeth.any(1).sum())
+
+
+def test_a_mouth_drawn_narrower_than_its_source_hides_its_teeth_instead_of_squeezing_them(photo):
+    import cv2
+
+    img = cv2.resize(photo[0], None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+    with face.FaceMesh(static_image=True) as mesh:
+        lm = mesh.detect(img).astype(np.float64)
+        compose.compose_mouth(img, lm, img, lm, compose.MouthRig.from_shape(lm), 0.25, None, np.zeros(3))
+        wide = mesh.detect(img).astype(np.float64)  # wide open, upper teeth showing under the upper lip
+        teeth = _teeth_rows(img, wide)
+        assert teeth >= 4
+        for gap in (0.06, 0.1):
+            out = img.copy()
+            compose.compose_mouth(out, wide, out, wide, compose.MouthRig.from_shape(wide), gap, None, np.zeros(3))
+            lm_out = mesh.detect(out).astype(np.float64)
+            assert abs(face.mouth_openness(lm_out) - gap) < 0.03
+            # the teeth keep their height under the upper lip (the lower lip covers the rest), not squashed flat
+            assert _teeth_rows(out, lm_out) >= 0.7 * teeth

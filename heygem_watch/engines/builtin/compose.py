@@ -11,8 +11,9 @@ warped onto the same shape and blended through a feathered mask around the lips 
 little lower when this frame's own mouth was open wider, so no trace of its lower lip is left). Where the target
 mouth is more open than the source frame's, the interior is filled with a shaded cavity and upper teeth (still
 photos, silent presenters). Where it must be more shut than the source's (a photo taken mid-word), the upper lip
-comes down a little, both lips are sampled from just inside their edges (interior.seal_lips) and the meeting line
-is mapped per pixel: no strip of the interior is left between them.
+comes down a little and the lips cover part of the source's interior (cropped, not squeezed: no flattened teeth);
+shut, both lips are sampled from just inside their edges (interior.seal_lips) and the meeting line is mapped per
+pixel: no strip of the interior is left between them.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import cv2
 import numpy as np
 
 from heygem_watch import face
-from heygem_watch.engines.builtin.interior import cavity, seal_lips, split_interior
+from heygem_watch.engines.builtin.interior import SEAL_OPEN, cavity, seal_lips, split_interior
 from heygem_watch.engines.builtin.mouth import (CORNERS, LOWER_INNER, LOWER_OUTER, UPPER_INNER, UPPER_OUTER, apply_affine,
                                                 head_frame, similarity)
 from heygem_watch.engines.builtin.warp import (crop_rect, delaunay, exact_within, grid, mesh_labels, piecewise_map,
@@ -42,6 +43,7 @@ UPPER_LIFT = 0.12  # the upper lip rises this much of the opening
 UPPER_CLOSE = 0.3  # ...and comes down this much of a closing (a wide-open lip relaxes as the jaw comes up)
 MASK_MARGIN = 0.07  # the pasted mouth extends this far beyond the outer lip line (iod units)
 MASK_SOFT = 0.045  # Gaussian feather of the mouth mask (sigma, iod units)
+CROP_FROM = 0.02  # a mouth drawn this much narrower than its source (iod units) shows a cropped interior
 GHOST_COVER = 0.5  # the mask reaches this fraction of (this frame's opening - the drawn one) further down
 STATS_SAMPLES = 48  # colour statistics use about this many pixels across the mouth
 MIN_IOD_PX = 8.0  # faces smaller than this (eye to eye, pixels) are left alone
@@ -279,8 +281,13 @@ def compose_mouth(cur_img: np.ndarray, cur_lm: np.ndarray, src_img, src_lm: np.n
             off = ((bgf[::k, ::k] - fgf[::k, ::k]) * ring[..., None]).reshape(-1, 3).sum(0) / wsum
             fgf += off
     src_gap = float(np.linalg.norm(src_px[13] - src_px[14]) / (face.inter_ocular(src_px) + 1e-6))
-    if fill is None:  # only where the drawn mouth opens wider than the source did
+    if fill is None:
+        # where the drawn mouth opens wider than the source did; and where it is drawn clearly narrower but not
+        # shut, the source's interior is cropped (its teeth hidden behind the lips) rather than squeezed into a
+        # white strip (shut lips are sealed instead: fading out towards SEAL_OPEN)
         fill = 1.0 if open_t > src_gap + 0.005 else 0.0
+        if open_t < src_gap - CROP_FROM:
+            fill = float(np.clip((open_t - 0.5 * SEAL_OPEN) / (0.5 * SEAL_OPEN), 0.0, 1.0))
     if fill > 0.02 and open_t > 0.01:
         # the interior only: its own small rect inside the mouth rect. The source's upper teeth stay with the upper
         # lip and its lower teeth with the lower lip (no stretched teeth); the new gap between them is a cavity.
