@@ -28,8 +28,9 @@ FARM_POLL_S = 0.25  # farm head: how often it asks the result backend about in-f
 PROGRESS_LOG_S = 4.0  # progress events at least every 5 s (the pipeline reports every 2 s)
 DISK_LOG_EVERY_S = 60.0
 # After a write failed for lack of space (ENOSPC, "database or disk is full"), tasks wait until this much more is
-# free than at the failure: retrying at once would fail the same way.
+# free than at the failure (retrying at once would fail the same way), or this share of the file system on a small one
 DISK_FULL_RESUME_MB = 512
+DISK_FULL_RESUME_SHARE = 0.05
 RETENTION_EVERY_S = 3600
 DATED = "%Y-%m-%d"
 # Settings field -> its key, for SIGHUP. Keys in RESTART_KEYS keep their old value until a restart, with the reason.
@@ -68,6 +69,7 @@ class Daemon:
         self._disk_logged = -1e9
         self._full_at: float | None = None  # free MB when a write failed for lack of space; None when not paused
         self._full_why = ""
+        self._full_margin = float(DISK_FULL_RESUME_MB)
         self._resume_pending = False  # the worker re-files what the pause left unfinished
         self._stranded: set[int] = set()  # tasks that could not be put back in the ledger while it was full
         self._var_lock = None
@@ -389,8 +391,10 @@ class Daemon:
     def _enter_disk_full(self, exc: BaseException, doing: str) -> None:
         try:
             free = self.free_mb()
+            total = shutil.disk_usage(self.settings.var_dir).total / 2**20
         except OSError:
-            free = 0.0
+            free, total = 0.0, float("inf")
+        self._full_margin = min(DISK_FULL_RESUME_MB, DISK_FULL_RESUME_SHARE * total)
         if self._full_at is None:
             self._disk_logged = -1e9  # a new pause: said at once, then at most once a minute
         self._full_at = free if self._full_at is None else min(self._full_at, free)
@@ -573,7 +577,7 @@ class Daemon:
             free_mb = self.free_mb()
         except OSError:
             return False
-        if self._full_at is not None and free_mb >= self._full_at + DISK_FULL_RESUME_MB:
+        if self._full_at is not None and free_mb >= self._full_at + self._full_margin:
             self._full_at = None
         low = free_mb < self.settings.min_free_mb or self._full_at is not None
         now = time.monotonic()
@@ -583,7 +587,7 @@ class Daemon:
             self.log.error("disk_low", free_mb=round(free_mb), min_free_mb=self.settings.min_free_mb,
                            path=str(self.settings.var_dir),
                            reason=self._full_why if full else "free space below HEYGEM_MIN_FREE_MB",
-                           resumes_at_free_mb=round(self._full_at + DISK_FULL_RESUME_MB) if full else
+                           resumes_at_free_mb=round(self._full_at + self._full_margin) if full else
                            self.settings.min_free_mb,
                            fix="free space; queued tasks wait (nothing is failed) and resume by themselves")
         if self._disk_low and not low:

@@ -227,6 +227,7 @@ def test_second_daemon_on_the_same_var_exits_with_the_first_ones_pid(tmp_path, f
         st = subprocess.run([sys.executable, "-m", "heygem_watch.cli", "status"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=60)
         assert st.returncode == 0 and "tasks:" in st.stdout
+        assert "not running" not in st.stdout  # the refused second start did not mark the first one stopped
         # and the first daemon still renders what arrives
         gen_media.write_wav(var / "incoming" / "one.wav", gen_media.speech(0.4))
         out = var / "outputs" / today() / "one" / "manifest.json"
