@@ -238,23 +238,17 @@ def cmd_rerun(args, settings) -> int:
                                                                settings.template_dir))
 
 
-WORKER_LOST_S = 10.0  # Celery workers send a heartbeat every 2 s; silent this long = gone
-
-
 def _print_workers(led) -> None:
-    """Farm workers seen by the head (ledger table `workers`): host, last heartbeat, current task."""
-    workers = led.workers()
+    """Farm workers seen by the head: host, state, last heartbeat, current task."""
+    workers = led.workers_status()
     if not workers:
         return
-    current = {t.worker: t for t in led.running_tasks() if t.worker}
     print(f"workers: {len(workers)}")
     for w in workers:
-        ago = max(0.0, time.time() - w.last_heartbeat)
-        state = w.state if w.state == "offline" else ("lost" if ago > WORKER_LOST_S else "online")
-        t = current.get(w.hostname)
-        doing = f"task {t.id} {t.template_name} {t.progress_done}/{t.progress_total}" if t else "idle"
-        print(f"  {w.hostname:<30} {state:<7} last heartbeat {_fmt_time(w.last_heartbeat)} ({ago:.0f} s ago)  "
-              f"{doing}  processed {w.processed}")
+        t = w["task"]
+        doing = f"task {t['id']} {t['template']} {t['done']}/{t['total']}" if t else "idle"
+        print(f"  {w['hostname']:<30} {w['state']:<7} last heartbeat {_fmt_time(w['last_heartbeat'])} "
+              f"({w['ago_s']:.0f} s ago)  {doing}  processed {w['processed']}")
 
 
 def cmd_worker(args, settings) -> int:

@@ -258,6 +258,7 @@ def _render(spec: dict, tmp: Path, progress) -> dict:
     if _log is not None:
         _log.info("task_done", output=spec["output"], frames=res.frames, seconds=round(res.wall_s, 2),
                   fps=round(res.fps, 1))
+    timings["worker_finished_at"] = time.time()  # bench/farm.py: how long the head takes to file it
     return {"output": spec["output"], "timings": timings, "engine": _engine.describe(), "already_done": False}
 
 

@@ -27,6 +27,7 @@ from typing import Iterable
 
 BUSY_TIMEOUT_MS = 15_000  # another process (the web dashboard) may hold the write lock briefly
 MAX_ATTEMPTS = 3  # a task interrupted this many times (crash loop, OOM kill) is failed instead of re-queued
+WORKER_LOST_S = 10.0  # farm workers send a Celery heartbeat every 2 s; silent this long = gone
 FINGERPRINT_CHUNK = 1 << 20  # bytes read at a time while hashing
 HEARTBEAT_EVERY_S = 10.0  # the daemon writes its heartbeat this often
 HEARTBEAT_STALE_S = 60.0  # no heartbeat for this long: the renderer counts as not running
@@ -671,3 +672,19 @@ class Ledger:
     def workers(self) -> list[Worker]:
         return [Worker(**{k: r[k] for k in r.keys()})
                 for r in self._query("SELECT * FROM workers ORDER BY hostname")]
+
+    def workers_status(self) -> list[dict]:
+        """Farm workers for `status` and the dashboard: online | lost (no heartbeat for WORKER_LOST_S) | offline
+        (said goodbye), last heartbeat, tasks processed, the task it renders now."""
+        now = time.time()
+        current = {t.worker: t for t in self.running_tasks() if t.worker}
+        out = []
+        for w in self.workers():
+            ago = max(0.0, now - w.last_heartbeat)
+            t = current.get(w.hostname)
+            out.append({"hostname": w.hostname, "last_heartbeat": w.last_heartbeat, "ago_s": round(ago, 1),
+                        "state": w.state if w.state == "offline" else ("lost" if ago > WORKER_LOST_S else "online"),
+                        "processed": w.processed,
+                        "task": {"id": t.id, "recording_id": t.recording_id, "template": t.template_name,
+                                 "done": t.progress_done, "total": t.progress_total} if t else None})
+        return out

@@ -499,3 +499,26 @@ def test_dashboard_has_the_retry_and_render_with_buttons():
     js = (Path(__file__).resolve().parents[1] / "heygem_watch" / "web" / "static" / "app.js").read_text()
     assert "Retry failed" in js and "/retry`" in js
     assert "Render with" in js and "/rerun`" in js and "unusable" in js
+
+
+def test_status_shows_farm_tasks_with_their_worker_and_the_workers_seen(env):
+    """Issue 12: a farm task running on a worker is listed like a local one, plus which worker; the workers the head
+    heard from (heartbeats) with their state and current task."""
+    var, tdir, media = env
+    c = client_for(var, tdir)
+    r = submit(c, make_recording(media / "talk.mp4"), ["anna.mp4", "ben.png"])
+    a, b = r.json()["task_ids"]
+    with Ledger(var / "ledger.sqlite3") as db:
+        db.assign_celery_id(a, "cid-a")
+        db.mark_dispatched(a)
+        db.mark_remote_progress(a, "gpu0@box1", 1, 40, 100, 50.0, 1.2)
+        db.worker_seen("gpu0@box1", active=1, processed=7)
+        db.worker_seen("gpu1@box2", at=time.time() - 60)  # no heartbeat for a minute
+    st = c.get("/api/status").json()
+    assert [(x["task"]["id"], x["task"]["worker"], x["task"]["progress_done"]) for x in st["running"]] == \
+        [(a, "gpu0@box1", 40)]
+    assert st["queued"][0]["task_id"] == b
+    ws = {w["hostname"]: w for w in st["workers"]}
+    assert ws["gpu0@box1"]["state"] == "online" and ws["gpu0@box1"]["task"]["id"] == a
+    assert ws["gpu0@box1"]["processed"] == 7
+    assert ws["gpu1@box2"]["state"] == "lost" and ws["gpu1@box2"]["task"] is None

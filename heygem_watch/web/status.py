@@ -59,7 +59,8 @@ class StatusSnapshot:
         counts = db.counts()
         queued = [dict(q, position=i + 1) for i, q in enumerate(db.queued_tasks(QUEUE_LIMIT))]
         return {"counts": counts, "recording_counts": db.recording_counts(), "running": running, "queued": queued,
-                "queued_total": counts["queued"], "renderer": db.renderer_status()}
+                "queued_total": counts["queued"], "renderer": db.renderer_status(),
+                "workers": db.workers_status()}
 
     async def get(self) -> bytes:
         """The current status as JSON bytes."""

@@ -63,6 +63,12 @@ async function refreshStatus() {
   }
   $("#running-list").innerHTML = st.running.length ? st.running.map(runView).join("")
     : '<p class="hint">Nothing is running.</p>';
+  const ws = st.workers || [];  // render farm (HEYGEM_DISPATCH=celery): the workers the head has seen
+  $("#workers").classList.toggle("hidden", !ws.length);
+  $("#workers-list").innerHTML = ws.map((w) => `<li class="worker ${w.state}" data-worker="${esc(w.hostname)}">` +
+    `<b>${esc(w.hostname)}</b> ${w.state} &middot; heartbeat ${Math.round(w.ago_s)} s ago &middot; ` +
+    (w.task ? `task #${w.task.id} ${esc(w.task.template)} ${w.task.done}/${w.task.total}` : "idle") +
+    ` &middot; ${w.processed} done</li>`).join("");
   $("#queue-list").innerHTML = st.queued.length ? st.queued.map((q) =>
     `<li data-task="${q.task_id}">#${q.position ?? "?"} &nbsp;${esc(q.recording)} &times; ${esc(q.template)}</li>`).join("")
     : '<li class="hint">empty</li>';
@@ -78,7 +84,8 @@ function runView(r) {
   const batch = r.n > 1 ? `Batch: ${r.k} of ${r.n} &middot; ` : "";
   return `<div class="run" data-task="${t.id}">
     <div class="run-title">${esc(r.recording.name)}</div>
-    <div class="run-sub">${batch}template <b class="run-template">${esc(t.template_name)}</b></div>
+    <div class="run-sub">${batch}template <b class="run-template">${esc(t.template_name)}</b>${
+      t.worker ? ` &middot; on <span class="run-worker">${esc(t.worker)}</span>` : ""}</div>
     <div class="bar"><div class="progress-fill" data-done="${done}" style="width:${pct.toFixed(1)}%"></div></div>
     <div class="bar-text"><span class="frames">${done} / ${total || "?"} frames</span>
       <span>${t.fps ? t.fps.toFixed(1) : "–"} fps</span><span>ETA ${fmtTime(t.eta_s)}</span></div></div>`;
