@@ -178,7 +178,7 @@ def run_pair(template: Path, driving: Path, work: Path, cache: Path, engine_name
     res["judge_corr"] = round(corr(np.asarray(rec.gap), plain[: len(rec.gap)]), 3)
     res.update(audio_figures(job.track.all(), job.track.sample_rate, rendered, float(tpl.fps), np.asarray(rec.gap)))
     np.savez(work / "curves.npz", target=np.asarray(rec.gap), rendered=rendered, plain=plain, chosen=np.asarray(rec.chosen),
-             chosen_open=chosen_open, fps=float(tpl.fps))
+             chosen_open=chosen_open, fps=float(tpl.fps), template=str(template), driving=str(driving))
     return res
 
 
