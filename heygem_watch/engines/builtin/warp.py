@@ -102,10 +102,10 @@ def piecewise_map(dst: np.ndarray, src: np.ndarray, tris: np.ndarray, label: np.
     inside triangles and off by a fraction of a pixel at their edges."""
     xs, ys, _, _ = grid(rect, step)
     m = _tri_affines(dst, src, tris)
-    table = np.zeros((len(tris) + 1, 6), np.float32)
-    table[:-1] = m.reshape(-1, 6)
-    table[-1] = (1, 0, 0, 0, 1, 0)
-    c = [table[:, k][label] for k in range(6)]
+    table = np.zeros((6, len(tris) + 1), np.float32)  # coefficient-major: one gather fetches all six
+    table[:, :-1] = m.reshape(-1, 6).T
+    table[:, -1] = (1, 0, 0, 0, 1, 0)
+    c = table[:, label]
     mx = c[0] * xs + c[1] * ys + c[2]
     my = c[3] * xs + c[4] * ys + c[5]
     return upsample(mx, rect, step), upsample(my, rect, step)
