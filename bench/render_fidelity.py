@@ -13,6 +13,7 @@ distance). Per pair it prints
   shut      mean rendered openness where the target is < 0.01 (iod)    -- does the mouth close?
   judge-mesh  corr as the lip-sync judge's FaceMesh settings read the output (no lip refinement): the judge scores
             what it sees, and on real talking faces the two settings agree only to ~0.85-0.95 themselves
+  width     corr of the wanted mouth width (corners, iod) with the rendered one
 --pair TEMPLATE RECORDING (repeatable) renders those instead of the dev pairs (a still photo, a Mandarin recording).
 Each pair's curves (target, rendered, chosen frames) are saved as curves.npz beside its out.mp4 in --work; feed them
 to bench/contact_sheet.py --curves to look at the frames.
@@ -61,11 +62,13 @@ class Recorder:
 
     def __init__(self, engine):
         self.gap: list[float] = []
+        self.width: list[float] = []
         self.chosen: list[int] = []
         draw = engine._draw
 
         def _draw(template, state, item, s):
             self.gap.append(float(item[1]))
+            self.width.append(float(item[2]))
             self.chosen.append(int(s))
             return draw(template, state, item, s)
 
@@ -74,10 +77,11 @@ class Recorder:
 
 def measure(path: Path) -> tuple[np.ndarray, np.ndarray, list]:
     """Per frame of a video: openness (n,) with the project's FaceMesh (refined lips, tracking mode), openness (n,)
-    as the judge measures it (no lip refinement, full-size frames), both NaN where no face; project landmarks."""
+    as the judge measures it (no lip refinement, full-size frames), both NaN where no face; project landmarks;
+    mouth width (n,) (corners 61-291 / iod, project mesh)."""
     import cv2
 
-    opn, plain, lms = [], [], []
+    opn, plain, lms, wid = [], [], [], []
     judge = face._face_mesh_module().FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=False,
                                               min_detection_confidence=0.3, min_tracking_confidence=0.3)
     with face.FaceMesh(static_image=False) as mesh:
@@ -85,6 +89,8 @@ def measure(path: Path) -> tuple[np.ndarray, np.ndarray, list]:
             lm = mesh.detect(img)
             lms.append(lm)
             opn.append(np.nan if lm is None else float(face.mouth_openness(lm)))
+            wid.append(np.nan if lm is None else float(np.linalg.norm(lm[face.MOUTH_LEFT] - lm[face.MOUTH_RIGHT])
+                                                       / face.inter_ocular(lm)))
             res = judge.process(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
             if res.multi_face_landmarks:
                 h, w = img.shape[:2]
@@ -93,7 +99,7 @@ def measure(path: Path) -> tuple[np.ndarray, np.ndarray, list]:
             else:
                 plain.append(np.nan)
     judge.close()
-    return np.asarray(opn), np.asarray(plain), lms
+    return np.asarray(opn), np.asarray(plain), lms, np.asarray(wid)
 
 
 def corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -169,15 +175,17 @@ def run_pair(template: Path, driving: Path, work: Path, cache: Path, engine_name
     t0 = time.monotonic()
     run_task(job, template, engine, out, work / "tmp", cache)
     wall = time.monotonic() - t0
-    rendered, plain, lms = measure(out)
+    rendered, plain, lms, width = measure(out)
     tpl = load_template(template, cache)
     lib_open = face.mouth_openness(np.asarray(tpl.landmarks, np.float64))
     chosen_open = lib_open[np.asarray(rec.chosen)]
     res = figures(np.asarray(rec.gap), rendered, chosen_open)
     res["wall_s"] = round(wall, 1)
     res["judge_corr"] = round(corr(np.asarray(rec.gap), plain[: len(rec.gap)]), 3)
+    res["width_corr"] = round(corr(np.asarray(rec.width), width[: len(rec.width)]), 3)
     res.update(audio_figures(job.track.all(), job.track.sample_rate, rendered, float(tpl.fps), np.asarray(rec.gap)))
-    np.savez(work / "curves.npz", target=np.asarray(rec.gap), rendered=rendered, plain=plain, chosen=np.asarray(rec.chosen),
+    np.savez(work / "curves.npz", target=np.asarray(rec.gap), rendered=rendered, width_target=np.asarray(rec.width),
+             width=width, plain=plain, chosen=np.asarray(rec.chosen),
              chosen_open=chosen_open, fps=float(tpl.fps), template=str(template), driving=str(driving))
     return res
 
@@ -205,7 +213,7 @@ def main(argv=None) -> int:
         w.mkdir(parents=True)
         res = run_pair(media / tpl, media / drv, w, cache)
         rows.append((name, res))
-        print(f"{name:55s} corr {res['corr']:.3f}  judge-mesh {res['judge_corr']:.3f}  sel_corr {res['sel_corr']:.3f}  slope {res['slope']:.2f} "
+        print(f"{name:55s} corr {res['corr']:.3f}  judge-mesh {res['judge_corr']:.3f}  width {res['width_corr']:.3f}  sel_corr {res['sel_corr']:.3f}  slope {res['slope']:.2f} "
               f"off {res['off']:+.3f}  lag {res['lag']:+d} ({res['corr_lag']:.3f})  shut {res['shut']}  "
               f"target {res['t_range']} rendered p3-p97 {res['r_range']}  face {res['face']}  {res['wall_s']} s  "
               f"pause {res.get('pause')} ({res['pause_s']} s)  syllables {res['syl_hz']}/s  openings {res['open_hz']}/s "
