@@ -43,10 +43,14 @@ RELOAD_KEYS = {"var_dir": "HEYGEM_VAR_DIR", "incoming_dir": "HEYGEM_INCOMING_DIR
                "encoder": "HEYGEM_X264_PRESET/HEYGEM_X264_CRF/HEYGEM_ENCODER_THREADS",
                "onnx_options": "HEYGEM_ONNX_PROVIDER/HEYGEM_ONNX_BATCH/HEYGEM_ONNX_THREADS",
                "web_host": "HEYGEM_WEB_HOST", "web_port": "HEYGEM_WEB_PORT", "web_token": "HEYGEM_WEB_TOKEN",
-               "web_max_upload_mb": "HEYGEM_WEB_MAX_UPLOAD_MB", "process_cache_dir": "HEYGEM_CACHE_DIR"}
+               "web_max_upload_mb": "HEYGEM_WEB_MAX_UPLOAD_MB", "process_cache_dir": "HEYGEM_CACHE_DIR",
+               "dispatch": "HEYGEM_DISPATCH", "broker_url": "HEYGEM_BROKER_URL",
+               "visibility_timeout": "HEYGEM_VISIBILITY_TIMEOUT"}
 _WEB = "read by the dashboard process at its start: systemctl restart heygem-watch-web"
+_START = "read once at start: systemctl restart heygem-watch"
 RESTART_KEYS = {"var_dir": "the ledger, lock and folders are opened at start: systemctl restart heygem-watch",
-                "web_host": _WEB, "web_port": _WEB, "web_token": _WEB, "web_max_upload_mb": _WEB}
+                "web_host": _WEB, "web_port": _WEB, "web_token": _WEB, "web_max_upload_mb": _WEB,
+                "dispatch": _START, "broker_url": _START, "visibility_timeout": _START}
 
 
 class Daemon:
@@ -642,9 +646,13 @@ class Daemon:
             self.log.error("reload_failed", error=str(exc), kept="previous settings")
             return
         old = self.settings
-        changed = [f for f in RELOAD_KEYS if getattr(new, f) != getattr(old, f)]
-        restart = {RELOAD_KEYS[f]: RESTART_KEYS[f] for f in changed if f in RESTART_KEYS}
-        new = dataclasses.replace(new, **{f: getattr(old, f) for f in changed if f in RESTART_KEYS})
+        changed = [f.name for f in dataclasses.fields(old) if f.name != "config_file"
+                   and getattr(new, f.name) != getattr(old, f.name)]
+        # a setting this method does not know (added later) is not silently "applied": it needs a restart
+        later = [f for f in changed if f not in RELOAD_KEYS]
+        restart = {RELOAD_KEYS.get(f, f"HEYGEM_{f.upper()}"): RESTART_KEYS.get(f, _START) for f in changed
+                   if f in RESTART_KEYS or f in later}
+        new = dataclasses.replace(new, **{f: getattr(old, f) for f in changed if f in RESTART_KEYS or f in later})
         engine_changed = (new.engine, new.model, new.onnx_options) != (old.engine, old.model, old.onnx_options)
         self.settings = new
         self._tpl_fp.clear()
@@ -666,7 +674,8 @@ class Daemon:
             eng, self.engine = self.engine, None  # the worker creates the new one before its next task
             eng.close()
         self.log.info("reloaded", settings=new.as_dict(), engine_changed=engine_changed,
-                      applied=[RELOAD_KEYS[f] for f in changed if f not in RESTART_KEYS], restart_needed=restart)
+                      applied=[RELOAD_KEYS[f] for f in changed if f in RELOAD_KEYS and f not in RESTART_KEYS],
+                      restart_needed=restart)
         if restart:
             self.log.warning("reload_needs_restart", keys=restart, kept="their previous values")
         self.watcher.scan()

@@ -70,12 +70,13 @@ def test_sighup_names_keys_that_need_a_restart_and_keeps_their_old_values(daemon
     var = d.settings.var_dir
     cfg = tmp_path / "config.env"
     cfg.write_text(f"HEYGEM_VAR_DIR={tmp_path / 'elsewhere'}\nHEYGEM_MIN_FREE_MB=0\nHEYGEM_ON_DONE=keep\n"
-                   "HEYGEM_WEB_PORT=9999\n")
+                   "HEYGEM_WEB_PORT=9999\nHEYGEM_VISIBILITY_TIMEOUT=60\n")
     d.config_path = str(cfg)
     d.reload()
     assert d.settings.var_dir == var and d.settings.on_done == "keep"
     ev = [json.loads(x) for x in capsys.readouterr().out.splitlines() if '"reloaded"' in x][-1]
-    assert set(ev["restart_needed"]) == {"HEYGEM_VAR_DIR", "HEYGEM_WEB_PORT"}
+    assert set(ev["restart_needed"]) == {"HEYGEM_VAR_DIR", "HEYGEM_WEB_PORT", "HEYGEM_VISIBILITY_TIMEOUT"}
+    assert d.settings.visibility_timeout != 60
     assert "HEYGEM_ON_DONE" in ev["applied"] and "HEYGEM_VAR_DIR" not in ev["applied"]
 
 
