@@ -303,6 +303,9 @@ def test_retry_failed_and_render_with_buttons_in_a_real_browser(tmp_path):
     tdir.mkdir(parents=True)
     for name, gain in (("anna.png", (0.85, 0.95, 1.12)), ("ben.png", (1.12, 1.0, 0.88)), ("cleo.png", (1, 1, 1))):
         cv2.imwrite(str(tdir / name), next(tinted(face_frames(1, (192, 160)), gain)))  # faces: all usable
+    wall = np.full((120, 160, 3), (60, 140, 200), np.uint8)
+    cv2.rectangle(wall, (20, 20), (80, 80), (255, 255, 255), -1)
+    cv2.imwrite(str(tdir / "wall.png"), wall)  # no face: the face check marks it unusable
     src = var / "archive" / time.strftime("%Y-%m-%d") / "show.mp4"
     src.parent.mkdir(parents=True)
     write_video(src, (np.full((48, 64, 3), 90, np.uint8) for _ in range(10)), fps=10, audio=speech_like(1.0))
@@ -357,7 +360,13 @@ def test_retry_failed_and_render_with_buttons_in_a_real_browser(tmp_path):
                     new MutationObserver(() => n++).observe(document.querySelector('#history-list'), {childList: true});
                     setTimeout(() => ok(n), 5000); })""")
                 assert renders <= 3, f"history re-rendered {renders} times in 5 s"
+                page.wait_for_selector('.tpl[data-name="wall.png"] .unusable', timeout=60_000)
+                assert "no face" in page.inner_text('.tpl[data-name="wall.png"] .unusable')
+                assert page.is_disabled('#template-choices input[value="wall.png"]')  # cannot be picked for a job
+                page.locator('.tpl[data-name="wall.png"]').scroll_into_view_if_needed()
+                shot(page, tmp_path, "web-unusable-template.png", full=False)
                 page.click(".rerun summary")
+                assert page.locator('.rerun input[value="wall.png"]').count() == 0  # not offered
                 page.check('.rerun input[value="cleo.png"]')
                 shot(page, tmp_path, "web-render-with.png", full=False)
                 page.click(".rerun-go")

@@ -253,9 +253,9 @@ async function refreshTemplates() {
   const checked = new Set([...document.querySelectorAll("#template-choices input:checked")].map((i) => i.value));
   const batch = $("#mode-batch").checked;
   $("#template-choices").innerHTML = r.templates.length ? r.templates.map((t) =>
-    `<label class="choice" title="${esc(t.name)}"><img src="/api/templates/${enc(t.name)}/thumb?v=${t.size}" alt="" loading="lazy">
+    `<label class="choice${t.unusable ? " unusable" : ""}" title="${esc(t.name)}"><img src="/api/templates/${enc(t.name)}/thumb?v=${t.size}" alt="" loading="lazy">
       <span>${esc(t.name)}</span><input type="${batch ? "checkbox" : "radio"}" name="templates" value="${esc(t.name)}"
-      ${checked.has(t.name) ? "checked" : ""}></label>`).join("")
+      ${checked.has(t.name) && !t.unusable ? "checked" : ""} ${t.unusable ? "disabled" : ""}></label>`).join("")
     : '<span class="hint">no templates yet — upload one below</span>';
   fitLabels([...document.querySelectorAll("#template-choices .choice span")]);
   $("#template-list").innerHTML = r.templates.map(tplView).join("") || '<p class="hint">The library is empty.</p>';
@@ -270,8 +270,8 @@ function tplView(t) {
   return `<div class="tpl" data-name="${esc(t.name)}"><img src="/api/templates/${enc(t.name)}/thumb?v=${t.size}" alt="" loading="lazy">
     <div class="tpl-name">${esc(t.name)}</div>
     <div>${t.width}×${t.height} &middot; ${t.fps ?? "–"} fps &middot; ${dur}</div>
-    <div class="face ${cls}" title="${esc(f.message || "")}">${esc(face)}</div>
-    ${t.unusable ? `<div class="face bad unusable" title="recordings skip this template">unusable: ${esc(t.unusable)}</div>` : ""}
+    ${t.unusable ? `<div class="face bad unusable" title="recordings skip this template">unusable: ${esc(t.unusable)}</div>`
+      : `<div class="face ${cls}" title="${esc(f.message || "")}">${esc(face)}</div>`}
     <button class="danger del-tpl" data-name="${esc(t.name)}">Delete</button></div>`;
 }
 
