@@ -26,6 +26,7 @@ BROKER_RETRY_S = 2.0  # after a failed send, wait this long before trying the br
 BROKER_LOG_EVERY_S = 60.0
 PROGRESS_LOG_S = 4.0
 HEARTBEAT_WRITE_S = 2.0  # a worker's heartbeat reaches the ledger at most this often
+ORPHAN_GRACE_S = 5.0  # a task whose worker is gone and whose lease lapsed is sent again after this much more
 
 
 def create(daemon):
@@ -70,6 +71,9 @@ class CeleryDispatcher:
         self._next_send = 0.0
         self._broker_logged = -1e9
         self._backend_logged = -1e9
+        self._backend_failed = -1e9  # monotonic time of the last failed poll
+        self._orphans: dict[int, float] = {}  # task id -> since when its worker looks dead
+        self._rescued: set[int] = set()  # sent again in this poll: their old state is not read back
         self._seen: dict[int, tuple] = {}  # task id -> (worker, delivery) last logged
         self._progress_logged: dict[int, float] = {}
         self._heartbeat_written: dict[str, float] = {}
@@ -184,7 +188,7 @@ class CeleryDispatcher:
         try:
             raw = backend.mget([backend.get_key_for_task(c) for c in celery_ids]) if celery_ids else []
         except Exception as exc:
-            now = time.monotonic()
+            now = self._backend_failed = time.monotonic()
             if now - self._backend_logged >= BROKER_LOG_EVERY_S:
                 self._backend_logged = now
                 self.log.error("result_backend_unavailable", error=f"{type(exc).__name__}: {exc}",
@@ -197,9 +201,9 @@ class CeleryDispatcher:
         metas = self._metas([t.celery_id for t in flying])
         if metas is None:
             return False
-        changed = False
+        changed = self._rescue_orphans(flying, metas)
         for t, meta in zip(flying, metas):
-            if not meta:
+            if not meta or t.id in self._rescued:
                 continue  # PENDING: waiting in the broker
             state = meta.get("status")
             if state in ("PROGRESS", "SUCCESS", "FAILURE"):
@@ -250,6 +254,48 @@ class CeleryDispatcher:
             self.log.error("task_failed", error=reason, worker=t.worker, celery_id=t.celery_id)
         self._finalise_if_complete(rec.id)
         return True
+
+    def _rescue_orphans(self, flying, metas) -> bool:
+        """A task running on a worker that went silent (no Celery heartbeat for ledger.WORKER_LOST_S, or it said
+        goodbye) and whose lease lapsed has no live render: the worker died. Its message would come back only after
+        the visibility timeout (hours); the same task id is sent again now instead and a free worker takes it. The
+        old message, when Redis gives it back, finds the output and does nothing."""
+        self._rescued = set()
+        now = time.monotonic()
+        if now - self._backend_failed < 3 * ORPHAN_GRACE_S:  # leases and heartbeats catch up after an outage
+            self._orphans.clear()
+            return False
+        states = {w["hostname"]: w["state"] for w in self.ledger.workers_status()}
+        for t, meta in zip(flying, metas):
+            status = (meta or {}).get("status")
+            if t.state != "running" or not t.worker or status in ("SUCCESS", "FAILURE") or \
+                    states.get(t.worker, "lost") == "online":
+                self._orphans.pop(t.id, None)
+                continue
+            try:
+                if self.farm.redis_client().exists(self.farm.lease_key(t.celery_id)):
+                    self._orphans.pop(t.id, None)
+                    continue
+            except Exception:
+                return False
+            since = self._orphans.setdefault(t.id, now)
+            if now - since < ORPHAN_GRACE_S:
+                continue
+            self._orphans.pop(t.id, None)
+            rec = self.ledger.recording(t.recording_id)
+            with log_context(recording_id=rec.id, task_id=t.id, template=t.template_name), \
+                    recording_log(self.daemon.settings.logs_dir, rec.day, Path(rec.name).stem, rec.id):
+                try:
+                    self.app.AsyncResult(t.celery_id).forget()  # its last PROGRESS names the dead worker
+                except Exception:
+                    return False
+                self.ledger.requeue_remote(t.id)
+                self.log.warning("worker_lost", worker=t.worker, celery_id=t.celery_id, attempt=t.attempts,
+                                 action="sent again; a free worker renders it")
+                self._seen.pop(t.id, None)
+                self._rescued.add(t.id)
+                self._publish(t, t.celery_id)
+        return bool(self._rescued)
 
     def _deliveries(self, celery_id: str) -> int:
         """How many deliveries of the task a worker started rendering (farm.render counts them in Redis)."""

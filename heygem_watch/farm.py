@@ -79,6 +79,10 @@ def configure(settings) -> Celery:
     return app
 
 
+def lease_key(celery_id: str) -> str:
+    return f"{KEY_PREFIX}lease:{celery_id}"
+
+
 def lease_ttl(visibility_timeout: float) -> float:
     """Lease length: well under the visibility timeout (a redelivery after a crash finds it lapsed), at least a
     few report periods (a busy but live worker keeps it)."""
@@ -141,14 +145,18 @@ class Lease:
     """Redis SET NX with a TTL, refreshed while rendering: at most one live delivery renders a task."""
 
     def __init__(self, client, celery_id: str, owner: str, ttl_s: float):
-        self.client, self.key, self.owner = client, f"{KEY_PREFIX}lease:{celery_id}", owner
+        self.client, self.key, self.owner = client, lease_key(celery_id), owner
         self.ttl_ms = int(ttl_s * 1000)
 
     def acquire(self) -> bool:
         return bool(self.client.set(self.key, self.owner, nx=True, px=self.ttl_ms))
 
     def refresh(self) -> None:
-        self.client.set(self.key, self.owner, xx=True, px=self.ttl_ms)
+        # taken again when a Redis restart let it lapse (the head would take this render for dead), unless another
+        # delivery holds it by now
+        if not self.client.set(self.key, self.owner, nx=True, px=self.ttl_ms) and \
+                (self.client.get(self.key) or b"").decode() == self.owner:
+            self.client.pexpire(self.key, self.ttl_ms)
 
     def release(self) -> None:
         try:

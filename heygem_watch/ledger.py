@@ -653,6 +653,13 @@ class Ledger:
                                        None if eta_s is None else float(eta_s), task_id))
             db.execute("UPDATE recordings SET state='running' WHERE id=? AND state='queued'", (row["recording_id"],))
 
+    def requeue_remote(self, task_id: int) -> None:
+        """A farm task whose worker died: back to queued (same Celery id) until another worker reports on it."""
+        with self._write() as db:
+            db.execute("UPDATE tasks SET state='queued', worker=NULL, started_at=NULL, progress_done=0, fps=0,"
+                       " eta_s=NULL WHERE id=? AND state='running'", (task_id,))
+            db.execute(self._UNSTART)
+
     def set_delivery(self, task_id: int, worker: str | None, attempts: int) -> None:
         """A farm task's outcome came in: the worker that rendered it and its delivery count (attempts)."""
         with self._write() as db:

@@ -31,8 +31,8 @@ def wait_for(pred, timeout: float, step: float = 0.05) -> bool:
 class Farm:
     """redis + head + workers as subprocesses (own process groups, so kill -9 takes a worker's pool with it)."""
 
-    def __init__(self, root: Path, redis: RedisServer):
-        self.root, self.redis = root, redis
+    def __init__(self, root: Path, redis: RedisServer, visibility_s: float = VISIBILITY_S):
+        self.root, self.redis, self.visibility_s = root, redis, visibility_s
         self.var = root / "var"
         (self.var / "templates").mkdir(parents=True)
         (self.var / "incoming").mkdir(parents=True)
@@ -44,7 +44,7 @@ class Farm:
         env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                    HEYGEM_VAR_DIR=str(self.var), HEYGEM_BROKER_URL=self.redis.url, HEYGEM_SETTLE_SECONDS="0.3",
                    HEYGEM_MIN_FREE_MB="0", HEYGEM_X264_PRESET="ultrafast", HEYGEM_LOG_FORMAT="json",
-                   HEYGEM_VISIBILITY_TIMEOUT=str(VISIBILITY_S), HEYGEM_ENGINE="builtin", PYTHONUNBUFFERED="1")
+                   HEYGEM_VISIBILITY_TIMEOUT=str(self.visibility_s), HEYGEM_ENGINE="builtin", PYTHONUNBUFFERED="1")
         env.update(extra)
         return env
 

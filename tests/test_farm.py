@@ -38,6 +38,9 @@ def deliveries(farm: Farm, celery_id: str) -> int:
 
 
 def test_two_workers_render_every_task_once_and_a_killed_workers_task_is_redelivered(farm):
+    # a production-like visibility timeout: Redis alone would give the killed worker's task back only after an
+    # hour; the head sees the worker gone (no heartbeat, lease lapsed) and sends the task again itself
+    farm.visibility_s = 3600
     add_templates(farm)
     farm.worker("w1")
     farm.worker("w2")
@@ -63,8 +66,13 @@ def test_two_workers_render_every_task_once_and_a_killed_workers_task_is_redeliv
         return False
 
     assert wait_for(w1_mid_render, 90, 0.01), farm.debug()
+    t_kill = time.monotonic()
     killed = next(t for t in farm.tasks() if t.celery_id == victim[0])
     assert not Path(killed.output_path or "/nonexistent").exists()
+    # within minutes, not after the hour Redis would wait
+    assert wait_for(lambda: next(t for t in farm.tasks() if t.celery_id == victim[0]).state == "done", 120, 0.2), \
+        farm.debug()
+    print(f"killed worker's task done by the other one {time.monotonic() - t_kill:.1f} s after the kill")
     assert wait_for(lambda: all_finished(farm, 12), DONE_TIMEOUT_S, 0.2), farm.debug()
 
     tasks = farm.tasks()
@@ -79,6 +87,7 @@ def test_two_workers_render_every_task_once_and_a_killed_workers_task_is_redeliv
     assert workers == {"w1", "w2"}, workers
     redone = next(t for t in tasks if t.celery_id == victim[0])
     assert redone.worker.startswith("w2@") and redone.attempts == 2 and deliveries(farm, victim[0]) == 2
+    assert '"worker_lost"' in farm.log("head") and victim[0] in farm.log("head")
     assert all(deliveries(farm, t.celery_id) == 1 for t in tasks if t.celery_id != victim[0])
     for t in tasks:
         assert t.timings["worker"] == t.worker and t.timings["celery_id"] == t.celery_id
