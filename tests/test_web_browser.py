@@ -363,8 +363,7 @@ def test_retry_failed_and_render_with_buttons_in_a_real_browser(tmp_path):
                 page.wait_for_selector('.tpl[data-name="wall.png"] .unusable', timeout=60_000)
                 assert "no face" in page.inner_text('.tpl[data-name="wall.png"] .unusable')
                 assert page.is_disabled('#template-choices input[value="wall.png"]')  # cannot be picked for a job
-                page.locator('.tpl[data-name="wall.png"]').scroll_into_view_if_needed()
-                shot(page, tmp_path, "web-unusable-template.png", full=False)
+                shot(page, tmp_path, "web-unusable-template.png")
                 page.click(".rerun summary")
                 assert page.locator('.rerun input[value="wall.png"]').count() == 0  # not offered
                 page.check('.rerun input[value="cleo.png"]')
