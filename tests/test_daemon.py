@@ -403,6 +403,8 @@ def test_sigterm_mid_render_exits_fast_and_requeues(tmp_path, face_template_file
         log.close()
     with Ledger(var / "ledger.sqlite3") as led:
         assert led.counts()["queued"] == 1 and led.counts()["running"] == 0
+        t = led.tasks_for(led.recent_recordings(1)[0].id)[0]
+        assert (t.stops, t.crashes) == (1, 0)  # a clean stop, not a crash
     assert not list((var / "outputs").rglob("*.mp4")) and not list((var / "tmp").rglob(".partial-*"))
     assert (var / "incoming" / "live.wav").exists()
 
@@ -433,7 +435,7 @@ def test_kill_9_then_restart_gives_exactly_one_output(tmp_path, face_template_fi
         assert (var / "archive" / today() / "crash.wav").exists()
         with Ledger(var / "ledger.sqlite3") as led:
             tasks = led.tasks_for(led.recent_recordings(1)[0].id)
-            assert [(t.state, t.attempts) for t in tasks] == [("done", 2)]
+            assert [(t.state, t.attempts, t.crashes, t.stops) for t in tasks] == [("done", 2, 1, 0)]
         assert not list((var / "tmp").rglob(".partial-*"))
         p.send_signal(signal.SIGHUP)  # reload, keep running
         assert wait_for(lambda: '"reloaded"' in Path(log.name).read_text(), 10)

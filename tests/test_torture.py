@@ -329,6 +329,27 @@ def test_retry_command_requeues_failed_tasks_from_the_archive(daemon_factory, fa
     assert cli.main(["retry", "no such recording"]) == 1
 
 
+def test_retry_of_a_failed_recording_renders_from_failed_and_files_it_in_the_archive(daemon_factory, env_clean,
+                                                                                    capsys):
+    from heygem_watch import cli
+
+    eng = FailFor("anchor.png")
+    d = daemon_factory(engine=eng)
+    drop(d, "bad day.wav", 0.4)
+    ingest_all(d)
+    drain(d)
+    failed = d.settings.failed_dir / today() / "bad day.wav"
+    assert failed.exists() and (failed.parent / "bad day.wav.error.json").exists()
+    eng.broken.clear()
+    env_clean.setenv("HEYGEM_VAR_DIR", str(d.settings.var_dir))
+    assert cli.main(["retry", "bad day"]) == 0
+    assert drain(d) == 1
+    rec = d.ledger.recent_recordings(1)[0]
+    assert rec.state == "done" and rec.final_path == str(d.settings.archive_dir / today() / "bad day.wav")
+    assert not failed.exists() and not (failed.parent / "bad day.wav.error.json").exists()
+    assert (Path(rec.output_dir) / "anchor.mp4").exists()
+
+
 # -- 6: unusable files are never duplicates --------------------------------------------------------------------
 def test_two_empty_flvs_each_end_in_failed_with_their_own_error(daemon_factory):
     d = daemon_factory()
