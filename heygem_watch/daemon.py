@@ -320,6 +320,14 @@ class Daemon:
             self.log.info("engine_ready", **self.engine.describe(), seconds=round(time.monotonic() - t0, 2))
         return self.engine
 
+    def _unusable(self, task: Task) -> str | None:
+        """The reason when the task's template is known to be unusable. Checking it here also waits for a check
+        of the same template already running (start-up, rescan): it is analysed once, not twice at once."""
+        p = Path(task.template_path)
+        checks = self.check_templates([p]) if p.is_file() else self.ledger.template_checks()
+        c = checks.get(task.template_fingerprint)
+        return c["reason"] or "no usable face" if c is not None and not c["usable"] else None
+
     def _output_path(self, rec: Recording, task: Task) -> Path:
         stem = Path(task.template_name).stem
         if sum(Path(t.template_name).stem == stem for t in self.ledger.tasks_for(rec.id)) > 1:
@@ -426,6 +434,11 @@ class Daemon:
 
         self.log.info("task_start", attempt=task.attempts, crashes=task.crashes, stops=task.stops,
                       queued=self.ledger.counts()["queued"])
+        why = self._unusable(task)
+        if why:  # queued before its template was found unusable: skipped, and not held against the recording
+            self.ledger.fail_task(task.id, f"template unusable: {why}", {"error_type": "TemplateError"})
+            self.log.warning("task_skipped", reason=f"template unusable: {why}")
+            return
         try:
             job, audio_s = self._job_for(rec)
         except MediaError as exc:
@@ -484,8 +497,12 @@ class Daemon:
         """All tasks of a recording are finished: manifest.json, move the source, set the recording's state."""
         rec = self.ledger.recording(recording_id)
         tasks = self.ledger.tasks_for(rec.id)
-        n_done = sum(t.state == "done" for t in tasks)
-        state = "done" if tasks and n_done == len(tasks) else ("partial" if n_done else "failed")
+        # a recording is done when every usable template is: a template found unusable does not make it partial
+        checks = self.ledger.template_checks()
+        counted = [t for t in tasks if not (t.state == "failed" and t.template_fingerprint in checks
+                                            and not checks[t.template_fingerprint]["usable"])]
+        n_done = sum(t.state == "done" for t in counted)
+        state = "done" if counted and n_done == len(counted) else ("partial" if n_done else "failed")
         src = Path(rec.source_path)
         if self._job is not None and self._job[0] == rec.id:
             self._drop_job()

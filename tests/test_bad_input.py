@@ -107,6 +107,24 @@ def test_template_without_face_is_marked_unusable_and_skipped(daemon_factory, fa
     assert "no face" in man["unusable_templates"][0]["reason"]
 
 
+def test_tasks_queued_before_a_template_was_found_unusable_do_not_make_it_partial(daemon_factory, face_template_file,
+                                                                                 faceless_template_file):
+    from heygem_watch.ledger import fingerprint_file
+
+    d = daemon_factory(templates=(face_template_file, faceless_template_file))
+    src = d.settings.incoming_dir / "old.wav"
+    gen_media.write_wav(src, gen_media.speech(0.4))
+    tpls = [(str(p), fingerprint_file(p)) for p in sorted(d.settings.template_dir.iterdir())]
+    d.ledger.add_recording(src, fingerprint_file(src), src.stat().st_size, tpls,  # queued by an older version
+                           output_dir=d.settings.outputs_dir / today() / "old")
+    drain(d)
+    tasks = {t.template_name: t for t in d.ledger.tasks_for(1)}
+    assert tasks["anchor.png"].state == "done" and tasks["wall.png"].state == "failed"
+    assert "unusable" in tasks["wall.png"].error and "no face" in tasks["wall.png"].error
+    assert d.ledger.recording(1).state == "done"  # every usable template is done
+    assert (d.settings.archive_dir / today() / "old.wav").exists()
+
+
 def test_only_unusable_templates_leave_the_recording_waiting(daemon_factory, faceless_template_file, capsys):
     d = daemon_factory(templates=(faceless_template_file,))
     src = d.settings.incoming_dir / "r.wav"
