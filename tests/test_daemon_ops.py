@@ -113,3 +113,63 @@ def test_a_template_is_checked_when_it_appears(daemon_factory, faceless_template
     d.rescan()
     checks = {c["name"]: c for c in d.ledger.template_checks().values()}
     assert checks["anchor.png"]["usable"] and not checks["wall.png"]["usable"]
+
+
+RUNNER = """
+import sys
+sys.path.insert(0, {root!r})
+from heygem_watch.config import load_settings
+from heygem_watch.daemon import Daemon
+from heygem_watch.engines.base import Engine
+from heygem_watch.logs import configure
+
+class Pass(Engine):
+    name = "pass"
+    def render(self, template, state, speech, jobs):
+        for j in jobs:
+            yield j.image
+
+configure("json", "info")
+raise SystemExit(Daemon(load_settings(None), engine=Pass()).run())
+"""
+
+
+def test_sighup_to_the_running_daemon_watches_the_new_folder(tmp_path, face_template_file):
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    var = tmp_path / "var"
+    (var / "templates").mkdir(parents=True)
+    shutil.copy(face_template_file, var / "templates")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEYGEM_") and k != "NOTIFY_SOCKET"}
+    env.update(HEYGEM_VAR_DIR=str(var), HEYGEM_SETTLE_SECONDS="0.2", HEYGEM_MIN_FREE_MB="0",
+               HEYGEM_X264_PRESET="ultrafast", HEYGEM_LOG_FORMAT="json")
+    log = tmp_path / "daemon.log"
+    with open(log, "w") as out:
+        p = subprocess.Popen([sys.executable, "-c", RUNNER.format(root=str(root))], cwd=tmp_path, env=env,
+                             stdout=out, stderr=subprocess.STDOUT)
+    try:
+        def wait(pred, timeout=60):
+            deadline = time.monotonic() + timeout
+            while not pred() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            return pred()
+
+        assert wait(lambda: '"ready"' in log.read_text())
+        obs = tmp_path / "obs"
+        obs.mkdir()  # where OBS now records
+        (tmp_path / "config.env").write_text(f"HEYGEM_INCOMING_DIR={obs}\n")
+        p.send_signal(signal.SIGHUP)
+        assert wait(lambda: '"reloaded"' in log.read_text())
+        gen_media.write_wav(obs / "moved.wav", gen_media.speech(0.3))
+        gen_media.write_wav(var / "incoming" / "old place.wav", gen_media.speech(0.3, seed=4))
+        assert wait(lambda: (var / "outputs" / today() / "moved" / "manifest.json").exists())
+        time.sleep(1.0)  # the old folder is no longer watched
+        assert (var / "incoming" / "old place.wav").exists()
+        assert not (var / "outputs" / today() / "old place").exists()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(15)
