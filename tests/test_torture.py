@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from heygem_watch import daemon as daemon_mod
-from heygem_watch import pipeline
+from heygem_watch import filing, pipeline
 from heygem_watch.engines.base import Engine
 from heygem_watch.ledger import MAX_ATTEMPTS, Ledger
 from heygem_watch.media import VideoWriter
@@ -89,7 +88,7 @@ STAGES = {
     "progress": lambda mp: mp.setattr(Ledger, "update_progress", Once(Ledger.update_progress, _full_db)),
     "commit": lambda mp: mp.setattr(Ledger, "finish_task", Once(Ledger.finish_task, _full_db)),
     "claim": lambda mp: mp.setattr(Ledger, "claim_next_task", Once(Ledger.claim_next_task, _full_db)),
-    "manifest": lambda mp: mp.setattr(daemon_mod, "write_json_atomic", Once(daemon_mod.write_json_atomic, _full_os)),
+    "manifest": lambda mp: mp.setattr(filing, "write_json_atomic", Once(filing.write_json_atomic, _full_os)),
 }
 
 
