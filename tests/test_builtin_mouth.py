@@ -89,6 +89,17 @@ def test_selection_follows_targets_and_prefers_consecutive_frames():
     assert np.mean(np.abs(np.diff(greedy)) > 1) > 2 * np.mean(np.abs(steps) > 1)
 
 
+def test_selection_prefers_a_frame_more_open_than_wanted_to_one_equally_less_open():
+    # frame 0 misses the wanted 0.10 by 0.03 below, frame 1 by 0.03 above: the wider one can be drawn exactly (its
+    # lips cover the extra interior), the narrower one would need a synthesised interior
+    lib = _library(np.array([0.07, 0.13], np.float32))
+    assert mouth.Selector(lib).unary(0.10, 0.5, None).argmin() == 1
+    assert _select(lib, [0.10] * 12).tolist() == [1] * 12
+    # a miss below still beats a much larger one above
+    lib = _library(np.array([0.07, 0.20], np.float32))
+    assert mouth.Selector(lib).unary(0.10, 0.5, None).argmin() == 0
+
+
 def test_selection_is_consistent_with_lag_and_flush():
     lib = _library(np.linspace(0, 0.2, 50))
     targets = np.r_[np.zeros(20), np.full(20, 0.2)]

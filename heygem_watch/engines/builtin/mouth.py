@@ -31,6 +31,9 @@ DEFAULT_TEETH_BGR = (200, 212, 222)  # used when the template never shows teeth 
 
 # Selection costs (dimensionless; openness/width are in inter-ocular units).
 OPEN_SCALE = 0.025  # an openness miss of this much costs 1
+UNDER_WEIGHT = 3.0  # ... times this when the frame is less open than wanted: compose draws a mouth narrower than its
+# source exactly (the lips cover the interior), but a wider one only partly (its extra opening is synthesised, and
+# reads as less open)
 WIDTH_SCALE = 0.06
 WIDTH_WEIGHT = 0.3
 POSE_SCALE = 0.05  # yaw/pitch proxy difference costing 1 (times POSE_WEIGHT)
@@ -304,7 +307,8 @@ class Selector:
         self.back: deque[np.ndarray] = deque()
 
     def unary(self, open_t: float, width_t: float, pose: np.ndarray | None) -> np.ndarray:
-        u = ((self._o - open_t) / OPEN_SCALE) ** 2
+        d = self._o - open_t
+        u = (d / OPEN_SCALE) ** 2 * np.where(d < 0, UNDER_WEIGHT, 1.0)
         u += WIDTH_WEIGHT * ((self._w - width_t) / WIDTH_SCALE) ** 2
         if pose is not None and np.isfinite(pose).all():
             u += POSE_WEIGHT * (((self._pose - pose) / POSE_SCALE) ** 2).sum(1)
