@@ -59,7 +59,7 @@ class Farm:
 
     def head(self) -> subprocess.Popen:
         p = self._start("head", ["run"], self.env(HEYGEM_DISPATCH="celery"))
-        assert wait_for(lambda: '"event": "ready"' in self.last_log("head") or p.poll() is not None, 60), \
+        assert wait_for(lambda: '"event": "ready"' in self.last_log("head") or p.poll() is not None, 180), \
             self.log("head")
         assert p.poll() is None, self.log("head")
         return p
@@ -67,7 +67,7 @@ class Farm:
     def worker(self, name: str) -> subprocess.Popen:
         cache = self.root / f"cache-{name}"  # each worker's own template cache, off the shared var/
         p = self._start(name, ["worker", "--name", name], self.env(HEYGEM_CACHE_DIR=str(cache)))
-        assert wait_for(lambda: "ready." in self.last_log(name) or p.poll() is not None, 60), self.log(name)
+        assert wait_for(lambda: "ready." in self.last_log(name) or p.poll() is not None, 180), self.log(name)
         assert p.poll() is None, self.log(name)
         return p
 

@@ -13,7 +13,7 @@ from heygem_watch.ledger import Ledger
 from tests.farmrig import Farm, add_templates, drop, wait_for
 from tests.redisd import RedisServer
 
-DONE_TIMEOUT_S = 180
+DONE_TIMEOUT_S = 600  # generous: a loaded machine must not fail the test; it ends as soon as all are done
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_two_workers_render_every_task_once_and_a_killed_workers_task_is_redeliv
     # once w1 has rendered something, kill -9 it (its pool process too) while it holds a task with a partial
     # output on disk
     assert wait_for(lambda: any(t.state == "done" and (t.worker or "").startswith("w1@") for t in farm.tasks()),
-                    90, 0.1), farm.debug()
+                    300, 0.1), farm.debug()
     victim: list[str] = []
 
     def w1_mid_render() -> bool:
@@ -65,14 +65,16 @@ def test_two_workers_render_every_task_once_and_a_killed_workers_task_is_redeliv
                 return True
         return False
 
-    assert wait_for(w1_mid_render, 90, 0.01), farm.debug()
+    assert wait_for(w1_mid_render, 300, 0.01), farm.debug()
     t_kill = time.monotonic()
     killed = next(t for t in farm.tasks() if t.celery_id == victim[0])
     assert not Path(killed.output_path or "/nonexistent").exists()
-    # within minutes, not after the hour Redis would wait
-    assert wait_for(lambda: next(t for t in farm.tasks() if t.celery_id == victim[0]).state == "done", 120, 0.2), \
-        farm.debug()
+    assert wait_for(lambda: next(t for t in farm.tasks() if t.celery_id == victim[0]).state == "done",
+                    DONE_TIMEOUT_S, 0.2), farm.debug()
     print(f"killed worker's task done by the other one {time.monotonic() - t_kill:.1f} s after the kill")
+    # ...while the killed worker's own copy of the message is still unacknowledged in Redis (the visibility timeout
+    # is an hour away): the head's re-send did it, not the broker
+    assert any(victim[0].encode() in v for v in farm.redis.client().hvals("unacked"))
     assert wait_for(lambda: all_finished(farm, 12), DONE_TIMEOUT_S, 0.2), farm.debug()
 
     tasks = farm.tasks()
@@ -107,18 +109,18 @@ def test_redis_outage_and_head_restart_lose_nothing_and_do_nothing_twice(farm):
     farm.head()
     for i in range(4):
         drop(farm, f"a{i}.flv", seed=10 + i)
-    assert wait_for(lambda: sum(t.state == "done" for t in farm.tasks()) >= 2, 120, 0.02), farm.debug()
+    assert wait_for(lambda: sum(t.state == "done" for t in farm.tasks()) >= 2, 300, 0.02), farm.debug()
     farm.redis.stop()  # mid-run: workers are rendering, the rest waits in Redis
     t_down = time.monotonic()
     for i in range(2):  # the head keeps taking recordings in while the broker is down
         drop(farm, f"b{i}.flv", seed=20 + i)
-    assert wait_for(lambda: len(farm.tasks()) == 12, 30), farm.debug()
+    assert wait_for(lambda: len(farm.tasks()) == 12, 120), farm.debug()
     waiting = [t for t in farm.tasks() if t.recording_id > 4]
     assert all(t.dispatched_at is None and t.state == "queued" for t in waiting), waiting  # taken in, not sent
     time.sleep(max(0.0, 20 - (time.monotonic() - t_down)))
     farm.redis.start()
     # the head sends what it took in meanwhile; kill -9 it while tasks are in flight, then start it again
-    assert wait_for(lambda: all(t.dispatched_at for t in farm.tasks()), 60, 0.02), farm.debug()
+    assert wait_for(lambda: all(t.dispatched_at for t in farm.tasks()), 300, 0.02), farm.debug()
     before = {t.id: t.celery_id for t in farm.tasks()}
     assert any(t.state in ("queued", "running") for t in farm.tasks())
     farm.kill9("head")
@@ -140,10 +142,11 @@ def test_redis_outage_and_head_restart_lose_nothing_and_do_nothing_twice(farm):
     farm.kill9("w1")
     farm.kill9("w2")
     drop(farm, "c.flv", seed=30, seconds=1.0)
-    assert wait_for(lambda: len(farm.tasks()) == 14 and all(t.dispatched_at for t in farm.tasks()), 60), farm.debug()
+    assert wait_for(lambda: len(farm.tasks()) == 14 and all(t.dispatched_at for t in farm.tasks()), 300), \
+        farm.debug()
     (farm.var / "templates" / "anna.png").unlink()
     farm.worker("w3")
-    assert wait_for(lambda: all_finished(farm, 14), 120, 0.2), farm.debug()
+    assert wait_for(lambda: all_finished(farm, 14), DONE_TIMEOUT_S, 0.2), farm.debug()
     bad, good = farm.tasks()[-2:]
     assert bad.state == "failed" and bad.attempts == 3, (bad.state, bad.attempts, bad.error)
     assert "failed on 3 deliveries" in bad.error and "anna.png" in bad.error, bad.error
