@@ -241,8 +241,10 @@ class Daemon(Filing, DiskGuard):
     def _unusable(self, task: Task) -> str | None:
         """The reason when the task's template is known to be unusable. Checking it here also waits for a check
         of the same template already running (start-up, rescan): it is analysed once, not twice at once."""
+        checks = self.ledger.template_checks()
         p = Path(task.template_path)
-        checks = self.check_templates([p]) if p.is_file() else self.ledger.template_checks()
+        if task.template_fingerprint not in checks and p.is_file():  # not checked yet, or being checked right now
+            checks = self.check_templates([p])
         c = checks.get(task.template_fingerprint)
         return c["reason"] or "no usable face" if c is not None and not c["usable"] else None
 
