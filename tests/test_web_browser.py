@@ -382,3 +382,61 @@ def test_retry_failed_and_render_with_buttons_in_a_real_browser(tmp_path):
         tasks = {t.template_name: t.state for t in db.tasks_for(res.recording_id)}
         assert tasks == {"anna.png": "done", "ben.png": "queued", "cleo.png": "queued"}
         assert db.recording(res.recording_id).source_path == str(src)
+
+
+def test_farm_workers_and_the_worker_of_each_running_task_in_a_real_browser(tmp_path):
+    """Issue 12, in the page: with HEYGEM_DISPATCH=celery the head records which worker renders each task and the
+    workers' heartbeats; the dashboard shows the running task with its worker and the workers list (a silent one
+    marked lost). Only `heygem-watch web` runs here, on a ledger written the way the head writes it."""
+    assert Path(CHROMIUM).exists(), "needs Debian's Chromium: apt-get install -y chromium"
+    var, tdir, port = tmp_path / "var", tmp_path / "var" / "templates", free_port()
+    tdir.mkdir(parents=True)
+    one = write_video(tmp_path / "one.mp4", face_frames(3, (96, 80)), fps=FPS)
+    for n in ("anna.mp4", "ben.mp4"):
+        shutil.copy(one, tdir / n)
+    with Ledger(var / "ledger.sqlite3") as db:
+        r = db.add_recording(var / "show.flv", "f1", 10, [(str(tdir / "anna.mp4"), "a"), (str(tdir / "ben.mp4"), "b")],
+                             output_dir=var / "outputs" / "show")
+        a, b = r.task_ids
+        for tid, cid in ((a, "cid-a"), (b, "cid-b")):
+            db.assign_celery_id(tid, cid)
+            db.mark_dispatched(tid)
+        db.mark_remote_progress(a, "gpu0@box1", 1, 300, 600, 61.5, 4.9)
+        db.worker_seen("gpu0@box1", active=1, processed=12)
+        db.worker_seen("gpu1@box2", processed=9, at=time.time() - 120)
+        db.beat()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEYGEM_")}
+    env.update(PYTHONPATH=str(ROOT), HEYGEM_VAR_DIR=str(var), HEYGEM_LOG_FORMAT="json")
+    web = subprocess.Popen([sys.executable, "-m", "heygem_watch", "web", "--port", str(port)], cwd=tmp_path, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                urllib.request.urlopen(url + "/api/config", timeout=1).read()
+                break
+            except OSError:
+                assert web.poll() is None and time.monotonic() < deadline, "web did not start"
+                time.sleep(0.2)
+        with playwright_sync.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.goto(url + "/")
+                page.wait_for_selector("#workers-list li")
+                page.wait_for_load_state("networkidle")
+                shot(page, tmp_path, "farm-workers.png", full=False)
+                run = page.inner_text(f'#running-list .run[data-task="{a}"]')
+                assert "anna.mp4" in run and "gpu0@box1" in run and "300 / 600" in run, run
+                assert page.is_visible("#workers")
+                online = page.inner_text('#workers-list li.online[data-worker="gpu0@box1"]')
+                assert f"task #{a}" in online and "12 done" in online, online
+                lost = page.inner_text('#workers-list li.lost[data-worker="gpu1@box2"]')
+                assert "idle" in lost and "lost" in lost, lost
+                assert page.inner_text("#queue-list").count("ben.mp4") == 1
+            finally:
+                browser.close()
+    finally:
+        web.terminate()
+        web.wait(20)
