@@ -80,7 +80,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus")
     ap.add_argument("--media", type=Path, default=ROOT.parent / "shared" / "media")
-    ap.add_argument("--cache", type=Path, default=Path("/tmp/speech_cache/clips"))
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/speech_cache/clips2"))
     ap.add_argument("--own", default="templates/liveportrait_d6.mp4")
     args = ap.parse_args()
     enc = W.load_encoder()

@@ -383,6 +383,7 @@ def cmd_check(args, settings) -> int:
                 ok(desc)
     from heygem_watch import engines
 
+    name = None
     try:
         name = engines.resolve_engine_name(settings.engine, settings.model)
         if settings.model is not None and not settings.model.is_file():
@@ -410,8 +411,27 @@ def cmd_check(args, settings) -> int:
                 ok(f"engine {name} (no model configured)")
     except Exception as exc:  # noqa: BLE001
         bad(f"engine {settings.engine}: {exc}", "check HEYGEM_ENGINE / HEYGEM_MODEL")
+    if name == "builtin":
+        _check_speech(settings, ok, bad)
     print(f"{len(problems)} problem(s)" if problems else "all checks passed")
     return EXIT_FAIL if problems else EXIT_OK
+
+
+def _check_speech(settings, ok, bad) -> None:
+    """The built-in engine's speech model: the head file and the Whisper model joined from its wheels (hash)."""
+    from heygem_watch.engines.builtin.head import HeadError, load_head
+    from heygem_watch.engines.builtin.whisper import WhisperModelError, model_files
+
+    try:
+        head = load_head(settings.speech_model)
+        model_files()
+    except (HeadError, WhisperModelError) as exc:
+        bad(f"speech model: {exc}", "fix HEYGEM_SPEECH_MODEL (empty = the shipped one) or reinstall heygem-watch's "
+            "dependencies (./setup.sh)")
+        return
+    where = settings.speech_model or "shipped"
+    ok(f"speech model {where} ({head.meta.get('clips', '?')} clips, {head.meta.get('speakers', '?')} speakers); "
+       "Whisper base verified")
 
 
 def main(argv: list[str] | None = None) -> int:

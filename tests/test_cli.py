@@ -158,6 +158,16 @@ def test_check_reports_problems_with_fixes(in_tmp, capsys, face_template_file, f
     out = capsys.readouterr().out
     assert "ok       template anchor.png" in out
     assert "PROBLEM  template wall.png: unusable, recordings skip it: no face" in out
+    assert "ok       speech model shipped" in out and "Whisper base verified" in out
+
+
+def test_check_names_a_broken_speech_model(in_tmp, monkeypatch, capsys):
+    junk = in_tmp / "speech.npz"
+    junk.write_bytes(b"not a model")
+    monkeypatch.setenv("HEYGEM_SPEECH_MODEL", str(junk))
+    assert cli.main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert f"PROBLEM  speech model: {junk}: not a speech model" in out and "HEYGEM_SPEECH_MODEL" in out
 
 
 def test_check_reports_a_missing_model(in_tmp, capsys):

@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
@@ -52,21 +54,42 @@ class BuiltinEngine(Engine):
             self.head = load_head(self.speech_model)
         except HeadError as exc:
             raise EngineError(str(exc)) from None
+        # The Whisper model (~0.6 s to join, verify and load) loads beside whatever comes next (the recording's audio
+        # extraction, a template's analysis); analyse_speech waits for it.
+        self._encoder: dict = {}
+        self._loader = threading.Thread(target=self._load_encoder, name="whisper-load", daemon=True)
+        self._loader.start()
+
+    def _load_encoder(self) -> None:
+        from heygem_watch.engines.builtin.whisper import load_encoder
+
+        try:
+            self._encoder["model"] = load_encoder()
+        except Exception as exc:  # noqa: BLE001 - re-raised by analyse_speech, in the caller's thread
+            self._encoder["error"] = exc
 
     def describe(self) -> dict:
         return {"engine": self.name, "model": None,
                 "speech_model": self.speech_model.name if self.speech_model else "shipped"}
 
     def analyse_speech(self, audio) -> Any:
-        """The Whisper encoder loads on the first recording and stays for the process's lifetime."""
+        """Whisper features through the head (the encoder stays loaded for the engine's lifetime)."""
         from heygem_watch.engines.builtin.speech import analyse_speech
-        from heygem_watch.engines.builtin.whisper import WhisperModelError, load_encoder
+        from heygem_watch.engines.builtin.whisper import WhisperModelError
+        from heygem_watch.logs import get_logger
 
-        try:
-            encoder = load_encoder()
-        except WhisperModelError as exc:
-            raise EngineError(str(exc)) from None
-        return analyse_speech(audio, self.head, encoder)
+        self._loader.join()
+        if "error" in self._encoder:
+            exc = self._encoder["error"]
+            if isinstance(exc, WhisperModelError):
+                raise EngineError(str(exc)) from None
+            raise exc
+        t0, c0 = time.monotonic(), time.process_time()
+        curve = analyse_speech(audio, self.head, self._encoder["model"])
+        get_logger().info("speech_analysed", audio_s=round(audio.n_samples / audio.sample_rate, 2),
+                          seconds=round(time.monotonic() - t0, 3), cpu_s=round(time.process_time() - c0, 3),
+                          speech_model=self.describe()["speech_model"])
+        return curve
 
     def prepare_template(self, template) -> BuiltinState:
         lib = analyse_mouths(template)

@@ -36,7 +36,7 @@ RIDGE = 3000.0  # L2 penalty on standardised components (times the number of fra
 TARGETS = ("open", "width")
 MIN_FACE = 0.8  # clips whose face is found in fewer frames are skipped
 MIN_FRAMES = 10
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 
 class TrainError(RuntimeError):
@@ -85,7 +85,8 @@ def _manifest_speakers(d: Path) -> dict[Path, str]:
 
 
 def fingerprint(path: Path) -> str:
-    h = hashlib.sha256(CACHE_VERSION.encode())
+    """Cache key: the file's content, the cache layout and the encoder's compute type (it changes the features)."""
+    h = hashlib.sha256(f"{CACHE_VERSION}/{whisper.COMPUTE_TYPE}".encode())
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)

