@@ -10,6 +10,7 @@ generated recordings (--seconds long, distinct speech) are moved into incoming/ 
   head CPU      the head process's CPU time from ready to done (watch, fingerprint, audio extraction, send, poll,
                 filing) / tasks (ms)
   filing lag    worker finished -> ledger says done (ms; the head polls every FARM_POLL_S)
+  workers' CPU  CPU seconds of all worker processes during the run / wall: how many cores the renders kept busy
 and the dispatch cost against a 10 s render (target < 50 ms and < 2 %).
 
     .venv/bin/python bench/farm.py [--tasks 8] [--seconds 10] [--size 1280x720] [--workers 1 2]
@@ -36,18 +37,34 @@ from tests.redisd import RedisServer  # noqa: E402
 RENDER_REF_S = 10.0  # the issue's yardstick: overhead < 2 % of a 10 s render
 
 
+def _tree_cpu(procs) -> float:
+    """CPU seconds (user + system) of these processes and their children (a worker's pool process renders)."""
+    import psutil
+
+    total = 0.0
+    for p in procs:
+        try:
+            root = psutil.Process(p.pid)
+            for q in [root, *root.children(recursive=True)]:
+                t = q.cpu_times()
+                total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def run(work: Path, n_workers: int, recordings: list[Path], size: tuple[int, int]) -> dict:
     redis = RedisServer(work / "redis").start()
     farm = Farm(work, redis)
     try:
         for name in ("anna.png", "ben.png"):
             gen_media.face_png(farm.var / "templates" / name, size=size)
-        for k in range(n_workers):
-            farm.worker(f"w{k + 1}")
+        workers = [farm.worker(f"w{k + 1}") for k in range(n_workers)]
         head = farm.head()
         import psutil
 
         cpu0 = psutil.Process(head.pid).cpu_times()  # start-up (imports, recovery) is not per-task work
+        wcpu0 = _tree_cpu(workers)
         n_tasks = 2 * len(recordings)
         t0 = time.monotonic()
         for rec in recordings:
@@ -57,6 +74,7 @@ def run(work: Path, n_workers: int, recordings: list[Path], size: tuple[int, int
             farm.tasks()), 3600, 0.05)
         wall = time.monotonic() - t0
         cpu = psutil.Process(head.pid).cpu_times()
+        workers_cpu = _tree_cpu(workers) - wcpu0
         tasks = farm.tasks()
         assert ok and all(t.state == "done" for t in tasks), [(t.id, t.state, t.error) for t in tasks]
         dispatch_ms = [json.loads(line)["dispatch_ms"] for line in farm.log("head").splitlines()
@@ -68,7 +86,7 @@ def run(work: Path, n_workers: int, recordings: list[Path], size: tuple[int, int
             per_worker[t.worker] = per_worker.get(t.worker, 0) + 1
         return {"workers": n_workers, "tasks": n_tasks, "wall_s": wall, "dispatch_ms": dispatch_ms,
                 "head_cpu_ms_per_task": 1000 * (cpu.user + cpu.system - cpu0.user - cpu0.system) / n_tasks, "lag_ms": lag_ms,
-                "render_s": renders, "per_worker": per_worker}
+                "render_s": renders, "per_worker": per_worker, "workers_cores": workers_cpu / wall}
     finally:
         farm.close()
 
@@ -88,13 +106,14 @@ def main() -> int:
         results = [run(d / f"run-{n}", n, recs, size) for n in args.workers]
     print(f"{args.tasks} tasks ({args.tasks // 2} recordings of {args.seconds:g} s x 2 templates {args.size}), "
           f"built-in engine, this machine's CPUs")
-    print("| workers | wall | tasks per worker | mean render | dispatch per task (mean / max) | head CPU per task "
-          "| filing lag (median) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| workers | wall | tasks per worker | mean render | workers' CPU use | dispatch per task (mean / max) "
+          "| head CPU per task | filing lag (median) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         dm = r["dispatch_ms"]
         print(f"| {r['workers']} | {r['wall_s']:.1f} s | {'/'.join(str(v) for v in sorted(r['per_worker'].values()))} "
-              f"| {statistics.mean(r['render_s']):.2f} s | {statistics.mean(dm):.1f} / {max(dm):.1f} ms "
+              f"| {statistics.mean(r['render_s']):.2f} s | {r['workers_cores']:.2f} cores "
+              f"| {statistics.mean(dm):.1f} / {max(dm):.1f} ms "
               f"| {r['head_cpu_ms_per_task']:.0f} ms | {statistics.median(r['lag_ms']):.0f} ms |")
     if len(results) >= 2:
         print(f"speed-up {results[0]['workers']} -> {results[-1]['workers']} workers: "
