@@ -33,3 +33,18 @@ def test_seal_lips_moves_the_inner_lips_inwards_only_for_a_mouth_drawn_shut(phot
     for inner, outer in ((interior.UPPER_INNER, interior.UPPER_OUTER), (interior.LOWER_INNER, interior.LOWER_OUTER)):
         step = np.linalg.norm(sealed[inner] - wide[inner], axis=1)
         assert (step <= interior.SEAL_FRACTION * np.linalg.norm(wide[outer] - wide[inner], axis=1) + 1e-6).all()
+
+
+def test_soften_seam_blurs_only_a_narrow_band_along_the_meeting_line():
+    img = np.zeros((40, 60, 3), np.float32)
+    img[20:] = 200.0  # a hard edge between two lips, as a sealed map leaves it
+    before = img.copy()
+    line = np.array([[5.0, 19.5], [55.0, 19.5]]) + (100, 50)  # full-frame pixels; the crop starts at (100, 50)
+    interior.soften_seam(img, (100, 50, 60, 40), line, 100.0, 1.0)
+    step = np.abs(np.diff(img[:, 30, 0]))
+    assert step.max() < 0.7 * 200  # the edge is spread over more than one row (unsoftened: one step of 200)
+    assert np.array_equal(img[:10], before[:10]) and np.array_equal(img[30:], before[30:])  # far away: untouched
+    assert np.array_equal(img[:, :2], before[:, :2])  # beyond the line's ends: untouched
+    untouched = before.copy()
+    interior.soften_seam(untouched, (100, 50, 60, 40), line, 100.0, 0.0)
+    assert np.array_equal(untouched, before)

@@ -23,7 +23,8 @@ import cv2
 import numpy as np
 
 from heygem_watch import face
-from heygem_watch.engines.builtin.interior import SEAL_OPEN, cavity, seal_lips, split_interior
+from heygem_watch.engines.builtin.interior import (LIPS_INNER_UPPER, SEAL_OPEN, cavity, seal_amount, seal_lips,
+                                                   soften_seam, split_interior)
 from heygem_watch.engines.builtin.mouth import (CORNERS, LOWER_INNER, LOWER_OUTER, UPPER_INNER, UPPER_OUTER, apply_affine,
                                                 head_frame, similarity)
 from heygem_watch.engines.builtin.warp import (crop_rect, delaunay, exact_within, grid, mesh_labels, piecewise_map,
@@ -309,6 +310,10 @@ def compose_mouth(cur_img: np.ndarray, cur_lm: np.ndarray, src_img, src_lm: np.n
             img = real * ra[..., None] + img * (1.0 - ra[..., None])
             alpha *= fill
             fgf[isl] += (img - fgf[isl]) * alpha[..., None]
-    bg[sl] = np.clip(bgf + (fgf - bgf) * mask[..., None] + 0.5, 0, 255).astype(np.uint8)
+    res = bgf + (fgf - bgf) * mask[..., None]
+    seal = max(seal_amount(cur_gap, open_t), 0.0 if same else seal_amount(src_gap, open_t))
+    if seal > 0.0:
+        soften_seam(res, mrect, inner[LIPS_INNER_UPPER], iod, seal)
+    bg[sl] = np.clip(res + 0.5, 0, 255).astype(np.uint8)
     cur_img[y0:y0 + h, x0:x0 + w] = bg
     return cur_img

@@ -22,6 +22,8 @@ SEAL_INSET = 0.03  # closing a mouth: lip pixels are taken from this far inside 
 SEAL_FRACTION = 0.6  # ... at most this fraction of the lip's thickness ...
 SEAL_RAMP = 0.04  # ... in full once the mouth closes by this much (iod units) or more ...
 SEAL_OPEN = 0.03  # ... and only for drawn openings below this (iod units), in full when shut
+SEAM_BAND = 0.02  # where sealed lips meet, a band this wide (iod units) ...
+SEAM_SOFT_PX = 0.8  # ... is blurred this much (Gaussian sigma, pixels): no staircase edge
 
 
 def cavity(rect, head, inner: np.ndarray, open_px: float, iod: float, light: float, teeth_bgr,
@@ -114,6 +116,26 @@ def split_interior(rect, head, inner: np.ndarray, src_inner: np.ndarray, to_src:
     return img, alpha
 
 
+def seal_amount(gap: float, open_t: float) -> float:
+    """0..1: how far lips of a face with inner gap `gap` drawn at open_t (both iod) are sealed. Only lips that
+    (nearly) meet: an opening keeps its real edges, or it would look narrower than drawn."""
+    return float(np.clip((gap - max(open_t, 0.0)) / SEAL_RAMP, 0.0, 1.0) * np.clip(1.0 - open_t / SEAL_OPEN, 0.0, 1.0))
+
+
+def soften_seam(img: np.ndarray, rect, line: np.ndarray, iod: float, amount: float) -> None:
+    """Anti-alias where sealed lips meet, in place: img (h, w, 3) float32 over rect (x0, y0, w, h); line: the drawn
+    inner lip from corner to corner (k, 2 pixels). The sealed map jumps from one lip to the other between two pixel
+    rows, a hard staircase edge where the rest of the mouth is soft; a narrow band along it is blurred a little."""
+    x0, y0 = rect[0], rect[1]
+    band = np.zeros(img.shape[:2], np.float32)
+    pts = np.round((line - (x0, y0)) * 16).astype(np.int32)
+    cv2.polylines(band, [pts], False, 1.0, thickness=max(1, int(round(SEAM_BAND * iod))), lineType=cv2.LINE_AA,
+                  shift=4)
+    band = cv2.GaussianBlur(band, (0, 0), 1.0) * amount
+    soft = cv2.GaussianBlur(img, (0, 0), SEAM_SOFT_PX)
+    img += (soft - img) * band[..., None]
+
+
 def seal_lips(px: np.ndarray, open_t: float) -> np.ndarray:
     """Where to sample the lips of a face (478, 2 pixels) whose mouth is drawn narrower than it is (open_t, iod):
     its inner-lip points moved into the lips (up the upper lip, down the lower one, the inner corners towards the
@@ -121,9 +143,7 @@ def seal_lips(px: np.ndarray, open_t: float) -> np.ndarray:
     the landmarks, and the dark interior just inside it would be squeezed into a jagged black seam where the lips
     meet; sampled from a little inside each lip, they meet cleanly (losing that sliver of their inner edge)."""
     origin, rot, iod = head_frame(px)
-    gap = float(np.linalg.norm(px[13] - px[14])) / iod
-    # only lips that (nearly) meet: an opening keeps its real edges, or it would look narrower than drawn
-    k = float(np.clip((gap - max(open_t, 0.0)) / SEAL_RAMP, 0.0, 1.0) * np.clip(1.0 - open_t / SEAL_OPEN, 0.0, 1.0))
+    k = seal_amount(float(np.linalg.norm(px[13] - px[14])) / iod, open_t)
     if k <= 0.0:
         return px
     out = px.copy()
