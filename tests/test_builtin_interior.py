@@ -44,7 +44,7 @@ def test_soften_seam_blurs_only_a_narrow_band_along_the_meeting_line():
     step = np.abs(np.diff(img[:, 30, 0]))
     assert step.max() < 0.7 * 200  # the edge is spread over more than one row (unsoftened: one step of 200)
     assert np.array_equal(img[:10], before[:10]) and np.array_equal(img[30:], before[30:])  # far away: untouched
-    assert np.array_equal(img[:, :2], before[:, :2])  # beyond the line's ends: untouched
+    assert np.abs(img[:, :2] - before[:, :2]).max() < 1.0  # beyond the line's ends: (nearly) untouched
     untouched = before.copy()
     interior.soften_seam(untouched, (100, 50, 60, 40), line, 100.0, 0.0)
     assert np.array_equal(untouched, before)
