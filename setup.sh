@@ -15,6 +15,7 @@ DEBIAN_PACKAGES=(
   "chromium          chromium"                                       # the dashboard's browser test
   "systemd           systemd-analyze"                                # the systemd unit's test
   "redis-server      redis-server"                                   # the render farm's tests start their own
+  "openssl           openssl"                                        # the farm's TLS test makes its certificates
   "fonts-wqy-zenhei  /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc"   # Chinese names in screenshots
   "jq                jq"                                             # the README's log recipes (and their test)
 )

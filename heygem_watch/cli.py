@@ -318,6 +318,21 @@ def _native_quiet():
                 print(line, file=sys.stderr)
 
 
+def _check_broker(settings, ok, bad) -> None:
+    """Render farm: the broker answers with these credentials (and, for rediss://, this certificate)."""
+    from heygem_watch import farm
+    from heygem_watch.config import redact_url
+
+    url = redact_url(settings.broker_url)
+    try:
+        farm.configure(settings).backend.client.ping()
+    except Exception as exc:  # noqa: BLE001 - refused, timeout, wrong password, certificate: all the same problem
+        bad(f"broker {url}: {type(exc).__name__}: {exc}",
+            "start Redis there / fix HEYGEM_BROKER_URL (host, port, password; rediss:// for TLS), see docs/farm.md")
+        return
+    ok(f"broker {url} answers (dispatch: {settings.dispatch})")
+
+
 def cmd_check(args, settings) -> int:
     """Print OK/PROBLEM lines (each problem with its fix); exit 1 if there is any problem."""
     import shutil
@@ -413,6 +428,8 @@ def cmd_check(args, settings) -> int:
         bad(f"engine {settings.engine}: {exc}", "check HEYGEM_ENGINE / HEYGEM_MODEL")
     if name == "builtin":
         _check_speech(settings, ok, bad)
+    if settings.broker_url:
+        _check_broker(settings, ok, bad)
     print(f"{len(problems)} problem(s)" if problems else "all checks passed")
     return EXIT_FAIL if problems else EXIT_OK
 

@@ -261,6 +261,20 @@ def test_worker_without_a_broker_url_is_a_config_error(in_tmp, capsys, env_clean
     assert "HEYGEM_BROKER_URL" in capsys.readouterr().err
 
 
+def test_check_says_when_the_farm_broker_does_not_answer(in_tmp, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("HEYGEM_DISPATCH", "celery")
+    monkeypatch.setenv("HEYGEM_BROKER_URL", f"redis://:hunter2@127.0.0.1:{port}/0")
+    cli.main(["check"])
+    out = capsys.readouterr().out
+    assert f"PROBLEM  broker redis://:***@127.0.0.1:{port}/0" in out and "HEYGEM_BROKER_URL" in out, out
+    assert "hunter2" not in out
+
+
 def test_run_command_starts_and_stops_on_sigterm(in_tmp, face_template_file):
     """The real `heygem-watch run` entry point (default engine) on the defaults: starts, then stops on SIGTERM."""
     import signal

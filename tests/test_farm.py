@@ -163,3 +163,25 @@ def test_redis_outage_and_head_restart_lose_nothing_and_do_nothing_twice(farm):
     assert good.state == "done" and good.worker.startswith("w3@")
     with Ledger(farm.var / "ledger.sqlite3") as led:
         assert led.recording(bad.recording_id).state == "partial"
+
+
+def test_head_and_worker_over_tls_with_a_password(tmp_path):
+    """rediss:// as docs/farm.md sets it up: Redis on a TLS port only, a password, the server certificate checked
+    against a CA; a recording goes head -> worker -> output over it. A client without that CA is refused."""
+    import redis as redis_py
+
+    server = RedisServer(tmp_path / "redis", tls=True).start()
+    farm = Farm(tmp_path, server)
+    try:
+        add_templates(farm, ("anna.png",))
+        farm.worker("w1")
+        farm.head()
+        drop(farm, "tls.flv", seed=40, seconds=2.0)
+        assert wait_for(lambda: all_finished(farm, 1), DONE_TIMEOUT_S, 0.2), farm.debug()
+        t = farm.tasks()[0]
+        assert t.state == "done" and t.worker.startswith("w1@") and Path(t.output_path).is_file()
+        assert "farm-test-secret" not in farm.log("head") + farm.log("w1")  # the password is never logged
+        with pytest.raises(redis_py.ConnectionError, match="certificate verify failed"):
+            redis_py.Redis(port=server.port, password=server.password, ssl=True, socket_connect_timeout=2).ping()
+    finally:
+        farm.close()
