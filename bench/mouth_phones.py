@@ -113,6 +113,9 @@ def score(curve: np.ndarray, fps: float, t: float, k: str) -> float:
 
 
 def main(argv=None) -> int:
+    from heygem_watch import logs
+
+    logs.configure("console", "warning", sys.stderr)  # the engine's info events would interleave with the table
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/render_fidelity")
     a = ap.parse_args(argv)

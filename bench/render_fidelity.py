@@ -191,6 +191,9 @@ def run_pair(template: Path, driving: Path, work: Path, cache: Path, engine_name
 
 
 def main(argv=None) -> int:
+    from heygem_watch import logs
+
+    logs.configure("console", "warning", sys.stderr)  # the engine's info events would interleave with the table
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", default=PAIRS)
     ap.add_argument("--media", default=MEDIA)
