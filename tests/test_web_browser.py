@@ -32,7 +32,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage", "--autoplay-policy=no-user-gesture-required"]
-RECORDING_S = 24.0  # 600 frames per template: a few seconds of rendering, so progress is reported mid-way
+RECORDING_S = 60.0  # 1500 frames per template: several seconds of rendering even on a fast core, so the page
+#                    sees progress mid-way (24 s raced: both renders could finish between two page polls)
 FPS = 25
 TEMPLATE_HW = (384, 320)  # template height, width: big enough that rendering takes a few seconds per template
 START_TIMEOUT_S = 60
