@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 from celery import Celery
+from celery.exceptions import Reject
 from celery.signals import worker_process_init, worker_process_shutdown
+from redis.exceptions import RedisError
 
 TASK_NAME = "heygem_watch.render"
 QUEUE = "heygem"
@@ -210,15 +212,22 @@ def render(self, spec: dict) -> dict:
     client = redis_client()
     ttl = lease_ttl(_settings.visibility_timeout if _settings is not None else 7200)
     lease = Lease(client, cid, f"{host}:{os.getpid()}:{time.time()}", ttl)
-    if not lease.acquire():  # a live delivery renders it now: look again once its lease would have lapsed
+    try:
+        taken = lease.acquire()
+    except RedisError:  # Redis went away just now: back into the queue, not a failure (no FAILURE state stored)
+        raise Reject("Redis unavailable while starting the task", requeue=True) from None
+    if not taken:  # a live delivery renders it now: look again once its lease would have lapsed
         raise self.retry(countdown=ttl / 2)
     tmp = Path(spec["tmp_dir"]) / FARM_TMP / cid
     try:
         if out.exists():
             return {"output": str(out), "already_done": True, "worker": host}
         key = f"{KEY_PREFIX}deliveries:{cid}"
-        delivery = int(client.incr(key))
-        client.expire(key, KEY_TTL_S)
+        try:
+            delivery = int(client.incr(key))
+            client.expire(key, KEY_TTL_S)
+        except RedisError:
+            raise Reject("Redis unavailable while starting the task", requeue=True) from None
         if delivery > MAX_DELIVERIES:
             raise RenderFailed(f"started {MAX_DELIVERIES} times without finishing (the worker rendering it died "
                                "each time)")
