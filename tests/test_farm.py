@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -185,3 +186,36 @@ def test_head_and_worker_over_tls_with_a_password(tmp_path):
             redis_py.Redis(port=server.port, password=server.password, ssl=True, socket_connect_timeout=2).ping()
     finally:
         farm.close()
+
+
+def test_a_worker_stopped_with_sigterm_finishes_its_render_and_leaves(farm):
+    """Removing a worker (`systemctl stop`: SIGTERM to its main process, KillMode=mixed; Celery's warm shutdown)
+    mid-render: its render is finished and filed by it, once; it exits; the other worker renders the rest."""
+    add_templates(farm)
+    farm.worker("w1")
+    farm.worker("w2")
+    farm.head()
+    for i in range(2):
+        drop(farm, f"stop {i}.flv", seed=50 + i)
+    held: list[str] = []
+
+    def w1_rendering() -> bool:
+        r = farm.redis.client()
+        for key in r.scan_iter("heygem:lease:*"):
+            cid = key.decode().rsplit(":", 1)[1]
+            if (r.get(key) or b"").decode().startswith("w1@") and \
+                    list((farm.var / "tmp" / "farm" / cid).glob(".partial-*")):
+                farm.procs["w1"].send_signal(signal.SIGTERM)  # the main process only, as KillMode=mixed does
+                held.append(cid)
+                return True
+        return False
+
+    assert wait_for(w1_rendering, 300, 0.01), farm.debug()
+    assert farm.procs["w1"].wait(120) == 0, farm.log("w1")[-3000:]
+    assert wait_for(lambda: all_finished(farm, 4), DONE_TIMEOUT_S, 0.2), farm.debug()
+    tasks = farm.tasks()
+    assert [t.state for t in tasks] == ["done"] * 4
+    mine = next(t for t in tasks if t.celery_id == held[0])
+    assert mine.worker.startswith("w1@") and mine.attempts == 1 and deliveries(farm, held[0]) == 1
+    assert all(deliveries(farm, t.celery_id) == 1 for t in tasks)
+    assert len(outputs(farm)) == 4 and not list(farm.var.rglob(".partial-*"))
