@@ -55,8 +55,8 @@ def lso_on(extra: list[T.Clip], train: list[T.Clip]) -> float:
     """Each speaker of `extra` predicted by a regression fitted on train + the other speakers of extra (feature
     basis from all clips, as train-speech's leave-speaker-out)."""
     b = T.basis(train + extra)
-    train_stats = T._sum([T.gram(b, c) for c in train])
-    per = {s: T._sum([T.gram(b, c) for c in extra if c.speaker == s]) for s in sorted({c.speaker for c in extra})}
+    train_stats = T._sum(T.gram(b, c) for c in train)
+    per = {s: T._sum(T.gram(b, c) for c in extra if c.speaker == s) for s in sorted({c.speaker for c in extra})}
     everything = T._sum([train_stats] + list(per.values()))
     pairs = []
     for spk, own in per.items():

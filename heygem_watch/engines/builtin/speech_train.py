@@ -237,14 +237,18 @@ def solve(b: Basis, stats, offsets=OFFSETS, ridge: float = RIDGE, meta: dict | N
 
 
 def _sum(stats):
-    return tuple(sum(s[k] for s in stats) for k in range(5))
+    """Sum of gram() tuples, accumulated one at a time (a clip's X'X is ~30 MB: never hold them all)."""
+    total = None
+    for st in stats:
+        total = st if total is None else tuple(a + b for a, b in zip(total, st))
+    return total
 
 
 def fit(clips: list[Clip], offsets=OFFSETS, pca_dim: int = PCA_DIM, ridge: float = RIDGE,
         meta: dict | None = None) -> SpeechHead:
     """A ridge head on these clips (frames with a face only)."""
     b = basis(clips, pca_dim)
-    return solve(b, _sum([gram(b, c, offsets) for c in clips]), offsets, ridge, dict(meta or {}, clips=len(clips)))
+    return solve(b, _sum(gram(b, c, offsets) for c in clips), offsets, ridge, dict(meta or {}, clips=len(clips)))
 
 
 def predict_at_frames(head: SpeechHead, clip: Clip) -> np.ndarray:
@@ -286,8 +290,8 @@ def leave_speaker_out(clips: list[Clip], **kw) -> tuple[dict[str, float], list[t
         raise TrainError("leave-speaker-out needs clips of at least two speakers")
     b = basis(clips, kw.get("pca_dim", PCA_DIM))
     offsets = kw.get("offsets", OFFSETS)
-    per = {s: _sum([gram(b, c, offsets) for c in clips if c.speaker == s]) for s in speakers}
-    total = _sum(list(per.values()))
+    per = {s: _sum(gram(b, c, offsets) for c in clips if c.speaker == s) for s in speakers}
+    total = _sum(per.values())
     pairs_o, pairs_w, rows = [], [], []
     for s in speakers:
         test = [c for c in clips if c.speaker == s]
