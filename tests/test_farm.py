@@ -168,7 +168,8 @@ def test_redis_outage_and_head_restart_lose_nothing_and_do_nothing_twice(farm):
 
 def test_head_and_worker_over_tls_with_a_password(tmp_path):
     """rediss:// as docs/farm.md sets it up: Redis on a TLS port only, a password, the server certificate checked
-    against a CA; a recording goes head -> worker -> output over it. A client without that CA is refused."""
+    against a CA; a recording goes head -> worker -> output over it, its progress (frames, fps, ETA) reaching the
+    head's ledger while it renders. A client without that CA is refused."""
     import redis as redis_py
 
     server = RedisServer(tmp_path / "redis", tls=True).start()
@@ -177,7 +178,19 @@ def test_head_and_worker_over_tls_with_a_password(tmp_path):
         add_templates(farm, ("anna.png",))
         farm.worker("w1")
         farm.head()
-        drop(farm, "tls.flv", seed=40, seconds=2.0)
+        drop(farm, "tls.flv", seed=40, seconds=40.0)  # 1000 frames: progress reports come while it renders
+        seen = []
+
+        def progress_in_ledger() -> bool:  # frames, fps and ETA of the remote render, as the head wrote them
+            t = farm.tasks()[0] if farm.tasks() else None
+            if t is not None and t.state == "running" and 0 < t.progress_done < t.progress_total:
+                seen.append((t.worker, t.progress_done, t.progress_total, t.fps, t.eta_s))
+            return bool(seen) or (t is not None and t.state in ("done", "failed"))
+
+        assert wait_for(progress_in_ledger, DONE_TIMEOUT_S, 0.05), farm.debug()
+        assert seen, "no progress seen while it rendered"
+        worker, done, total, fps, eta = seen[0]
+        assert worker.startswith("w1@") and total == 1000 and fps > 0 and eta is not None and eta >= 0, seen
         assert wait_for(lambda: all_finished(farm, 1), DONE_TIMEOUT_S, 0.2), farm.debug()
         t = farm.tasks()[0]
         assert t.state == "done" and t.worker.startswith("w1@") and Path(t.output_path).is_file()
