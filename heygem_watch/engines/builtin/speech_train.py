@@ -345,7 +345,7 @@ def cli_train_speech(args) -> int:
         else:
             lso = {}
             print("one speaker: no leave-speaker-out figure")
-        meta = {"corpus": [str(d) for d in args.corpus], "speakers": len(speakers),
+        meta = {"corpus": [Path(d).name for d in args.corpus], "speakers": len(speakers),  # no host paths
                 "leave_speaker_out": lso, "whisper_sha256": whisper.MODEL_SHA256,
                 "compute_type": whisper.COMPUTE_TYPE}
         head = fit(clips, meta=meta)
