@@ -119,6 +119,44 @@ def test_judge_silence_gap_keeps_the_mouth_shut(encoder):
     assert speech > 0.2 and gap <= 0.05 * speech
 
 
+def test_short_pause_between_phrases_is_shut_and_the_mouth_leads_the_voice(encoder):
+    """A 0.22 s silent pause between two phrases (as between Mandarin phrases): the mouth shuts inside it, yet it
+    starts to open shortly (<= GATE_LEAD_S) before each phrase's voice. A symmetric 0.15 s gate kept it open."""
+    a = np.concatenate([syllables(1.4), vowel(0.2, f0=150, seed=3)])  # ends on a vowel
+    b = np.concatenate([vowel(0.2, f0=140, formants=(800, 1300), seed=4), syllables(1.4, seed=12)])
+    x = np.concatenate([silence(1.0), a, silence(0.22), b, silence(1.0)])
+    c = analyse_speech(ArrayTrack(x), encoder=encoder)
+    t = np.arange(len(c.open)) / c.rate
+    g0 = 1.0 + len(a) / SR  # the pause: g0 .. g1
+    g1 = g0 + 0.22
+    assert not c.speech[(t > g0 + 0.03) & (t < g1 - 0.03)].any()
+    assert c.open[(t > g0 + 0.055) & (t < g1 - 0.095)].max() < 0.01  # shut from ~50 ms after the voice
+    assert c.open[(t > g1 - 0.1) & (t < g1)].max() > 0.2  # opening for the next phrase before it sounds
+    assert c.open[(t > 0.9) & (t < 1.0)].max() > 0.05  # ... and for the first one
+    assert c.open[t < 0.88].max() < 1e-3  # but not earlier than GATE_LEAD_S (+ the 32 ms loudness window)
+    assert c.open[(t > 1.1) & (t < g0)].mean() > 0.2 and c.open[(t > g1) & (t < g1 + 1.5)].mean() > 0.2
+
+
+def test_gate_is_asymmetric_around_voice_activity():
+    """curves_from_head: the mouth may open up to GATE_LEAD_S before voice activity and is shut GATE_TRAIL_S after
+    it; a 0.2 s pause in voice activity is shut in its middle."""
+    from heygem_watch.engines.builtin.speech import GATE_LEAD_S, GATE_TRAIL_S
+
+    assert GATE_TRAIL_S < GATE_LEAD_S
+    n = 250
+    t = np.arange(n) / RATE
+    pred = np.stack([0.3 + 0.2 * np.cos(2 * np.pi * 4 * (t - 2.17))], 1).astype(np.float32)  # open at 2.17 s
+    vad = np.zeros(n * 2, bool)
+    vad[100:200] = True  # 1.0-1.99 s
+    vad[220:400] = True  # 2.2-3.99 s: a 0.21 s pause at 1.99-2.2
+    c = curves_from_head(pred, ("open",), vad)
+    assert np.all(c.open[t < 1.0 - GATE_LEAD_S - 1e-9] == 0) and np.all(c.open[t > 3.99 + GATE_TRAIL_S + 1e-9] == 0)
+    assert np.all(c.open[(t > 1.99 + GATE_TRAIL_S + 1e-9) & (t < 2.2 - GATE_LEAD_S - 1e-9)] == 0)
+    lead = (t > 2.2 - GATE_LEAD_S + 0.045) & (t < 2.2)  # inside the lead margin, past its soft edge
+    assert lead.any() and np.all(c.open[lead] > 0.05)
+    assert np.all(c.open[(t > 3.99 + 0.035) & (t < 3.99 + 0.06)] < 0.1)  # closing within ~a frame or two
+
+
 @pytest.mark.parametrize("fps", [22.131, 25.0, 29.97, 30.0, 60.0])
 def test_frame_rates_see_the_speech_at_its_time(island, fps):
     """Sampled at any video frame rate, the mouth opens when the speech starts and shuts when it ends, and
@@ -195,14 +233,12 @@ def test_wrong_sample_rate_is_a_clear_error():
 
 @pytest.mark.parametrize("n", [1, 2, 7, 500])
 def test_filters_match_scipy_nearest_mode(n):
-    from scipy.ndimage import gaussian_filter1d, maximum_filter1d
+    from scipy.ndimage import gaussian_filter1d
 
-    from heygem_watch.engines.builtin.speech import _gaussian, _running_max
+    from heygem_watch.engines.builtin.speech import _gaussian
 
     x = np.random.default_rng(n).normal(size=n).astype(np.float32)
     x[n // 3:n // 2] = 5.0  # a plateau with steps
     for sigma in (0.4, 1.0, 2.5, 5.0, 10.0):
         np.testing.assert_allclose(_gaussian(x, sigma), gaussian_filter1d(x.astype(np.float64), sigma, mode="nearest"),
                                    atol=1e-9)
-    for size in (1, 2, 3, 4, 9, 21):
-        np.testing.assert_array_equal(_running_max(x, size), maximum_filter1d(x, size, mode="nearest"))

@@ -42,7 +42,12 @@ REF_BLOCK_S = 10.0  # the reference level adapts over blocks of this length ...
 REF_SPAN_BLOCKS = 3  # ... pooled over +-3 blocks (60 s), so a gain change mid-stream is followed
 SPEECH_MIN_S = 0.05  # shorter voice-activity blips are noise
 SPEECH_BRIDGE_S = 0.15  # shorter pauses inside speech keep `speech` True (the head closes the mouth in them)
-GATE_S = 0.15  # the mouth may open this long before the voice (the head leads it) and stay open this long after
+# The gate around voice activity is asymmetric, as real mouths are: the lips part before the sound they make (the
+# head leads its sound by ~1-3 frames) but close within a frame or two once the voice stops. A symmetric 0.15 s
+# margin held the mouth open through every pause under ~0.3 s (Mandarin's pauses between phrases among them).
+GATE_LEAD_S = 0.10  # the mouth may start to open this long before the voice ...
+GATE_TRAIL_S = 0.05  # ... and is shut this long after it
+GATE_RAMP_S = 0.04  # the gate's soft edge, inside those margins (0 exactly beyond them)
 
 # Head output -> curves
 SCALE_PERCENTILES = (5.0, 95.0)  # of the head's output inside speech, mapped to 0 and 1
@@ -187,14 +192,31 @@ def curves_from_head(pred: np.ndarray, targets: tuple[str, ...], speech_vad: np.
     speech[:len(sv)] = sv
     sig = SMOOTH_S * RATE
     opn = _scaled(_gaussian(pred[:, targets.index("open")], sig), speech, (0.0, 1.0))
-    gw = int(round(GATE_S * RATE))
-    gate = _gaussian(_running_max(speech.astype(np.float32), 2 * gw + 1), max(gw, 1) / 2.0)
+    gate = _speech_gate(speech_vad, n)
     opn = np.clip(opn, 0.0, 1.0) * gate
     if "width" in targets:
         width = np.clip(_scaled(_gaussian(pred[:, targets.index("width")], sig), speech, (-1.0, 1.0)), -1, 1) * gate
     else:
         width = np.zeros(n)
     return MouthCurve(RATE, opn.astype(np.float32), width.astype(np.float32), np.zeros(n, np.float32), speech)
+
+
+def _speech_gate(speech_vad: np.ndarray, n: int) -> np.ndarray:
+    """(n,) float64 0..1 at RATE from voice activity at VAD_RATE: 1 in speech and up to GATE_LEAD_S - GATE_RAMP_S
+    before it / GATE_TRAIL_S - GATE_RAMP_S after it, falling smoothly to exactly 0 at GATE_LEAD_S / GATE_TRAIL_S."""
+    t = np.arange(n) / RATE
+    vt = np.flatnonzero(speech_vad) / VAD_RATE  # times of the speech frames (s)
+    if len(vt) == 0:
+        return np.zeros(n)
+    k = np.searchsorted(vt, t)
+    until = np.where(k < len(vt), vt[np.minimum(k, len(vt) - 1)] - t, np.inf)  # to the next speech frame
+    since = np.where(k > 0, t - vt[np.maximum(k - 1, 0)], np.inf)  # since the last one
+
+    def edge(d: np.ndarray, margin: float) -> np.ndarray:
+        u = np.clip((margin - d) / GATE_RAMP_S, 0.0, 1.0)
+        return u * u * (3.0 - 2.0 * u)  # smoothstep: no kink where the mouth starts to move
+
+    return np.maximum(edge(until, GATE_LEAD_S), edge(since, GATE_TRAIL_S))
 
 
 def _gaussian(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -206,15 +228,6 @@ def _gaussian(x: np.ndarray, sigma: float) -> np.ndarray:
         return x.copy()
     k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
     return np.convolve(np.pad(x, r, mode="edge"), k / k.sum(), mode="valid")
-
-
-def _running_max(x: np.ndarray, size: int) -> np.ndarray:
-    """scipy.ndimage.maximum_filter1d(x, size, mode="nearest"): window [i - size//2, i + (size-1)//2]."""
-    x = np.asarray(x)
-    if size <= 1 or len(x) == 0:
-        return x.copy()
-    padded = np.pad(x, (size // 2, (size - 1) // 2), mode="edge")
-    return np.lib.stride_tricks.sliding_window_view(padded, size).max(-1)
 
 
 def head_output(track, head, encoder=None) -> np.ndarray:
