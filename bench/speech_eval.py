@@ -10,7 +10,7 @@ and pooled correlations (each clip z-scored, lag 0) like the judge's pooled_corr
   dev       the dev pairs' driving clips (/work/shared/tools/dev_pairs.tsv; a clip used twice counts twice)
   speech    the clips whose audio really drives their mouth (see NOT_SYNCED for the ones left out)
   all       every clip with a face
---loo fits GATE_S and SMOOTH_S leave-one-clip-out over the dev+speech clips (each clip scored with the values that
+--loo fits GATE_LEAD_S, GATE_TRAIL_S and SMOOTH_S leave-one-clip-out over the dev+speech clips (each clip scored with the values that
 pool best over the others) and prints the held-out pooled figures.
 
 Real openness tracks are cached (npz) in --cache; they are computed with the judge's own code
@@ -45,7 +45,7 @@ DEV_PAIRS = "/work/shared/tools/dev_pairs.tsv"
 # for every feature tried). d9 (near-silent room noise, two lip clicks) stays: it is a dev pair.
 NOT_SYNCED = ("liveportrait_d3", "liveportrait_d10", "liveportrait_d14", "latentsync_demo1_video",
               "latentsync_demo2_video", "latentsync_demo3_video")
-LOO_GRID = {"GATE_S": (0.06, 0.1, 0.15, 0.2), "SMOOTH_S": (0.0, 0.02, 0.04)}
+LOO_GRID = {"GATE_LEAD_S": (0.05, 0.1, 0.15), "GATE_TRAIL_S": (0.03, 0.05, 0.1), "SMOOTH_S": (0.0, 0.02, 0.04)}
 
 _TRACK_SCRIPT = """
 import sys, numpy as np
