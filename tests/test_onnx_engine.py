@@ -2,6 +2,7 @@
 "identity" returns the reference crop, "pattern" a checkerboard; a recording session proxy checks what is fed."""
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from fractions import Fraction
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from heygem_watch.engines.onnx import mel
+from heygem_watch.engines.onnx import engine as engine_mod, mel
 from heygem_watch.audio import AudioTrack
 from heygem_watch.engines.base import EngineError, FrameJob
 from heygem_watch.engines.onnx.engine import (BOX_PADS, FACE_SIZE, MelSource, OnnxEngine, crop_input, face_boxes,
@@ -18,6 +19,7 @@ from heygem_watch.engines.onnx.engine import (BOX_PADS, FACE_SIZE, MelSource, On
 from heygem_watch.pipeline import pingpong_index
 
 FACELESS = frozenset({4, 5})
+JOIN_TIMEOUT_S = 60  # generous: only a broken engine waits this long
 
 
 def tiny_model(path: Path, kind: str, inputs=("audio", "face")) -> Path:
@@ -214,6 +216,31 @@ def test_out_of_memory_halves_the_batch_and_output_is_identical(tpl, models, tra
         list(eng.render(tpl, state, speech, jobs_for(tpl, 5)))
 
 
+def _blocked_in_put(thread: threading.Thread) -> bool:
+    """True while `thread` waits inside the engine's put() (a queue full and nobody consuming)."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == "put" and frame.f_code.co_filename == engine_mod.__file__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _wait(pred, timeout: float = JOIN_TIMEOUT_S) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _assert_stopped(threads) -> None:
+    for t in threads:
+        t.join(JOIN_TIMEOUT_S)
+    assert not [t.name for t in threads if t.is_alive()]
+
+
 def test_errors_in_jobs_propagate_and_threads_stop(tpl, models, track):
     eng = OnnxEngine(models["identity"], batch_size=2)
     state = eng.prepare_template(tpl)
@@ -226,8 +253,10 @@ def test_errors_in_jobs_propagate_and_threads_stop(tpl, models, track):
         yield from jobs_for(tpl, 5)
         raise Stop()
 
+    before = set(threading.enumerate())
     with pytest.raises(Stop):
         list(eng.render(tpl, state, speech, failing()))
+    _assert_stopped([t for t in threading.enumerate() if t.name.startswith("onnx-") and t not in before])
     pulled = []
 
     def counting():
@@ -235,17 +264,21 @@ def test_errors_in_jobs_propagate_and_threads_stop(tpl, models, track):
             pulled.append(j.index)
             yield j
 
-    before = {t.name for t in threading.enumerate()}
     gen = eng.render(tpl, state, speech, counting())
     next(gen)
-    time.sleep(0.3)
+    # the generator's own queues and threads: saturated means both queues full and every thread stuck in put(),
+    # a state nothing leaves while nobody consumes, so no sleep has to be long enough for it
+    local = gen.gi_frame.f_locals
+    prepped, done, threads = local["prepped"], local["done"], local["threads"]
+    assert len(threads) == eng.workers + 1
+    assert _wait(lambda: prepped.full() and done.full() and all(_blocked_in_put(t) for t in threads)), \
+        f"read-ahead never blocked; pulled {len(pulled)} jobs"
     n1 = len(pulled)
-    time.sleep(0.3)
     # bounded read-ahead: a few batches per worker, and it stops growing while nobody consumes
-    assert n1 == len(pulled) and n1 <= (3 * eng.workers + 3) * 2 + 1
+    assert n1 <= (3 * eng.workers + 3) * 2 + 1
+    assert all(_blocked_in_put(t) for t in threads) and len(pulled) == n1
     gen.close()
-    time.sleep(0.2)
-    assert not ({"onnx-prep", "onnx-infer"} & ({t.name for t in threading.enumerate()} - before))
+    _assert_stopped(threads)
 
 
 def test_pipeline_renders_with_the_onnx_engine(tpl, models, track, tmp_path):
