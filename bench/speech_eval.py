@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from heygem_watch.audio import ArrayTrack  # noqa: E402
 from heygem_watch.engines.builtin.speech import SAMPLE_RATE, analyse_speech  # noqa: E402
 
 TOOLS = "/work/shared/tools"
@@ -54,24 +55,6 @@ import lipsync_eval as le
 ts, o, w, f = le.mouth_track({src!r})
 np.savez({dst!r}, ts=ts, open=o, width=w, found=f)
 """
-
-
-class ArrayTrack:
-    """Minimal in-memory AudioTrack (read / n_samples / sample_rate)."""
-
-    def __init__(self, x: np.ndarray):
-        self.x, self.n_samples, self.sample_rate = x.astype(np.float32), len(x), SAMPLE_RATE
-
-    @property
-    def duration(self) -> float:
-        return self.n_samples / SAMPLE_RATE
-
-    def read(self, start: int, count: int) -> np.ndarray:
-        out = np.zeros(max(0, count), np.float32)
-        lo, hi = max(0, start), min(self.n_samples, start + count)
-        if hi > lo:
-            out[lo - start: hi - start] = self.x[lo:hi]
-        return out
 
 
 def read_audio_16k(path: str) -> np.ndarray | None:

@@ -95,6 +95,27 @@ class AudioTrack:
             return None
 
 
+class ArrayTrack:
+    """AudioTrack's reading interface over samples already in memory (clips of seconds to minutes: training,
+    benches, the Wav2Lip mel of an array)."""
+
+    def __init__(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE):
+        self.samples = np.asarray(samples, np.float32).reshape(-1)
+        self.n_samples, self.sample_rate = len(self.samples), sample_rate
+
+    @property
+    def duration(self) -> float:
+        """Seconds."""
+        return self.n_samples / self.sample_rate
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Samples [start, start+count) as float32 (count,), zero-padded outside the signal."""
+        out = np.zeros(max(0, count), np.float32)
+        lo, hi = max(0, start), min(self.n_samples, start + count)
+        if hi > lo:
+            out[lo - start: hi - start] = self.samples[lo:hi]
+        return out
+
 class _Aligner:
     """Places decoded audio on the timeline: pads gaps with silence, drops overlaps.
 

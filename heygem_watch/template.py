@@ -164,27 +164,18 @@ def prune_cache(cache_root: os.PathLike | str, keep_fingerprints, unused_s: floa
     """Delete the cache entries of templates no kept fingerprint names that nothing has written or used (a cache
     hit touches meta.json) for unused_s seconds; leftovers of interrupted analyses (<key>.tmp…, <key>.old…) go on
     the same clock. Returns (folder, bytes freed) for each."""
-    base = Path(cache_root) / CACHE_SUBDIR
     keep = {_cache_dir(cache_root, str(f)).name for f in keep_fingerprints}
     now = time.time() if now is None else now
-    removed = []
-    try:
-        entries = list(base.iterdir())
-    except OSError:
-        return []
-    for d in entries:
+    removed: list[tuple[Path, int]] = []
+    for d in _entries(cache_root):
         if not d.is_dir() or d.is_symlink() or d.name in keep:
             continue
         try:
-            files = [f for f in d.iterdir() if f.is_file()]
-            last = max([d.stat().st_mtime] + [f.stat().st_mtime for f in files])
-            size = sum(f.stat().st_size for f in files)
+            last = max([d.stat().st_mtime] + [f.stat().st_mtime for f in d.iterdir() if f.is_file()])
         except OSError:
             continue
         if now - last >= unused_s:
-            shutil.rmtree(d, ignore_errors=True)
-            if not d.exists():
-                removed.append((d, size))
+            _remove_entry(d, removed)
     return removed
 
 
@@ -195,21 +186,32 @@ def remove_stale_work(cache_root: os.PathLike | str) -> list[tuple[Path, int]]:
     with the same pids), so call it before this process analyses anything. Returns (folder, bytes freed)."""
     import re
 
-    base = Path(cache_root) / CACHE_SUBDIR
-    removed = []
-    try:
-        entries = list(base.iterdir())
-    except OSError:
-        return []
-    for d in entries:
+    removed: list[tuple[Path, int]] = []
+    for d in _entries(cache_root):
         m = re.fullmatch(r"[0-9a-f]+\.(?:tmp|old)(\d+)\.\d+", d.name)
         if not m or not d.is_dir() or d.is_symlink() or _alive(int(m.group(1))):
             continue
-        size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
-        shutil.rmtree(d, ignore_errors=True)
-        if not d.exists():
-            removed.append((d, size))
+        _remove_entry(d, removed)
     return removed
+
+
+def _entries(cache_root: os.PathLike | str) -> list[Path]:
+    """Everything in the template cache folder (none when it is missing or unreadable)."""
+    try:
+        return list((Path(cache_root) / CACHE_SUBDIR).iterdir())
+    except OSError:
+        return []
+
+
+def _remove_entry(d: Path, removed: list[tuple[Path, int]]) -> None:
+    """Delete cache folder d; when it is gone, note (d, bytes its files held) in removed."""
+    try:
+        size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+    except OSError:  # already going (another process pruning the same cache)
+        return
+    shutil.rmtree(d, ignore_errors=True)
+    if not d.exists():
+        removed.append((d, size))
 
 
 def _alive(pid: int) -> bool:

@@ -12,6 +12,33 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+DAEMON_SCRIPT = """
+import sys, time
+sys.path.insert(0, {root!r})
+from heygem_watch.config import load_settings
+from heygem_watch.daemon import Daemon
+from heygem_watch.engines.base import Engine
+from heygem_watch.logs import configure
+
+class Pass(Engine):
+    name = "pass"
+    def render(self, template, state, speech, jobs):
+        for j in jobs:
+            if {delay}:
+                time.sleep({delay})
+            yield j.image
+
+configure("json", "info")
+raise SystemExit(Daemon(load_settings(None), engine=Pass()).run())
+"""
+
+
+def daemon_script(delay: float = 0.0) -> str:
+    """`python -c` source of a real daemon (settings from its environment, JSON logs on stdout) whose engine hands
+    template frames back unchanged, sleeping delay s before each."""
+    return DAEMON_SCRIPT.format(root=str(ROOT), delay=float(delay))
+
+
 def make_settings(root: Path, **env):
     """Settings for a var/ under root: no settle wait, no disk minimum, JSON logs. env overrides HEYGEM_* keys."""
     from heygem_watch.config import load_settings
@@ -108,3 +135,18 @@ def _logging_follows_the_current_stdout():
     from heygem_watch import logs
 
     logs._configured = False
+
+
+@pytest.fixture(scope="module")
+def photo():
+    """(the synthetic face photo, its 478 FaceMesh landmarks as float64 pixels) for the builtin engine's tests."""
+    import numpy as np
+
+    from heygem_watch import face
+    from tests import mediagen
+
+    img = mediagen.face_photo()
+    with face.FaceMesh(static_image=True) as mesh:
+        lm = mesh.detect(img)
+    assert lm is not None
+    return img, lm.astype(np.float64)

@@ -1,19 +1,8 @@
 """engines/builtin/compose.py: a mask with no hard edge, and a drawn mouth that FaceMesh reads as open/shut (shut cleanly)."""
 import numpy as np
-import pytest
 
 from heygem_watch import face
 from heygem_watch.engines.builtin import compose
-from tests import mediagen
-
-
-@pytest.fixture(scope="module")
-def photo():
-    img = mediagen.face_photo()
-    with face.FaceMesh(static_image=True) as mesh:
-        lm = mesh.detect(img)
-    assert lm is not None
-    return img, lm.astype(np.float64)
 
 
 def _measure(img):

@@ -1,19 +1,8 @@
 """engines/builtin/interior.py: lips that must meet are sampled from inside each lip, never from the interior."""
 import numpy as np
-import pytest
 
 from heygem_watch import face
 from heygem_watch.engines.builtin import compose, interior
-from tests import mediagen
-
-
-@pytest.fixture(scope="module")
-def photo():
-    img = mediagen.face_photo()
-    with face.FaceMesh(static_image=True) as mesh:
-        lm = mesh.detect(img)
-    assert lm is not None
-    return img, lm.astype(np.float64)
 
 
 def test_seal_lips_moves_the_inner_lips_inwards_only_for_a_mouth_drawn_shut(photo):

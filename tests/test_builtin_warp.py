@@ -2,18 +2,7 @@
 import numpy as np
 import pytest
 
-from heygem_watch import face
 from heygem_watch.engines.builtin import compose, warp
-from tests import mediagen
-
-
-@pytest.fixture(scope="module")
-def photo():
-    img = mediagen.face_photo()
-    with face.FaceMesh(static_image=True) as mesh:
-        lm = mesh.detect(img)
-    assert lm is not None
-    return img, lm.astype(np.float64)
 
 
 def test_triangle_affines_map_vertices_exactly():

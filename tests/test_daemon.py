@@ -18,7 +18,7 @@ from heygem_watch.engines.base import Engine
 from heygem_watch.ledger import Ledger
 from heygem_watch.media import probe
 from tests import gen_media
-from tests.conftest import drain
+from tests.conftest import daemon_script, drain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -296,34 +296,13 @@ def test_sd_notify_writes_to_the_socket(tmp_path, env_clean):
 
 
 # -- the real process ------------------------------------------------------------------------------------------
-RUNNER = """
-import sys, time
-sys.path.insert(0, {root!r})
-from heygem_watch.config import load_settings
-from heygem_watch.daemon import Daemon
-from heygem_watch.engines.base import Engine
-from heygem_watch.logs import configure
-
-class Slow(Engine):
-    name = "slow"
-    def render(self, template, state, speech, jobs):
-        for j in jobs:
-            time.sleep({delay})
-            yield j.image
-
-s = load_settings(None)
-configure("json", "info")
-raise SystemExit(Daemon(s, engine=Slow()).run())
-"""
-
-
 def start_daemon(tmp_path, var, delay, notify_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HEYGEM_")}
     env.update(HEYGEM_VAR_DIR=str(var), HEYGEM_SETTLE_SECONDS="0.3", HEYGEM_MIN_FREE_MB="0",
                HEYGEM_X264_PRESET="ultrafast", NOTIFY_SOCKET=notify_path, WATCHDOG_USEC="1000000")
     env.pop("WATCHDOG_PID", None)
     log = open(tmp_path / f"daemon-{time.monotonic_ns()}.log", "w")
-    p = subprocess.Popen([sys.executable, "-c", RUNNER.format(root=str(ROOT), delay=delay)], cwd=tmp_path, env=env,
+    p = subprocess.Popen([sys.executable, "-c", daemon_script(delay)], cwd=tmp_path, env=env,
                          stdout=log, stderr=subprocess.STDOUT)
     return p, log
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from heygem_watch import daemon as daemon_mod
 from tests import gen_media
-from tests.conftest import drain
+from tests.conftest import daemon_script, drain
 
 
 def today() -> str:
@@ -115,32 +115,12 @@ def test_a_template_is_checked_when_it_appears(daemon_factory, faceless_template
     assert checks["anchor.png"]["usable"] and not checks["wall.png"]["usable"]
 
 
-RUNNER = """
-import sys
-sys.path.insert(0, {root!r})
-from heygem_watch.config import load_settings
-from heygem_watch.daemon import Daemon
-from heygem_watch.engines.base import Engine
-from heygem_watch.logs import configure
-
-class Pass(Engine):
-    name = "pass"
-    def render(self, template, state, speech, jobs):
-        for j in jobs:
-            yield j.image
-
-configure("json", "info")
-raise SystemExit(Daemon(load_settings(None), engine=Pass()).run())
-"""
-
-
 def test_sighup_to_the_running_daemon_watches_the_new_folder(tmp_path, face_template_file):
     import shutil
     import signal
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
     var = tmp_path / "var"
     (var / "templates").mkdir(parents=True)
     shutil.copy(face_template_file, var / "templates")
@@ -149,7 +129,7 @@ def test_sighup_to_the_running_daemon_watches_the_new_folder(tmp_path, face_temp
                HEYGEM_X264_PRESET="ultrafast", HEYGEM_LOG_FORMAT="json")
     log = tmp_path / "daemon.log"
     with open(log, "w") as out:
-        p = subprocess.Popen([sys.executable, "-c", RUNNER.format(root=str(root))], cwd=tmp_path, env=env,
+        p = subprocess.Popen([sys.executable, "-c", daemon_script()], cwd=tmp_path, env=env,
                              stdout=out, stderr=subprocess.STDOUT)
     try:
         def wait(pred, timeout=60):

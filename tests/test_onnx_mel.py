@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from heygem_watch.engines.onnx import mel
-from heygem_watch.audio import AudioTrack
+from heygem_watch.audio import ArrayTrack, AudioTrack
 
 
 def reference_mel(x: np.ndarray) -> np.ndarray:
@@ -75,7 +75,7 @@ def test_window_index_rule():
 
 def test_short_audio_still_gives_a_full_window():
     x = speechy(0.05)  # 5 columns
-    spec = mel.MelSpectrogram(mel._ArraySource(x))
+    spec = mel.MelSpectrogram(ArrayTrack(x))
     w = spec.window(0, Fraction(25))
     assert w.shape == (80, 16) and np.array_equal(w[:, :spec.n_cols], mel.mel_of_array(x))
 

@@ -19,7 +19,7 @@ from heygem_watch.engines.base import Engine
 from heygem_watch.ledger import MAX_ATTEMPTS, Ledger
 from heygem_watch.media import VideoWriter
 from tests import gen_media
-from tests.conftest import drain
+from tests.conftest import daemon_script, drain
 
 ROOT = Path(__file__).resolve().parents[1]
 Usage = collections.namedtuple("Usage", "total used free")
@@ -179,25 +179,6 @@ def test_real_crashes_still_fail_the_task_and_the_message_counts_both(tmp_path):
 
 
 # -- 3: one daemon per var/ ----------------------------------------------------------------------------------
-RUNNER = """
-import sys, time
-sys.path.insert(0, {root!r})
-from heygem_watch.config import load_settings
-from heygem_watch.daemon import Daemon
-from heygem_watch.engines.base import Engine
-from heygem_watch.logs import configure
-
-class Pass(Engine):
-    name = "pass"
-    def render(self, template, state, speech, jobs):
-        for j in jobs:
-            yield j.image
-
-configure("json", "info")
-raise SystemExit(Daemon(load_settings(None), engine=Pass()).run())
-"""
-
-
 def test_second_daemon_on_the_same_var_exits_with_the_first_ones_pid(tmp_path, face_template_file):
     var = tmp_path / "var"
     (var / "templates").mkdir(parents=True)
@@ -206,7 +187,7 @@ def test_second_daemon_on_the_same_var_exits_with_the_first_ones_pid(tmp_path, f
     env.update(HEYGEM_VAR_DIR=str(var), HEYGEM_SETTLE_SECONDS="0.2", HEYGEM_MIN_FREE_MB="0",
                HEYGEM_X264_PRESET="ultrafast", HEYGEM_LOG_FORMAT="json", PYTHONPATH=str(ROOT))
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen([sys.executable, "-c", RUNNER.format(root=str(ROOT))], cwd=tmp_path, env=env,
+    first = subprocess.Popen([sys.executable, "-c", daemon_script()], cwd=tmp_path, env=env,
                              stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60

@@ -8,6 +8,7 @@ Screenshots go to the test's tmp dir, and also to $HEYGEM_WEB_SCREENSHOTS when s
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -131,6 +132,31 @@ def shot(page, tmp_path: Path, name: str, full: bool = True) -> None:
         shutil.copy(tmp_path / name, Path(dest) / name)
 
 
+@contextlib.contextmanager
+def dashboard(tmp_path: Path, var: Path):
+    """`heygem-watch web` alone on var/ (no daemon), log in tmp_path/web.log; yields its URL once it answers."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEYGEM_")}
+    env.update(PYTHONPATH=str(ROOT), HEYGEM_VAR_DIR=str(var), HEYGEM_LOG_FORMAT="json")
+    with open(tmp_path / "web.log", "wb") as log:
+        web = subprocess.Popen([sys.executable, "-m", "heygem_watch", "web", "--port", str(port)], cwd=tmp_path,
+                               env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while True:
+                try:
+                    urllib.request.urlopen(url + "/api/config", timeout=1).read()
+                    break
+                except OSError:
+                    assert web.poll() is None and time.monotonic() < deadline, (tmp_path / "web.log").read_text()
+                    time.sleep(0.2)
+            yield url
+        finally:
+            web.terminate()
+            web.wait(20)
+
+
 def test_batch_of_two_in_a_real_browser(stack, tmp_path):
     assert Path(CHROMIUM).exists(), "needs Debian's Chromium: apt-get install -y chromium"
     url, var = stack
@@ -236,7 +262,7 @@ def test_header_labels_and_renderer_banner(tmp_path):
     apart (none cut off by the box); the header says which counts are renders and which recordings; with no daemon,
     a banner says the renderer is not running. Only `heygem-watch web` runs here."""
     assert Path(CHROMIUM).exists(), "needs Debian's Chromium: apt-get install -y chromium"
-    var, tdir, port = tmp_path / "var", tmp_path / "var" / "templates", free_port()
+    var, tdir = tmp_path / "var", tmp_path / "var" / "templates"
     tdir.mkdir(parents=True)
     names = ["videoretalking_face2.mp4", "videoretalking_face3.mp4", "videoretalking_presenter_studio_front.mp4",
              "videoretalking_presenter_studio_side.mp4", "anna.mp4"]
@@ -251,20 +277,7 @@ def test_header_labels_and_renderer_banner(tmp_path):
             db.fail_task(tid, "no face")
         db.set_recording_state(r.recording_id, "failed", error="every template failed")
         db.add_recording(var / "y.flv", "f2", 10, [(str(tdir / names[2]), "c")], output_dir=var / "outputs" / "y")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEYGEM_")}
-    env.update(PYTHONPATH=str(ROOT), HEYGEM_VAR_DIR=str(var), HEYGEM_LOG_FORMAT="json")
-    web = subprocess.Popen([sys.executable, "-m", "heygem_watch", "web", "--port", str(port)], cwd=tmp_path, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                urllib.request.urlopen(url + "/api/config", timeout=1).read()
-                break
-            except OSError:
-                assert web.poll() is None and time.monotonic() < deadline, "web did not start"
-                time.sleep(0.2)
+    with dashboard(tmp_path, var) as url:
         with playwright_sync.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             try:
@@ -288,9 +301,6 @@ def test_header_labels_and_renderer_banner(tmp_path):
                 assert "renderer not running" in banner and "wait" in banner, banner
             finally:
                 browser.close()
-    finally:
-        web.terminate()
-        web.wait(20)
 
 
 def test_retry_failed_and_render_with_buttons_in_a_real_browser(tmp_path):
@@ -299,7 +309,7 @@ def test_retry_failed_and_render_with_buttons_in_a_real_browser(tmp_path):
     assert Path(CHROMIUM).exists(), "needs Debian's Chromium: apt-get install -y chromium"
     import cv2
 
-    var, port = tmp_path / "var", free_port()
+    var = tmp_path / "var"
     tdir = var / "templates"
     tdir.mkdir(parents=True)
     for name, gain in (("anna.png", (0.85, 0.95, 1.12)), ("ben.png", (1.12, 1.0, 0.88)), ("cleo.png", (1, 1, 1))):
@@ -321,21 +331,7 @@ def test_retry_failed_and_render_with_buttons_in_a_real_browser(tmp_path):
         b = db.claim_next_task()
         db.fail_task(b.id, "engine failed")
         db.set_recording_state(res.recording_id, "partial", final_path=src)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEYGEM_")}
-    env.update(PYTHONPATH=str(ROOT), HEYGEM_VAR_DIR=str(var), HEYGEM_LOG_FORMAT="json")
-    log = open(tmp_path / "web.log", "wb")
-    web = subprocess.Popen([sys.executable, "-m", "heygem_watch", "web", "--port", str(port)], cwd=tmp_path, env=env,
-                           stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                urllib.request.urlopen(url + "/api/config", timeout=1).read()
-                break
-            except OSError:
-                assert web.poll() is None and time.monotonic() < deadline, (tmp_path / "web.log").read_text()
-                time.sleep(0.2)
+    with dashboard(tmp_path, var) as url:
         with playwright_sync.sync_playwright() as pw:
             ctx = pw.chromium.launch_persistent_context(
                 str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
@@ -375,10 +371,6 @@ def test_retry_failed_and_render_with_buttons_in_a_real_browser(tmp_path):
                 assert errors == []
             finally:
                 ctx.close()
-    finally:
-        web.terminate()
-        web.wait(20)
-        log.close()
     with Ledger(var / "ledger.sqlite3") as db:
         tasks = {t.template_name: t.state for t in db.tasks_for(res.recording_id)}
         assert tasks == {"anna.png": "done", "ben.png": "queued", "cleo.png": "queued"}
@@ -390,7 +382,7 @@ def test_farm_workers_and_the_worker_of_each_running_task_in_a_real_browser(tmp_
     workers' heartbeats; the dashboard shows the running task with its worker and the workers list (a silent one
     marked lost). Only `heygem-watch web` runs here, on a ledger written the way the head writes it."""
     assert Path(CHROMIUM).exists(), "needs Debian's Chromium: apt-get install -y chromium"
-    var, tdir, port = tmp_path / "var", tmp_path / "var" / "templates", free_port()
+    var, tdir = tmp_path / "var", tmp_path / "var" / "templates"
     tdir.mkdir(parents=True)
     one = write_video(tmp_path / "one.mp4", face_frames(3, (96, 80)), fps=FPS)
     for n in ("anna.mp4", "ben.mp4"):
@@ -406,20 +398,7 @@ def test_farm_workers_and_the_worker_of_each_running_task_in_a_real_browser(tmp_
         db.worker_seen("gpu0@box1", active=1, processed=12)
         db.worker_seen("gpu1@box2", processed=9, at=time.time() - 120)
         db.beat()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEYGEM_")}
-    env.update(PYTHONPATH=str(ROOT), HEYGEM_VAR_DIR=str(var), HEYGEM_LOG_FORMAT="json")
-    web = subprocess.Popen([sys.executable, "-m", "heygem_watch", "web", "--port", str(port)], cwd=tmp_path, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                urllib.request.urlopen(url + "/api/config", timeout=1).read()
-                break
-            except OSError:
-                assert web.poll() is None and time.monotonic() < deadline, "web did not start"
-                time.sleep(0.2)
+    with dashboard(tmp_path, var) as url:
         with playwright_sync.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             try:
@@ -438,6 +417,3 @@ def test_farm_workers_and_the_worker_of_each_running_task_in_a_real_browser(tmp_
                 assert page.inner_text("#queue-list").count("ben.mp4") == 1
             finally:
                 browser.close()
-    finally:
-        web.terminate()
-        web.wait(20)

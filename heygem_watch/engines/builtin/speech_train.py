@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from heygem_watch.audio import ArrayTrack  # noqa: F401 - also speech_train.ArrayTrack for the benches
 from heygem_watch.engines.builtin import whisper
 from heygem_watch.engines.builtin.head import SpeechHead
 
@@ -91,22 +92,6 @@ def fingerprint(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:24]
-
-
-class ArrayTrack:
-    """An in-memory 16 kHz track with AudioTrack's read() (short clips only)."""
-
-    sample_rate = whisper.SAMPLE_RATE
-
-    def __init__(self, x: np.ndarray):
-        self.x, self.n_samples = np.asarray(x, np.float32), len(x)
-
-    def read(self, start: int, count: int) -> np.ndarray:
-        out = np.zeros(max(0, count), np.float32)
-        lo, hi = max(0, start), min(self.n_samples, start + count)
-        if hi > lo:
-            out[lo - start: hi - start] = self.x[lo:hi]
-        return out
 
 
 def decode_audio(path: Path) -> tuple[np.ndarray, float]:

@@ -17,6 +17,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from heygem_watch.audio import ArrayTrack
+
 SAMPLE_RATE = 16000
 N_FFT = 800
 HOP = 200
@@ -70,7 +72,7 @@ def normalise(mag_mel: np.ndarray) -> np.ndarray:
 
 def mel_of_array(samples: np.ndarray) -> np.ndarray:
     """(80, n_columns) for a whole in-memory signal (tests, short clips); same numbers as the chunked path."""
-    return MelSpectrogram(_ArraySource(samples)).columns(0, n_columns(len(samples)))
+    return MelSpectrogram(ArrayTrack(samples)).columns(0, n_columns(len(samples)))
 
 
 class MelSpectrogram:
@@ -122,17 +124,3 @@ def _reflect(k: np.ndarray, n: int) -> np.ndarray:
     period = 2 * (n - 1)
     m = np.mod(k, period)
     return np.where(m < n, m, period - m)
-
-
-class _ArraySource:
-    def __init__(self, samples: np.ndarray):
-        self.samples = np.asarray(samples, np.float32).reshape(-1)
-        self.n_samples = len(self.samples)
-        self.sample_rate = SAMPLE_RATE
-
-    def read(self, start: int, count: int) -> np.ndarray:
-        out = np.zeros(max(0, count), np.float32)
-        lo, hi = max(0, start), min(self.n_samples, start + count)
-        if hi > lo:
-            out[lo - start: hi - start] = self.samples[lo:hi]
-        return out
