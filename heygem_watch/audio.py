@@ -48,14 +48,12 @@ class AudioTrack:
 
     def read(self, start: int, count: int) -> np.ndarray:
         """Samples [start, start+count) as float32 (count,), zero-padded outside the signal."""
-        out = np.zeros(max(0, count), np.float32)
-        lo, hi = max(0, start), min(self.n_samples, start + count)
-        if hi > lo:
-            with open(self.path, "rb") as f:
-                f.seek(lo * 4)
-                data = np.frombuffer(f.read((hi - lo) * 4), dtype="<f4")
-            out[lo - start: lo - start + len(data)] = data
-        return out
+        return _window(start, count, self.n_samples, self._fetch)
+
+    def _fetch(self, lo: int, hi: int) -> np.ndarray:
+        with open(self.path, "rb") as f:
+            f.seek(lo * 4)
+            return np.frombuffer(f.read((hi - lo) * 4), dtype="<f4")
 
     def iter_chunks(self, seconds: float = 30.0) -> Iterator[tuple[int, np.ndarray]]:
         """(start_sample, samples) in order, each at most `seconds` long."""
@@ -110,11 +108,18 @@ class ArrayTrack:
 
     def read(self, start: int, count: int) -> np.ndarray:
         """Samples [start, start+count) as float32 (count,), zero-padded outside the signal."""
-        out = np.zeros(max(0, count), np.float32)
-        lo, hi = max(0, start), min(self.n_samples, start + count)
-        if hi > lo:
-            out[lo - start: hi - start] = self.samples[lo:hi]
-        return out
+        return _window(start, count, self.n_samples, lambda lo, hi: self.samples[lo:hi])
+
+
+def _window(start: int, count: int, n_samples: int, fetch) -> np.ndarray:
+    """(count,) float32: fetch(lo, hi) for the part inside [0, n_samples), zeros around it (a short fetch, from a
+    file cut off under us, leaves zeros too)."""
+    out = np.zeros(max(0, count), np.float32)
+    lo, hi = max(0, start), min(n_samples, start + count)
+    if hi > lo:
+        data = fetch(lo, hi)
+        out[lo - start: lo - start + len(data)] = data
+    return out
 
 class _Aligner:
     """Places decoded audio on the timeline: pads gaps with silence, drops overlaps.

@@ -157,6 +157,19 @@ def dashboard(tmp_path: Path, var: Path):
             web.wait(20)
 
 
+@contextlib.contextmanager
+def dashboard_page(tmp_path: Path, var: Path):
+    """A 1280x900 headless Chromium page opened on dashboard(tmp_path, var); the browser is closed after."""
+    with dashboard(tmp_path, var) as url, playwright_sync.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url + "/")
+            yield page
+        finally:
+            browser.close()
+
+
 def test_batch_of_two_in_a_real_browser(stack, tmp_path):
     assert Path(CHROMIUM).exists(), "needs Debian's Chromium: apt-get install -y chromium"
     url, var = stack
@@ -277,30 +290,23 @@ def test_header_labels_and_renderer_banner(tmp_path):
             db.fail_task(tid, "no face")
         db.set_recording_state(r.recording_id, "failed", error="every template failed")
         db.add_recording(var / "y.flv", "f2", 10, [(str(tdir / names[2]), "c")], output_dir=var / "outputs" / "y")
-    with dashboard(tmp_path, var) as url:
-        with playwright_sync.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1280, "height": 900})
-                page.goto(url + "/")
-                page.wait_for_selector("#template-choices .choice")
-                page.wait_for_selector("#renderer-banner:not(.hidden)")
-                page.wait_for_load_state("networkidle")  # thumbnails and fonts in: the layout is final
-                shot(page, tmp_path, "labels-header-banner.png", full=False)
-                labels = page.eval_on_selector_all("#template-choices .choice span", """els => els.map(e => ({
-                    text: e.innerText, title: e.closest('.choice').title,
-                    clipped: e.scrollWidth > e.clientWidth || e.scrollHeight > e.clientHeight}))""")
-                assert sorted(x["title"] for x in labels) == sorted(names)
-                assert len({x["text"] for x in labels}) == len(names), labels
-                assert not any(x["clipped"] for x in labels), labels
-                header = page.inner_text("#counts")
-                assert "renders" in header and "recordings" in header, header
-                assert page.inner_text("#counts .chip.failed") == "failed 2"  # the two templates' renders
-                assert page.inner_text("#counts .chip.rec-failed") == "failed 1"  # the one recording
-                banner = page.inner_text("#renderer-banner")
-                assert "renderer not running" in banner and "wait" in banner, banner
-            finally:
-                browser.close()
+    with dashboard_page(tmp_path, var) as page:
+        page.wait_for_selector("#template-choices .choice")
+        page.wait_for_selector("#renderer-banner:not(.hidden)")
+        page.wait_for_load_state("networkidle")  # thumbnails and fonts in: the layout is final
+        shot(page, tmp_path, "labels-header-banner.png", full=False)
+        labels = page.eval_on_selector_all("#template-choices .choice span", """els => els.map(e => ({
+            text: e.innerText, title: e.closest('.choice').title,
+            clipped: e.scrollWidth > e.clientWidth || e.scrollHeight > e.clientHeight}))""")
+        assert sorted(x["title"] for x in labels) == sorted(names)
+        assert len({x["text"] for x in labels}) == len(names), labels
+        assert not any(x["clipped"] for x in labels), labels
+        header = page.inner_text("#counts")
+        assert "renders" in header and "recordings" in header, header
+        assert page.inner_text("#counts .chip.failed") == "failed 2"  # the two templates' renders
+        assert page.inner_text("#counts .chip.rec-failed") == "failed 1"  # the one recording
+        banner = page.inner_text("#renderer-banner")
+        assert "renderer not running" in banner and "wait" in banner, banner
 
 
 def test_retry_failed_and_render_with_buttons_in_a_real_browser(tmp_path):
@@ -398,22 +404,15 @@ def test_farm_workers_and_the_worker_of_each_running_task_in_a_real_browser(tmp_
         db.worker_seen("gpu0@box1", active=1, processed=12)
         db.worker_seen("gpu1@box2", processed=9, at=time.time() - 120)
         db.beat()
-    with dashboard(tmp_path, var) as url:
-        with playwright_sync.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1280, "height": 900})
-                page.goto(url + "/")
-                page.wait_for_selector("#workers-list li")
-                page.wait_for_load_state("networkidle")
-                shot(page, tmp_path, "farm-workers.png", full=False)
-                run = page.inner_text(f'#running-list .run[data-task="{a}"]')
-                assert "anna.mp4" in run and "gpu0@box1" in run and "300 / 600" in run, run
-                assert page.is_visible("#workers")
-                online = page.inner_text('#workers-list li.online[data-worker="gpu0@box1"]')
-                assert f"task #{a}" in online and "12 done" in online, online
-                lost = page.inner_text('#workers-list li.lost[data-worker="gpu1@box2"]')
-                assert "idle" in lost and "lost" in lost, lost
-                assert page.inner_text("#queue-list").count("ben.mp4") == 1
-            finally:
-                browser.close()
+    with dashboard_page(tmp_path, var) as page:
+        page.wait_for_selector("#workers-list li")
+        page.wait_for_load_state("networkidle")
+        shot(page, tmp_path, "farm-workers.png", full=False)
+        run = page.inner_text(f'#running-list .run[data-task="{a}"]')
+        assert "anna.mp4" in run and "gpu0@box1" in run and "300 / 600" in run, run
+        assert page.is_visible("#workers")
+        online = page.inner_text('#workers-list li.online[data-worker="gpu0@box1"]')
+        assert f"task #{a}" in online and "12 done" in online, online
+        lost = page.inner_text('#workers-list li.lost[data-worker="gpu1@box2"]')
+        assert "idle" in lost and "lost" in lost, lost
+        assert page.inner_text("#queue-list").count("ben.mp4") == 1
