@@ -3,7 +3,8 @@
 Threads: main (signals, SIGHUP reload, shutdown), worker (claims the oldest queued task from the ledger, so
 dashboard uploads run too), the watcher's settle thread (fingerprints and ingests), apscheduler (rescan,
 retention, disk guard, systemd watchdog). The engine is created once; its models stay loaded between tasks.
-Where files go once a recording is finished is filing.py; the free-space / disk-full pause is diskguard.py.
+From a settled file to queued tasks is ingest.py; where files go once a recording is finished, filing.py; the
+free-space / disk-full pause, diskguard.py; SIGHUP, reload.py.
 """
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ import time
 from pathlib import Path
 
 from heygem_watch import __version__, dispatch
-from heygem_watch.config import Settings, load_settings
+from heygem_watch.config import Settings
 from heygem_watch.diskguard import DISK_FULL_RESUME_MB, DISK_LOG_EVERY_S, DiskGuard
 from heygem_watch.filing import Filing
 from heygem_watch.housekeeping import (VarLocked, apply_retention, disk_full, list_templates,  # noqa: F401
                                        lock_var, sd_notify, watchdog_interval)
-from heygem_watch.ledger import HEARTBEAT_EVERY_S, Ledger, Recording, Task, fingerprint_file
+from heygem_watch.ingest import Ingest
+from heygem_watch.ledger import HEARTBEAT_EVERY_S, Ledger, Recording, Task
 from heygem_watch.logs import get_logger, log_context, recording_log
+from heygem_watch.reload import Reload
 from heygem_watch.watch import IncomingWatcher
 
 SHUTDOWN_GRACE_S = 7.0  # SIGTERM -> exit well within systemd's (and the issue's) 10 s
@@ -29,28 +32,9 @@ IDLE_POLL_S = 1.0  # the worker looks at the ledger this often when idle (the we
 FARM_POLL_S = 0.25  # farm head: how often it asks the result backend about in-flight tasks
 PROGRESS_LOG_S = 4.0  # progress events at least every 5 s (the pipeline reports every 2 s)
 RETENTION_EVERY_S = 3600
-DATED = "%Y-%m-%d"
-# Settings field -> its key, for SIGHUP. Keys in RESTART_KEYS keep their old value until a restart, with the reason.
-RELOAD_KEYS = {"var_dir": "HEYGEM_VAR_DIR", "incoming_dir": "HEYGEM_INCOMING_DIR",
-               "template_dir": "HEYGEM_TEMPLATE_DIR", "model_dir": "HEYGEM_MODEL_DIR", "model": "HEYGEM_MODEL",
-               "engine": "HEYGEM_ENGINE", "extensions": "HEYGEM_EXTENSIONS", "settle_seconds": "HEYGEM_SETTLE_SECONDS",
-               "polling": "HEYGEM_POLLING", "rescan_seconds": "HEYGEM_RESCAN_SECONDS", "on_done": "HEYGEM_ON_DONE",
-               "retention_days": "HEYGEM_RETENTION_DAYS", "min_free_mb": "HEYGEM_MIN_FREE_MB",
-               "log_format": "HEYGEM_LOG_FORMAT", "log_level": "HEYGEM_LOG_LEVEL",
-               "encoder": "HEYGEM_X264_PRESET/HEYGEM_X264_CRF/HEYGEM_ENCODER_THREADS",
-               "onnx_options": "HEYGEM_ONNX_PROVIDER/HEYGEM_ONNX_BATCH/HEYGEM_ONNX_THREADS",
-               "web_host": "HEYGEM_WEB_HOST", "web_port": "HEYGEM_WEB_PORT", "web_token": "HEYGEM_WEB_TOKEN",
-               "web_max_upload_mb": "HEYGEM_WEB_MAX_UPLOAD_MB", "process_cache_dir": "HEYGEM_CACHE_DIR",
-               "dispatch": "HEYGEM_DISPATCH", "broker_url": "HEYGEM_BROKER_URL",
-               "visibility_timeout": "HEYGEM_VISIBILITY_TIMEOUT"}
-_WEB = "read by the dashboard process at its start: systemctl restart heygem-watch-web"
-_START = "read once at start: systemctl restart heygem-watch"
-RESTART_KEYS = {"var_dir": "the ledger, lock and folders are opened at start: systemctl restart heygem-watch",
-                "web_host": _WEB, "web_port": _WEB, "web_token": _WEB, "web_max_upload_mb": _WEB,
-                "dispatch": _START, "broker_url": _START, "visibility_timeout": _START}
 
 
-class Daemon(Filing, DiskGuard):
+class Daemon(Ingest, Reload, Filing, DiskGuard):
     """One per process. `run()` blocks until SIGTERM/SIGINT; tests drive ingest()/run_one()/finalise directly."""
 
     def __init__(self, settings: Settings, *, engine=None, config_path: str | None = None, clock=time.monotonic):
@@ -89,142 +73,6 @@ class Daemon(Filing, DiskGuard):
         return IncomingWatcher(s.incoming_dir, s.extensions, s.settle_seconds, self.ingest, polling=s.polling,
                                on_refused=lambda p, why: self.log.error("refused", path=str(p), reason=why),
                                clock=self.clock)
-
-    # -- ingest -----------------------------------------------------------------------------------------------
-    def _template_fingerprint(self, p: Path) -> str:
-        st = p.stat()
-        key = (str(p), st.st_size, st.st_mtime_ns)
-        if key not in self._tpl_fp:
-            self._tpl_fp[key] = self._fingerprint(p, st)
-        return self._tpl_fp[key]
-
-    def _fingerprint(self, p: Path, st: os.stat_result | None = None) -> str:
-        """The content fingerprint, remembered in the ledger while size, mtime and inode stay the same (a start
-        with hundreds of queued GB-sized files must not hash them all again)."""
-        st = st or p.stat()
-        fp = self.ledger.known_fingerprint(p, st)
-        if fp is None:
-            fp = fingerprint_file(p)
-            try:
-                self.ledger.remember_fingerprint(p, st, fp)
-            except Exception as exc:  # only a shortcut: a full disk must not stop the ingest here
-                if not disk_full(exc):
-                    raise
-        return fp
-
-    def check_templates(self, templates: list[Path] | None = None) -> dict[str, dict]:
-        """Analyse every template not checked yet (the same cached analysis a render uses); one without a usable
-        face is marked unusable with the reason and skipped by the fan-out. Returns fingerprint -> check."""
-        from heygem_watch.media import MediaError
-        from heygem_watch.template import load_template
-
-        with self._checks_lock:
-            checks = self.ledger.template_checks()
-            for t in list_templates(self.settings.template_dir) if templates is None else templates:
-                try:
-                    fp = self._template_fingerprint(t)
-                except OSError:
-                    continue  # reported by ingest (template_unreadable)
-                if fp in checks:
-                    continue
-                try:
-                    load_template(t, self.settings.cache_dir, log=self.log)
-                    usable, reason = True, None
-                except MediaError as exc:
-                    usable, reason = False, exc.reason
-                except Exception as exc:  # noqa: BLE001 - not the template's fault (disk, memory): check again later
-                    self.log.error("template_check_failed", template=t.name, error=str(exc))
-                    continue
-                self.ledger.set_template_check(fp, t, usable, reason)
-                if usable:
-                    self.log.info("template_checked", template=t.name, usable=True)
-                else:
-                    self.log.error("template_unusable", template=t.name, reason=reason,
-                                   fix=f"replace {t} with a clip where the face is frontal, lit and large enough; "
-                                       "recordings skip it until then")
-                checks = self.ledger.template_checks()
-            return checks
-
-    def ingest(self, path: Path, source: str = "watch", batch: str | None = None):
-        """A settled recording: fingerprint it and queue one task per template. Returns the AddResult or None."""
-        s = self.settings
-        day = time.strftime(DATED)
-        with log_context(recording=path.name):
-            templates = list_templates(s.template_dir)
-            if not templates:
-                self.log.error("no_templates", path=str(path), template_dir=str(s.template_dir),
-                               fix=f"put at least one avatar video or image into {s.template_dir}; "
-                                   "the recording stays in incoming and is taken on the next rescan")
-                self.watcher.forget(path)
-                return None
-            try:
-                st = path.stat()
-                size = st.st_size
-                if size == 0:  # never a duplicate of another empty file: each gets its own error.json
-                    self._fail_unreadable(path, day, "file is empty (0 bytes)")
-                    return None
-                fp = self._fingerprint(path, st)
-            except FileNotFoundError:
-                self.log.warning("vanished", path=str(path), reason="removed before it could be read")
-                return None
-            except OSError as exc:
-                self._fail_unreadable(path, day, f"cannot read the file ({exc.strerror or exc})", exc)
-                return None
-            prior = self.ledger.find_by_fingerprint(fp)
-            here = os.path.realpath(path)
-            if prior is not None and prior.state != "failed" and (
-                    (prior.state in ("queued", "running") and here == os.path.realpath(prior.source_path))
-                    or (prior.final_path and here == os.path.realpath(prior.final_path))):
-                # the very file already known: kept after processing (ON_DONE=keep; a restart scans it again),
-                # or a dashboard upload into incoming/ that is queued
-                self.log.info("already_known", path=str(path), recording_id=prior.id, state=prior.state)
-                return None
-            try:
-                checks = self.check_templates(templates)
-            except Exception as exc:
-                if not disk_full(exc):
-                    raise
-                self._enter_disk_full(exc, "checking templates")
-                self.watcher.forget(path)
-                return None
-            pairs, unusable = [], []
-            for t in templates:
-                try:
-                    tfp = self._template_fingerprint(t)
-                except OSError as exc:
-                    self.log.error("template_unreadable", template=t.name, error=exc.strerror or str(exc),
-                                   fix=f"make {t} readable by the service user")
-                    continue
-                if tfp in checks and not checks[tfp]["usable"]:
-                    unusable.append(t.name)
-                else:
-                    pairs.append((str(t), tfp))
-            if not pairs:
-                if unusable:
-                    self.log.error("no_usable_templates", path=str(path), unusable=unusable,
-                                   fix="put a template with a visible face into the template folder; the recording "
-                                       "stays in incoming and is taken on the next rescan")
-                self.watcher.forget(path)
-                return None
-            try:
-                res = self.ledger.add_recording(path, fp, size, pairs, source=source, batch=batch,
-                                                output_dir=self.output_dir_for(day, path.stem), day=day)
-            except Exception as exc:
-                if not disk_full(exc):
-                    raise
-                self._enter_disk_full(exc, "recording a new file in the ledger")
-                self.watcher.forget(path)  # taken again on a rescan once there is space
-                return None
-        if res.duplicate_of is not None:
-            self._handle_duplicate(path, res, day)
-        else:
-            with log_context(recording_id=res.recording_id), \
-                    recording_log(s.logs_dir, day, path.stem, res.recording_id):
-                self.log.info("recording_queued", path=str(path), size=size, fingerprint=fp,
-                              templates=[Path(t).name for t, _ in pairs], tasks=res.task_ids,
-                              **({"skipped_unusable": unusable} if unusable else {}))
-            self.wake.set()
-        return res
 
     # -- tasks ------------------------------------------------------------------------------------------------
     def ensure_engine(self):
@@ -404,53 +252,6 @@ class Daemon(Filing, DiskGuard):
         for rec in self.ledger.unfinished_recordings():
             with log_context(recording_id=rec.id):
                 self.finalise(rec.id)
-
-    def reload(self) -> None:
-        """SIGHUP: re-read config. Every changed key takes effect now, except those in RESTART_KEYS: they keep
-        their old value and the `reloaded` event names them (restart_needed)."""
-        import dataclasses
-
-        from heygem_watch.logs import configure
-
-        try:
-            new = load_settings(self.config_path)
-        except Exception as exc:
-            self.log.error("reload_failed", error=str(exc), kept="previous settings")
-            return
-        old = self.settings
-        changed = [f.name for f in dataclasses.fields(old) if f.name != "config_file"
-                   and getattr(new, f.name) != getattr(old, f.name)]
-        # a setting this method does not know (added later) is not silently "applied": it needs a restart
-        later = [f for f in changed if f not in RELOAD_KEYS]
-        restart = {RELOAD_KEYS.get(f, f"HEYGEM_{f.upper()}"): RESTART_KEYS.get(f, _START) for f in changed
-                   if f in RESTART_KEYS or f in later}
-        new = dataclasses.replace(new, **{f: getattr(old, f) for f in changed if f in RESTART_KEYS or f in later})
-        engine_changed = (new.engine, new.model, new.onnx_options) != (old.engine, old.model, old.onnx_options)
-        self.settings = new
-        self._tpl_fp.clear()
-        for d in (new.incoming_dir, new.template_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        if {"log_format", "log_level"} & set(changed):
-            configure(new.log_format, new.log_level)
-        if {"incoming_dir", "polling"} & set(changed):  # a new folder (or observer kind): a new watcher
-            running = self.watcher._observer is not None
-            self.watcher.stop()
-            self.watcher = self._make_watcher()
-            if running:
-                self.watcher.start()
-        w = self.watcher
-        w.extensions, w.settle_seconds = tuple(new.extensions), new.settle_seconds
-        if "rescan_seconds" in changed and self.scheduler is not None:
-            self.scheduler.reschedule_job("rescan", trigger="interval", seconds=new.rescan_seconds)
-        if engine_changed and self._own_engine and self.engine is not None:
-            eng, self.engine = self.engine, None  # the worker creates the new one before its next task
-            eng.close()
-        self.log.info("reloaded", settings=new.as_dict(), engine_changed=engine_changed,
-                      applied=[RELOAD_KEYS[f] for f in changed if f in RELOAD_KEYS and f not in RESTART_KEYS],
-                      restart_needed=restart)
-        if restart:
-            self.log.warning("reload_needs_restart", keys=restart, kept="their previous values")
-        self.watcher.scan()
 
     def _worker_loop(self) -> None:
         while not self.stopping.is_set():

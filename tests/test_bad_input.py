@@ -149,7 +149,7 @@ def test_unreadable_file_goes_to_failed(daemon_factory, monkeypatch):
     src = d.settings.incoming_dir / "locked.flv"
     gen_media.write_av(src, 0.5)
     if os.geteuid() == 0:  # root reads anything: make the read fail the way it would for the service user
-        import heygem_watch.daemon as dm
+        import heygem_watch.ingest as dm
 
         real = dm.fingerprint_file
 

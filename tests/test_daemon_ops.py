@@ -5,7 +5,7 @@ import os
 import time
 from pathlib import Path
 
-from heygem_watch import daemon as daemon_mod
+from heygem_watch import ingest as ingest_mod
 from tests import gen_media
 from tests.conftest import daemon_script, drain
 
@@ -89,8 +89,8 @@ def test_queued_files_are_not_hashed_again_at_each_start(daemon_factory, passthr
     assert len(ingest_all(d)) == 3
     d.ledger.close()
     hashed = []
-    real = daemon_mod.fingerprint_file
-    monkeypatch.setattr(daemon_mod, "fingerprint_file", lambda p: hashed.append(Path(p).name) or real(p))
+    real = ingest_mod.fingerprint_file
+    monkeypatch.setattr(ingest_mod, "fingerprint_file", lambda p: hashed.append(Path(p).name) or real(p))
     d2 = Daemon(d.settings, engine=passthrough_engine)  # a restart: the start-up scan sees them all again
     d2.recover()
     assert len(ingest_all(d2)) == 3 and hashed == []
