@@ -15,6 +15,7 @@ from heygem_watch.ledger import Ledger
 from tests.farmrig import Farm, add_templates, drop, wait_for
 from tests.redisd import RedisServer
 
+TLS_FRAMES = 4000  # at 25 fps
 DONE_TIMEOUT_S = 600  # generous: a loaded machine must not fail the test; it ends as soon as all are done
 
 
@@ -178,7 +179,9 @@ def test_head_and_worker_over_tls_with_a_password(tmp_path):
         add_templates(farm, ("anna.png",))
         farm.worker("w1")
         farm.head()
-        drop(farm, "tls.flv", seed=40, seconds=40.0)  # 1000 frames: progress reports come while it renders
+        # progress reaches the head at most every 2 s (pipeline) + 1 s (worker report): a render of several such
+        # periods leaves it in the ledger long enough to be seen (1000 frames took 2.6 s on an idle core: missed)
+        drop(farm, "tls.flv", seed=40, seconds=TLS_FRAMES / 25)
         seen = []
 
         def progress_in_ledger() -> bool:  # frames, fps and ETA of the remote render, as the head wrote them
@@ -190,7 +193,7 @@ def test_head_and_worker_over_tls_with_a_password(tmp_path):
         assert wait_for(progress_in_ledger, DONE_TIMEOUT_S, 0.05), farm.debug()
         assert seen, "no progress seen while it rendered"
         worker, done, total, fps, eta = seen[0]
-        assert worker.startswith("w1@") and total == 1000 and fps > 0 and eta is not None and eta >= 0, seen
+        assert worker.startswith("w1@") and total == TLS_FRAMES and fps > 0 and eta is not None and eta >= 0, seen
         assert wait_for(lambda: all_finished(farm, 1), DONE_TIMEOUT_S, 0.2), farm.debug()
         t = farm.tasks()[0]
         assert t.state == "done" and t.worker.startswith("w1@") and Path(t.output_path).is_file()
