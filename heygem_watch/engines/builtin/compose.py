@@ -50,6 +50,22 @@ STATS_SAMPLES = 48  # colour statistics use about this many pixels across the mo
 MIN_IOD_PX = 8.0  # faces smaller than this (eye to eye, pixels) are left alone
 WORK_IOD = 64  # maps and masks are planned on a grid this many pixels per inter-ocular distance (speed)
 
+# Positions within MESH_POINTS, looked up once here rather than on every frame
+_IDX = np.array(MESH_POINTS)
+_POS = {k: i for i, k in enumerate(MESH_POINTS)}
+I13, I14, I61, I291, ICHIN = _POS[13], _POS[14], _POS[61], _POS[291], _POS[face.CHIN]
+I_UPPER_INNER = np.array([_POS[k] for k in UPPER_INNER])
+I_LOWER_INNER = np.array([_POS[k] for k in LOWER_INNER])
+I_UPPER_OUTER = np.array([_POS[k] for k in UPPER_OUTER])
+I_LOWER_OUTER = np.array([_POS[k] for k in LOWER_OUTER])
+I_LIPS_OUTER = np.array([_POS[k] for k in face.LIPS_OUTER])
+I_LIPS_INNER = np.array([_POS[k] for k in face.LIPS_INNER])
+IS_LIPS = np.isin(_IDX, face.LIPS_OUTER + face.LIPS_INNER)
+IS_ANCHOR = np.isin(_IDX, ANCHORS)
+IS_LOWER_LIP = np.isin(_IDX, LOWER_INNER + LOWER_OUTER)
+IS_UPPER_LIP = np.isin(_IDX, UPPER_INNER + UPPER_OUTER)
+IS_CORNER = np.isin(_IDX, CORNERS)
+
 
 @dataclass
 class MouthRig:
@@ -64,7 +80,7 @@ class MouthRig:
         p = (lm[MESH_POINTS] - origin) @ rot.T / iod
         # triangulate with the mouth held open so inner-lip triangles span the gap and never fold when it closes
         p = p.copy()
-        lower = np.isin(MESH_POINTS, LOWER_INNER + LOWER_OUTER) | ((p[:, 1] > 0.02) & ~np.isin(MESH_POINTS, CORNERS))
+        lower = IS_LOWER_LIP | ((p[:, 1] > 0.02) & ~IS_CORNER)
         p[lower, 1] += 0.12
         lo, hi = p.min(0) - BOX_PAD, p.max(0) + BOX_PAD
         mid = 0.5 * (lo + hi)
@@ -84,29 +100,21 @@ class MouthRig:
         cur_lm: current frame landmarks; src_aligned: the source frame's landmarks mapped into the current frame;
         open_t: wanted inner-lip gap, width_t: wanted mouth width (both / iod; width None = keep)."""
         origin, rot, iod = head_frame(cur_lm)
-        idx = np.array(MESH_POINTS)
-        p = (src_aligned[idx] - origin) @ rot.T / iod
-        cur = (cur_lm[idx] - origin) @ rot.T / iod
-        lips = np.isin(idx, face.LIPS_OUTER + face.LIPS_INNER)
-        mouth_v = 0.5 * (cur[MESH_POINTS.index(13), 1] + cur[MESH_POINTS.index(14), 1])
+        p = (src_aligned[_IDX] - origin) @ rot.T / iod
+        cur = (cur_lm[_IDX] - origin) @ rot.T / iod
+        mouth_v = 0.5 * (cur[I13, 1] + cur[I14, 1])
         # above the mouth (nose, cheeks, the jaw line up by the ears) the current frame stays where it is
-        anchor = np.isin(idx, ANCHORS) | (~lips & (cur[:, 1] < mouth_v - 0.05))
+        anchor = IS_ANCHOR | (~IS_LIPS & (cur[:, 1] < mouth_v - 0.05))
         p[anchor] = cur[anchor]
-        i13, i14 = MESH_POINTS.index(13), MESH_POINTS.index(14)
-        gap = p[i14, 1] - p[i13, 1]
+        gap = p[I14, 1] - p[I13, 1]
         delta = (max(open_t, 0.0) - gap) * open_weight
-        u, v = p[:, 0] - 0.5 * (p[i13, 0] + p[i14, 0]), p[:, 1] - 0.5 * (p[i13, 1] + p[i14, 1])
+        u, v = p[:, 0] - 0.5 * (p[I13, 0] + p[I14, 0]), p[:, 1] - 0.5 * (p[I13, 1] + p[I14, 1])
         lip_w = np.clip(1.0 - (u / LIP_HALF) ** 2, 0.0, 1.0)
-        is_lower_lip = np.isin(idx, LOWER_INNER + LOWER_OUTER)
-        is_upper_lip = np.isin(idx, UPPER_INNER + UPPER_OUTER)
-        is_corner = np.isin(idx, CORNERS)
-        below = ~(is_lower_lip | is_upper_lip | is_corner | anchor) & (v > 0)
-        dv = np.zeros(len(idx))
+        below = ~(IS_LOWER_LIP | IS_UPPER_LIP | IS_CORNER | anchor) & (v > 0)
+        dv = np.zeros(len(_IDX))
         # lower lip: each point's gap to its upper partner scales when closing (a wide smile shuts everywhere, not
         # only in the middle) and grows by the wanted opening, most in the middle, when opening
-        iu = np.array([MESH_POINTS.index(k) for k in UPPER_INNER])
-        il = np.array([MESH_POINTS.index(k) for k in LOWER_INNER])
-        io = np.array([MESH_POINTS.index(k) for k in LOWER_OUTER])
+        iu, il, io = I_UPPER_INNER, I_LOWER_INNER, I_LOWER_OUTER
         gaps = p[il, 1] - p[iu, 1]
         want = max(open_t, 0.0)
         if want < gap:
@@ -115,16 +123,16 @@ class MouthRig:
             close = np.maximum(gaps, 0.0) * (1.0 - want / max(gap, 1e-6))
             dv_lip = -(1.0 - UPPER_CLOSE) * close
             dv[iu] = UPPER_CLOSE * close
-            dv[[MESH_POINTS.index(k) for k in UPPER_OUTER]] = UPPER_CLOSE * close
+            dv[I_UPPER_OUTER] = UPPER_CLOSE * close
         else:  # the upper lip takes a small share of the opening
             dv_lip = (1.0 - UPPER_LIFT) * delta * lip_w[il]
-            dv[is_upper_lip] = -UPPER_LIFT * delta * lip_w[is_upper_lip]
+            dv[IS_UPPER_LIP] = -UPPER_LIFT * delta * lip_w[IS_UPPER_LIP]
         # the inner lips never cross; the outer lower lip moves exactly as its inner partner (keeps the lip's
         # thickness, so the triangles between them and the corners cannot fold)
         floor = p[iu, 1] + dv[iu] + MIN_GAP * lip_w[il] + 0.5 * MIN_GAP
         # the lower points next to the corners stay below the corners
         for j, corner_in, corner_out in ((0, 78, 61), (-1, 308, 291)):
-            c_in, c_out = MESH_POINTS.index(corner_in), MESH_POINTS.index(corner_out)
+            c_in, c_out = _POS[corner_in], _POS[corner_out]
             floor[j] = max(floor[j], p[c_in, 1] + MIN_GAP, p[c_out, 1] + MIN_GAP - (p[io[j], 1] - p[il[j], 1]))
         dv_lip = np.maximum(p[il, 1] + dv_lip, floor) - p[il, 1]
         dv[il] = dv_lip
@@ -134,21 +142,19 @@ class MouthRig:
         o = np.argsort(p[io, 0])
         lip_v = np.interp(u, u[io][o], v[io][o])
         lip_dv = np.interp(u, u[io][o], dv_lip[o])
-        chin_v = v[MESH_POINTS.index(face.CHIN)]
+        chin_v = v[ICHIN]
         r = np.clip((v - lip_v) / np.maximum(chin_v - lip_v, JAW_RAMP), 0.0, 1.0)
         jaw = delta * JAW_FOLLOW * np.exp(-(u / JAW_SPREAD) ** 2)
         dv[below] = (lip_dv * (1.0 - r) + jaw * r)[below]
         p[:, 1] += dv
         if width_t is not None:
-            il, ir = MESH_POINTS.index(61), MESH_POINTS.index(291)
+            il, ir = I61, I291
             dw = 0.5 * (width_t - (p[ir, 0] - p[il, 0]))
             for ic, sgn in ((il, -1.0), (ir, 1.0)):
                 d2 = (p[:, 0] - p[ic, 0]) ** 2 + (p[:, 1] - p[ic, 1]) ** 2
                 p[~anchor, 0] += sgn * dw * np.exp(-d2[~anchor] / 0.15 ** 2)
         # lips never cross: each lower point stays below its upper partner
-        for up, lo_, gap_min in ((UPPER_INNER, LOWER_INNER, MIN_GAP), (UPPER_OUTER, LOWER_OUTER, 0.03)):
-            iu = [MESH_POINTS.index(k) for k in up]
-            il_ = [MESH_POINTS.index(k) for k in lo_]
+        for iu, il_, gap_min in ((I_UPPER_INNER, I_LOWER_INNER, MIN_GAP), (I_UPPER_OUTER, I_LOWER_OUTER, 0.03)):
             p[il_, 1] = np.maximum(p[il_, 1], p[iu, 1] + gap_min * lip_w[il_] + 0.5 * MIN_GAP)
         return p * iod @ rot + origin
 
@@ -225,8 +231,8 @@ def compose_mouth(cur_img: np.ndarray, cur_lm: np.ndarray, src_img, src_lm: np.n
     head = head_frame(cur_lm)
     iod = head[2]
     step = work_step(iod)
-    outer = target[[MESH_POINTS.index(k) for k in face.LIPS_OUTER]]
-    inner = target[[MESH_POINTS.index(k) for k in face.LIPS_INNER]]
+    outer = target[I_LIPS_OUTER]
+    inner = target[I_LIPS_INNER]
     # the mouth rect: where the mask is non-zero (grown outer lips + 3 sigma of feather)
     grow = (MASK_MARGIN + 3 * MASK_SOFT + GHOST_COVER * 0.4) * iod + 2
     mx0, my0 = np.maximum(np.floor(outer.min(0) - grow).astype(int), (x0, y0))
@@ -234,8 +240,7 @@ def compose_mouth(cur_img: np.ndarray, cur_lm: np.ndarray, src_img, src_lm: np.n
     mrect = (int(mx0), int(my0), int(mx1 - mx0), int(my1 - my0))
     sl = (slice(my0 - y0, my1 - y0), slice(mx0 - x0, mx1 - x0))
     label = mesh_labels(dst, rig.tris, rect, step)
-    idx = MESH_POINTS
-    bsrc = np.vstack([seal_lips(cur_px, open_t)[idx], box_cur])
+    bsrc = np.vstack([seal_lips(cur_px, open_t)[_IDX], box_cur])
     bmx, bmy = piecewise_map(dst, bsrc, rig.tris, label, rect, step)
     # around the lips' meeting line the map jumps from the upper lip to the lower one: upsampled from a coarse
     # grid it would sample in between (the mouth interior) along a staircase; there it is computed per pixel
@@ -251,7 +256,7 @@ def compose_mouth(cur_img: np.ndarray, cur_lm: np.ndarray, src_img, src_lm: np.n
     if same:
         fgf = bgf.copy()
     else:
-        src_pts = np.vstack([seal_lips(src_px, open_t)[idx], apply_affine(_inverse_similarity(a), box_cur)])
+        src_pts = np.vstack([seal_lips(src_px, open_t)[_IDX], apply_affine(_inverse_similarity(a), box_cur)])
         if step == 1:  # only the mouth rect is needed
             fmx, fmy = piecewise_map(dst, src_pts, rig.tris, label[sl], mrect, 1)
         else:
