@@ -200,6 +200,25 @@ def test_export_model_and_web_are_delegated(in_tmp, monkeypatch):
     assert seen["web"] == (None, 9000, 7860)
 
 
+def _verify_unit(exe: str, text: str, name: str) -> None:
+    """`systemd-analyze verify` is clean and `security` scores <= 2.0 for the unit text, saved as `name` with its
+    ExecStart pointed at this checkout's installed entry point (verify checks that it exists)."""
+    import tempfile
+
+    local = Path(sys.executable).parent / "heygem-watch"
+    assert local.exists(), "pip install -e . first (./setup.sh)"
+    with tempfile.TemporaryDirectory() as d:
+        unit = Path(d) / name
+        unit.write_text(text.replace("/opt/heygem-watch/.venv/bin/heygem-watch", str(local)))
+        r = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True)
+        assert r.returncode == 0 and name not in r.stderr, r.stderr
+        sec = subprocess.run([exe, "security", "--offline=true", str(unit)], capture_output=True, text=True)
+        if sec.returncode == 0 or "exposure level" in sec.stdout:
+            score = float(sec.stdout.split(f"exposure level for {name}:")[1].split()[0])
+            print(f"{name}: systemd-analyze security exposure {score}")
+            assert score <= 2.0
+
+
 def test_systemd_unit_verifies():
     exe = shutil.which("systemd-analyze")
     if exe is None:
@@ -209,21 +228,7 @@ def test_systemd_unit_verifies():
     for needed in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "EnvironmentFile=", "User=heygem",
                    "ProtectSystem=strict", "ReadWritePaths=", "NoNewPrivileges=yes", "PrivateTmp=yes", "ProtectHome=yes"):
         assert needed in text, needed
-    # verify checks that ExecStart exists: point it at this checkout's installed entry point
-    local = Path(sys.executable).parent / "heygem-watch"
-    assert local.exists(), "pip install -e . first (./setup.sh)"
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        unit = Path(d) / "heygem-watch.service"
-        unit.write_text(text.replace("/opt/heygem-watch/.venv/bin/heygem-watch", str(local)))
-        r = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True)
-        assert r.returncode == 0 and "heygem-watch.service" not in r.stderr, r.stderr
-        sec = subprocess.run([exe, "security", "--offline=true", str(unit)], capture_output=True, text=True)
-        if sec.returncode == 0 or "exposure level" in sec.stdout:
-            score = float(sec.stdout.split("exposure level for heygem-watch.service:")[1].split()[0])
-            print(f"systemd-analyze security exposure: {score}")
-            assert score <= 2.0
+    _verify_unit(exe, text, "heygem-watch.service")
 
 
 def test_worker_systemd_unit_verifies_and_is_hardened_like_the_head():
@@ -240,20 +245,7 @@ def test_worker_systemd_unit_verifies_and_is_hardened_like_the_head():
     for needed in shared:
         assert needed in head and needed in text, needed
     assert "PrivateNetwork=yes" not in text and "AF_INET" in text and "IPAddressAllow=" in text  # the broker
-    local = Path(sys.executable).parent / "heygem-watch"
-    assert local.exists(), "pip install -e . first (./setup.sh)"
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        unit = Path(d) / "heygem-watch-worker.service"
-        unit.write_text(text.replace("/opt/heygem-watch/.venv/bin/heygem-watch", str(local)))
-        r = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True)
-        assert r.returncode == 0 and "heygem-watch-worker.service" not in r.stderr, r.stderr
-        sec = subprocess.run([exe, "security", "--offline=true", str(unit)], capture_output=True, text=True)
-        if sec.returncode == 0 or "exposure level" in sec.stdout:
-            score = float(sec.stdout.split("exposure level for heygem-watch-worker.service:")[1].split()[0])
-            print(f"worker unit: systemd-analyze security exposure {score}")
-            assert score <= 2.0
+    _verify_unit(exe, text, "heygem-watch-worker.service")
 
 
 def test_worker_without_a_broker_url_is_a_config_error(in_tmp, capsys, env_clean):
