@@ -35,14 +35,11 @@ def cavity(rect, head, inner: np.ndarray, open_px: float, iod: float, light: flo
     towards the corners, faint gaps between them)."""
     xs, ys, cw, ch = grid(rect, step)
     origin, rot, _ = head
-    u = ((xs - origin[0]) * rot[0, 0] + (ys - origin[1]) * rot[0, 1]) / iod
-    v = ((xs - origin[0]) * rot[1, 0] + (ys - origin[1]) * rot[1, 1]) / iod
-    up = (inner[LIPS_INNER_UPPER] - origin) @ rot.T / iod  # upper inner lip, corner to corner
-    lo = (inner[LIPS_INNER_LOWER] - origin) @ rot.T / iod
-    o1, o2 = np.argsort(up[:, 0]), np.argsort(lo[:, 0])
-    v_up = np.interp(u, up[o1, 0], up[o1, 1])
-    v_lo = np.interp(u, lo[o2, 0], lo[o2, 1])
-    half = max(1e-3, 0.5 * (up[:, 0].max() - up[:, 0].min()))
+    u, v = _head_uv(xs, ys, origin, rot, iod)
+    up = _lip_line(inner, LIPS_INNER_UPPER, origin, rot, iod)
+    v_up = np.interp(u, up[:, 0], up[:, 1])
+    v_lo = np.interp(u, *_lip_line(inner, LIPS_INNER_LOWER, origin, rot, iod).T)
+    half = max(1e-3, 0.5 * (up[-1, 0] - up[0, 0]))
     gap = open_px / iod
     lateral = np.clip(1.0 - (u / half) ** 2, 0.0, 1.0)
     span = np.maximum(v_lo - v_up, 1e-3)
@@ -75,6 +72,19 @@ LIPS_INNER_UPPER = [face.LIPS_INNER.index(k) for k in [78] + UPPER_INNER + [308]
 LIPS_INNER_LOWER = [face.LIPS_INNER.index(k) for k in [78] + LOWER_INNER + [308]]
 
 
+def _head_uv(xs, ys, origin, rot, iod: float) -> tuple:
+    """Pixel positions -> head-frame (u, v) in iod units (see mouth.head_frame)."""
+    u = ((xs - origin[0]) * rot[0, 0] + (ys - origin[1]) * rot[0, 1]) / iod
+    v = ((xs - origin[0]) * rot[1, 0] + (ys - origin[1]) * rot[1, 1]) / iod
+    return u, v
+
+
+def _lip_line(pts: np.ndarray, sel, origin, rot, iod: float) -> np.ndarray:
+    """(k, 2) head-frame (u, v) of the lip points pts[sel], ordered by u: the lip as a curve v(u) for np.interp."""
+    q = (pts[sel] - origin) @ rot.T / iod
+    return q[np.argsort(q[:, 0])]
+
+
 def split_interior(rect, head, inner: np.ndarray, src_inner: np.ndarray, to_src: np.ndarray, src_img):
     """The source's mouth interior re-attached to the drawn lips over rect: (image (h, w, 3) float32, alpha).
 
@@ -86,13 +96,10 @@ def split_interior(rect, head, inner: np.ndarray, src_inner: np.ndarray, to_src:
     x0, y0, w, h = rect
     origin, rot, iod = head
     ys, xs = np.mgrid[y0:y0 + h, x0:x0 + w].astype(np.float32)
-    u = ((xs - origin[0]) * rot[0, 0] + (ys - origin[1]) * rot[0, 1]) / iod
-    v = ((xs - origin[0]) * rot[1, 0] + (ys - origin[1]) * rot[1, 1]) / iod
+    u, v = _head_uv(xs, ys, origin, rot, iod)
 
     def curve(pts, sel):
-        q = (pts[sel] - origin) @ rot.T / iod
-        o = np.argsort(q[:, 0])
-        return np.interp(u, q[o, 0], q[o, 1])
+        return np.interp(u, *_lip_line(pts, sel, origin, rot, iod).T)
 
     up_t, lo_t = curve(inner, LIPS_INNER_UPPER), curve(inner, LIPS_INNER_LOWER)
     up_s, lo_s = curve(src_inner, LIPS_INNER_UPPER), curve(src_inner, LIPS_INNER_LOWER)
