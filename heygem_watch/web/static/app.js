@@ -19,6 +19,15 @@ function fmtTime(s) {
 }
 function fmtDur(s) { return s ? `${Number(s).toFixed(1)} s` : "–"; }
 function enc(name) { return encodeURIComponent(name); }
+// Polls (status every second, history every 4 s) mostly draw what is already there: an unchanged answer leaves the
+// element alone (no re-parse of a 500-item queue, no lost hover or open <details>). False when nothing changed.
+const drawn = new WeakMap();
+function setHTML(el, html) {
+  if (drawn.get(el) === html) return false;
+  drawn.set(el, html);
+  el.innerHTML = html;
+  return true;
+}
 
 async function api(path, opts = {}) {
   const resp = await fetch(path, Object.assign({credentials: "same-origin"}, opts));
@@ -46,32 +55,32 @@ async function refreshStatus() {
   const st = await api("/api/status");
   const c = st.counts || {}, rc = st.recording_counts || {};
   // two kinds of count: renders (one per recording x template) and recordings; a failed recording has failed renders
-  $("#counts").innerHTML = '<span class="counts-label" title="one render per recording × template">renders</span>' +
+  setHTML($("#counts"), '<span class="counts-label" title="one render per recording × template">renders</span>' +
     ["queued", "running", "done", "failed"].map((k) =>
       `<span class="chip ${k}" title="${k} renders">${k} ${c[k] ?? 0}</span>`).join("") +
     '<span class="counts-label">recordings</span>' +
     `<span class="chip rec-partial" title="recordings where some templates failed">partial ${rc.partial ?? 0}</span>` +
-    `<span class="chip rec-failed" title="recordings where every template failed">failed ${rc.failed ?? 0}</span>`;
+    `<span class="chip rec-failed" title="recordings where every template failed">failed ${rc.failed ?? 0}</span>`);
   const rd = st.renderer || {running: true};
   const banner = $("#renderer-banner");
   banner.classList.toggle("hidden", !!rd.running);
   if (!rd.running) {
     const since = rd.since ? ` since ${new Date(rd.since * 1000).toLocaleString()}` : " (never started on this server)";
     const waiting = c.queued ? `${c.queued} queued render(s) wait` : "new jobs wait";
-    banner.textContent = `${since}: ${waiting} until \`heygem-watch run\` (systemctl start heygem-watch) is started.`;
-    banner.prepend(Object.assign(document.createElement("b"), {textContent: "renderer not running"}));
+    setHTML(banner, `<b>renderer not running</b>${
+      esc(`${since}: ${waiting} until \`heygem-watch run\` (systemctl start heygem-watch) is started.`)}`);
   }
-  $("#running-list").innerHTML = st.running.length ? st.running.map(runView).join("")
-    : '<p class="hint">Nothing is running.</p>';
+  setHTML($("#running-list"), st.running.length ? st.running.map(runView).join("")
+    : '<p class="hint">Nothing is running.</p>');
   const ws = st.workers || [];  // render farm (HEYGEM_DISPATCH=celery): the workers the head has seen
   $("#workers").classList.toggle("hidden", !ws.length);
-  $("#workers-list").innerHTML = ws.map((w) => `<li class="worker ${w.state}" data-worker="${esc(w.hostname)}">` +
+  setHTML($("#workers-list"), ws.map((w) => `<li class="worker ${w.state}" data-worker="${esc(w.hostname)}">` +
     `<b>${esc(w.hostname)}</b> ${w.state} &middot; heartbeat ${Math.round(w.ago_s)} s ago &middot; ` +
     (w.task ? `task #${w.task.id} ${esc(w.task.template)} ${w.task.done}/${w.task.total}` : "idle") +
-    ` &middot; ${w.processed} done</li>`).join("");
-  $("#queue-list").innerHTML = st.queued.length ? st.queued.map((q) =>
+    ` &middot; ${w.processed} done</li>`).join(""));
+  setHTML($("#queue-list"), st.queued.length ? st.queued.map((q) =>
     `<li data-task="${q.task_id}">#${q.position ?? "?"} &nbsp;${esc(q.recording)} &times; ${esc(q.template)}</li>`).join("")
-    : '<li class="hint">empty</li>';
+    : '<li class="hint">empty</li>');
   // when a task starts or ends, the history changes: refresh it now instead of waiting
   const key = JSON.stringify([c, st.running.map((r) => r.task.id)]);
   if (key !== lastStatusKey) { lastStatusKey = key; refreshHistory(); }
@@ -96,13 +105,14 @@ async function refreshHistory() {
   const seq = ++historySeq;
   const h = await api("/api/recordings?limit=100");
   if (seq !== historySeq) return;  // a newer request was sent meanwhile: its answer wins
-  if (!h.days.length) { $("#history-list").innerHTML = '<p class="hint">No recordings yet.</p>'; return; }
   const open = new Set([...document.querySelectorAll("#history-list details[open][data-rec]")].map((d) => d.dataset.rec));
   // a "Render with…" being filled in stays open with its ticks across refreshes
   const picking = new Map([...document.querySelectorAll("#history-list details.rerun[open]")].map((d) =>
     [d.dataset.rerun, new Set([...d.querySelectorAll("input:checked")].map((i) => i.value))]));
-  $("#history-list").innerHTML = h.days.map((d) =>
-    `<div class="day"><div class="day-title">${esc(d.day)}</div>${d.recordings.map(recView).join("")}</div>`).join("");
+  const html = h.days.length ? h.days.map((d) =>
+    `<div class="day"><div class="day-title">${esc(d.day)}</div>${d.recordings.map(recView).join("")}</div>`).join("")
+    : '<p class="hint">No recordings yet.</p>';
+  if (!setHTML($("#history-list"), html)) return;  // unchanged: open logs and ticked boxes are still there
   for (const id of open) {
     const d = document.querySelector(`#history-list details[data-rec="${id}"]`);
     if (d) { d.open = true; loadLog(d); }
