@@ -132,7 +132,7 @@ class Filing:
                            "output": Path(t.output_path).name if t.output_path else None, "attempts": t.attempts,
                            "crashes": t.crashes, "stops": t.stops, "timings": t.timings} for t in tasks],
             "unusable_templates": [{"template": c["name"], "reason": c["reason"]}
-                                   for c in self.ledger.template_checks().values()
+                                   for c in checks.values()
                                    if not c["usable"] and Path(c["path"]).exists()],
         }
         out_dir = Path(rec.output_dir)
