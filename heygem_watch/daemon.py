@@ -13,6 +13,7 @@ import shutil
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from heygem_watch import __version__, dispatch
@@ -123,6 +124,13 @@ class Daemon(Ingest, Reload, Filing, DiskGuard):
             self._job[1].cleanup()
             self._job = None
 
+    @contextmanager
+    def task_log(self, rec: Recording, task: Task):
+        """Events in the block carry the task's ids and also go to the recording's own log file."""
+        with log_context(recording_id=rec.id, task_id=task.id, template=task.template_name), \
+                recording_log(self.settings.logs_dir, rec.day, Path(rec.name).stem, rec.id):
+            yield
+
     def run_one(self) -> Task | None:
         """Claim and run the oldest queued task (if disk space allows). Returns it, or None when idle."""
         if self.check_disk():
@@ -141,12 +149,10 @@ class Daemon(Ingest, Reload, Filing, DiskGuard):
         rec = self.ledger.recording(task.recording_id)
         self.current = task
         try:
-            with log_context(recording_id=rec.id, task_id=task.id, template=task.template_name), \
-                    recording_log(self.settings.logs_dir, rec.day, Path(rec.name).stem, rec.id):
+            with self.task_log(rec, task):
                 try:
                     self._run_task(rec, task)
-                    if not any(t.state in ("queued", "running") for t in self.ledger.tasks_for(rec.id)):
-                        self.finalise(rec.id)
+                    self.finalise_if_complete(rec.id)
                 except Exception as exc:
                     if not disk_full(exc):
                         raise

@@ -17,9 +17,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
-
-from heygem_watch.logs import log_context, recording_log
 
 SEND_BATCH = 50  # tasks sent per step at most (the poll keeps its pace meanwhile)
 BROKER_RETRY_S = 2.0  # after a failed send, wait this long before trying the broker again
@@ -126,8 +125,7 @@ class CeleryDispatcher:
             sent += 1
         for t in self.ledger.undispatched(SEND_BATCH):
             rec = self.ledger.recording(t.recording_id)
-            with log_context(recording_id=rec.id, task_id=t.id, template=t.template_name), \
-                    recording_log(self.daemon.settings.logs_dir, rec.day, Path(rec.name).stem, rec.id):
+            with self.daemon.task_log(rec, t):
                 if not self._audio_ready(rec, t):
                     continue
                 cid = str(uuid.uuid4())
@@ -159,7 +157,7 @@ class CeleryDispatcher:
         except Exception as exc:  # disk full writing the audio: this task fails, not the rest
             self.ledger.fail_task(task.id, f"could not prepare the audio: {exc}", {"error_type": type(exc).__name__})
             self.log.exception("audio_failed", error=str(exc))
-        self._finalise_if_complete(rec.id)
+        self.daemon.finalise_if_complete(rec.id)
         return False
 
     def _publish(self, task, celery_id: str, t0: float | None = None) -> bool:
@@ -205,29 +203,38 @@ class CeleryDispatcher:
         for t, meta in zip(flying, metas):
             if not meta or t.id in self._rescued:
                 continue  # PENDING: waiting in the broker
-            state = meta.get("status")
-            if state in ("PROGRESS", "SUCCESS", "FAILURE"):
-                rec = self.ledger.recording(t.recording_id)
-                with log_context(recording_id=rec.id, task_id=t.id, template=t.template_name), \
-                        recording_log(self.daemon.settings.logs_dir, rec.day, Path(rec.name).stem, rec.id):
-                    changed |= self._apply(t, rec, state, meta.get("result"))
+            state, result = meta.get("status"), meta.get("result")
+            if state == "PROGRESS" and isinstance(result, dict):
+                self._progress(t, result)
+            elif state in ("PROGRESS", "SUCCESS", "FAILURE"):
+                with self._task_log(t):
+                    changed |= self._apply(t, state, result)
         return changed
 
-    def _apply(self, t, rec, state: str, result) -> bool:
-        if state == "PROGRESS" and isinstance(result, dict):
-            who = (result.get("worker"), int(result.get("delivery") or 1))
-            if self._seen.get(t.id) != who:
+    def _task_log(self, t):
+        return self.daemon.task_log(self.ledger.recording(t.recording_id), t)
+
+    def _progress(self, t, result: dict) -> None:
+        """A running task's report, read every poll: the ledger is written only when it changed, and the
+        recording is looked up and its log opened only when there is something to log."""
+        who = (result.get("worker"), int(result.get("delivery") or 1))
+        done, total = int(result.get("done") or 0), int(result.get("total") or 0)
+        fps, eta = float(result.get("fps") or 0.0), result.get("eta_s")
+        now = time.monotonic()
+        started = self._seen.get(t.id) != who
+        log_due = bool(total and done and now - self._progress_logged.get(t.id, -1e9) >= PROGRESS_LOG_S)
+        with self._task_log(t) if started or log_due else nullcontext():
+            if started:
                 self._seen[t.id] = who
                 self.log.info("task_start", worker=who[0], attempt=who[1], celery_id=t.celery_id)
-            done, total = int(result.get("done") or 0), int(result.get("total") or 0)
-            fps, eta = float(result.get("fps") or 0.0), result.get("eta_s")
             if (t.state, t.worker, t.attempts, t.progress_done) != ("running", who[0], who[1], done):
                 self.ledger.mark_remote_progress(t.id, who[0], who[1], done, total, fps, eta)
-            now = time.monotonic()
-            if total and done and now - self._progress_logged.get(t.id, -1e9) >= PROGRESS_LOG_S:
+            if log_due:
                 self._progress_logged[t.id] = now
                 self.log.info("progress", worker=who[0], done=done, total=total, fps=round(fps, 1), eta_s=eta)
-            return False
+
+    def _apply(self, t, state: str, result) -> bool:
+        """A farm task's outcome (SUCCESS or FAILURE; a PROGRESS without a report counts as failed, as before)."""
         self._seen.pop(t.id, None)
         self._progress_logged.pop(t.id, None)
         self.ledger.set_delivery(t.id, None, self._deliveries(t.celery_id))
@@ -252,7 +259,7 @@ class CeleryDispatcher:
             self.ledger.fail_task(t.id, reason, {"celery_id": t.celery_id, "worker": t.worker,
                                                  "error_type": type(result).__name__})
             self.log.error("task_failed", error=reason, worker=t.worker, celery_id=t.celery_id)
-        self._finalise_if_complete(rec.id)
+        self.daemon.finalise_if_complete(t.recording_id)
         return True
 
     def _rescue_orphans(self, flying, metas) -> bool:
@@ -265,9 +272,11 @@ class CeleryDispatcher:
         if now - self._backend_failed < 3 * ORPHAN_GRACE_S:  # leases and heartbeats catch up after an outage
             self._orphans.clear()
             return False
-        states = {w["hostname"]: w["state"] for w in self.ledger.workers_status()}
+        states = None  # the workers' states, read only when some task is running on a worker
         for t, meta in zip(flying, metas):
             status = (meta or {}).get("status")
+            if t.state == "running" and t.worker and status not in ("SUCCESS", "FAILURE") and states is None:
+                states = {w["hostname"]: w["state"] for w in self.ledger.workers_status()}
             if t.state != "running" or not t.worker or status in ("SUCCESS", "FAILURE") or \
                     states.get(t.worker, "lost") == "online":
                 self._orphans.pop(t.id, None)
@@ -282,9 +291,7 @@ class CeleryDispatcher:
             if now - since < ORPHAN_GRACE_S:
                 continue
             self._orphans.pop(t.id, None)
-            rec = self.ledger.recording(t.recording_id)
-            with log_context(recording_id=rec.id, task_id=t.id, template=t.template_name), \
-                    recording_log(self.daemon.settings.logs_dir, rec.day, Path(rec.name).stem, rec.id):
+            with self._task_log(t):
                 try:
                     self.app.AsyncResult(t.celery_id).forget()  # its last PROGRESS names the dead worker
                 except Exception:
@@ -303,10 +310,6 @@ class CeleryDispatcher:
             return int(self.farm.redis_client().get(f"{self.farm.KEY_PREFIX}deliveries:{celery_id}") or 0)
         except Exception:
             return 0
-
-    def _finalise_if_complete(self, recording_id: int) -> None:
-        if not any(x.state in ("queued", "running") for x in self.ledger.tasks_for(recording_id)):
-            self.daemon.finalise(recording_id)
 
     # -- worker heartbeats ------------------------------------------------------------------------------------
     def _on_worker_event(self, event: dict) -> None:

@@ -100,6 +100,11 @@ class Filing:
         dest = self._to_failed(path, day, info)
         self.log.error("recording_unreadable", path=str(path), reason=reason, moved_to=str(dest) if dest else None)
 
+    def finalise_if_complete(self, recording_id: int) -> None:
+        """File the recording once none of its tasks is queued or running any more."""
+        if not any(t.state in ("queued", "running") for t in self.ledger.tasks_for(recording_id)):
+            self.finalise(recording_id)
+
     def finalise(self, recording_id: int) -> str:
         """All tasks of a recording are finished: manifest.json, move the source, set the recording's state."""
         rec = self.ledger.recording(recording_id)
