@@ -249,19 +249,26 @@ def create_app(cfg: WebConfig) -> FastAPI:
                             "until it is started")
         return JSONResponse(body, 200 if res.duplicate_of is not None else 201)
 
+    def requeued(rid: int, what) -> dict:
+        """what(ledger) (a heygem_watch.requeue call) for a known recording: 404 if unknown, 409 with the reason
+        when nothing can be queued."""
+        from heygem_watch.requeue import RequeueError
+
+        with ledger() as db:
+            get_recording(db, rid)
+            try:
+                res = what(db)
+            except RequeueError as exc:
+                raise F.WebError(409, str(exc)) from None
+        snapshot.invalidate()
+        return res.as_dict()
+
     @app.post("/api/recordings/{rid}/retry")
     def retry_recording(rid: int):
         """Queue the failed tasks of a recording again (done ones are kept)."""
         from heygem_watch import requeue
 
-        with ledger() as db:
-            get_recording(db, rid)
-            try:
-                res = requeue.retry(db, rid)
-            except requeue.RequeueError as exc:
-                raise F.WebError(409, str(exc)) from None
-        snapshot.invalidate()
-        return res.as_dict()
+        return requeued(rid, lambda db: requeue.retry(db, rid))
 
     @app.post("/api/recordings/{rid}/rerun")
     def rerun_recording(rid: int, templates: list[str] = Form(...)):
@@ -271,14 +278,7 @@ def create_app(cfg: WebConfig) -> FastAPI:
         paths = [template_path(n) for n in templates if n]
         if not paths:
             raise F.WebError(400, "choose at least one template")
-        with ledger() as db:
-            get_recording(db, rid)
-            try:
-                res = requeue.rerun(db, rid, paths, tdir)
-            except requeue.RequeueError as exc:
-                raise F.WebError(409, str(exc)) from None
-        snapshot.invalidate()
-        return res.as_dict()
+        return requeued(rid, lambda db: requeue.rerun(db, rid, paths, tdir))
 
     def unique_dir(db, base: Path) -> Path:
         out, i = base, 1
