@@ -8,27 +8,18 @@ import pytest
 
 from heygem_watch import face
 from heygem_watch.engines.builtin import mouth
-from tests import mediagen
 
 
-@pytest.fixture(scope="module")
-def photo_lm():
-    img = mediagen.face_photo()
-    with face.FaceMesh(static_image=True) as mesh:
-        lm = mesh.detect(img)
-    return img, lm
-
-
-def test_landmarks_found_on_the_photo(photo_lm):
-    img, lm = photo_lm
+def test_landmarks_found_on_the_photo(photo):
+    img, lm = photo
     assert lm is not None and lm.shape == (478, 2) and np.isfinite(lm).all()
     # mouth below the eyes, eyes apart by a plausible fraction of the picture
     assert lm[13, 1] > lm[33, 1] + 40
     assert 0.15 * img.shape[1] < face.inter_ocular(lm) < 0.6 * img.shape[1]
 
 
-def test_descriptors_move_when_the_mouth_moves(photo_lm):
-    _, lm = photo_lm
+def test_descriptors_move_when_the_mouth_moves(photo):
+    _, lm = photo
     base = mouth.descriptors(lm.astype(np.float64))
     opened = lm.astype(np.float64).copy()
     drop = 0.1 * face.inter_ocular(lm)
@@ -49,8 +40,8 @@ def test_descriptors_move_when_the_mouth_moves(photo_lm):
     assert np.allclose(mouth.normalise(moved), mouth.normalise(opened), atol=1e-6)
 
 
-def test_similarity_recovers_a_known_transform(photo_lm):
-    _, lm = photo_lm
+def test_similarity_recovers_a_known_transform(photo):
+    _, lm = photo
     m = np.array([[0.9, -0.2, 12.0], [0.2, 0.9, -7.0]])
     est = mouth.similarity(lm.astype(np.float64), mouth.apply_affine(m, lm.astype(np.float64)))
     assert np.allclose(est, m, atol=1e-6)
@@ -133,8 +124,8 @@ class _Tpl:
         return self.frames[i].copy()
 
 
-def test_library_measures_frames_and_is_cached(photo_lm, tmp_path):
-    img, lm = photo_lm
+def test_library_measures_frames_and_is_cached(photo, tmp_path):
+    img, lm = photo
     dark = img.copy()
     dark[:] = 40
     tpl = _Tpl([img, img, dark], np.stack([lm, lm, np.full_like(lm, np.nan)]), np.array([True, True, False]),
