@@ -3,42 +3,21 @@ activity. Synthetic signals only (vowel-like harmonics, syllables, gaps); the en
 import numpy as np
 import pytest
 
+from heygem_watch import audio
 from heygem_watch.engines.builtin.speech import (RATE, SAMPLE_RATE, VAD_HOP, VAD_RATE, MouthCurve, analyse_speech,
                                                  curves_from_head, n_frames, open_band_level, voice_activity)
 
 SR = SAMPLE_RATE
 
 
-class ArrayTrack:
-    """The AudioTrack reading interface over an in-memory array (also counts the largest read)."""
+class ArrayTrack(audio.ArrayTrack):
+    """audio.ArrayTrack that also counts the largest read."""
 
-    def __init__(self, x):
-        self.x = np.asarray(x, np.float32)
-        self.n_samples, self.sample_rate = len(self.x), SR
-        self.max_read = 0
-
-    @property
-    def duration(self):
-        return self.n_samples / SR
+    max_read = 0
 
     def read(self, start, count):
         self.max_read = max(self.max_read, count)
-        out = np.zeros(max(0, count), np.float32)
-        lo, hi = max(0, start), min(self.n_samples, start + count)
-        if hi > lo:
-            out[lo - start: hi - start] = self.x[lo:hi]
-        return out
-
-
-def _track(x, tmp_path=None):
-    """A real heygem_watch.audio.AudioTrack when available (on-disk reads), else the in-memory stand-in."""
-    try:
-        from heygem_watch.audio import AudioTrack
-    except ImportError:  # pragma: no cover - audio.py is written by another engineer
-        return ArrayTrack(x)
-    if tmp_path is None:
-        return ArrayTrack(x)
-    return AudioTrack.from_array(np.asarray(x, np.float32), tmp_path)
+        return super().read(start, count)
 
 
 def vowel(seconds, f0=120.0, formants=(700.0, 1200.0), amp=0.3, seed=0):
@@ -192,7 +171,7 @@ def test_loudness_is_read_in_chunks_and_equals_the_whole(tmp_path):
         parts += [vowel(rng.uniform(0.2, 0.6), f0=rng.uniform(90, 220), amp=rng.uniform(0.05, 0.3), seed=k),
                   silence(rng.uniform(0.05, 0.5))]
     x = np.concatenate(parts)
-    whole = open_band_level(_track(x, tmp_path), chunk_s=1000.0)
+    whole = open_band_level(audio.AudioTrack.from_array(x, tmp_path), chunk_s=1000.0)
     small = ArrayTrack(x)
     chunked = open_band_level(small, chunk_s=0.37)
     assert small.max_read <= int(0.37 * VAD_RATE) * VAD_HOP + 1024  # never more than a chunk and its window

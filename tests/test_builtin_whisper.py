@@ -7,9 +7,9 @@ import hashlib
 import numpy as np
 import pytest
 
+from heygem_watch.audio import ArrayTrack
 from heygem_watch.engines.builtin import whisper as W
 from tests.mediagen import speech_like
-from tests.test_builtin_speech import ArrayTrack
 
 
 @pytest.fixture(scope="module")
