@@ -121,6 +121,7 @@ def _window(start: int, count: int, n_samples: int, fetch) -> np.ndarray:
         out[lo - start: lo - start + len(data)] = data
     return out
 
+
 class _Aligner:
     """Places decoded audio on the timeline: pads gaps with silence, drops overlaps.
 
