@@ -39,6 +39,20 @@ def daemon_script(delay: float = 0.0) -> str:
     return DAEMON_SCRIPT.format(root=str(ROOT), delay=float(delay))
 
 
+def daemon_var(tmp_path: Path, template: Path, **env) -> tuple[Path, dict]:
+    """A var/ under tmp_path with template in its template folder, and the environment for a daemon subprocess
+    on it (no inherited HEYGEM_* or systemd socket; 0.2 s settle, no disk minimum, JSON logs). env adds keys."""
+    import shutil
+
+    var = tmp_path / "var"
+    (var / "templates").mkdir(parents=True)
+    shutil.copy(template, var / "templates")
+    out = {k: v for k, v in os.environ.items() if not k.startswith("HEYGEM_") and k != "NOTIFY_SOCKET"}
+    out.update(HEYGEM_VAR_DIR=str(var), HEYGEM_SETTLE_SECONDS="0.2", HEYGEM_MIN_FREE_MB="0",
+               HEYGEM_X264_PRESET="ultrafast", HEYGEM_LOG_FORMAT="json", **env)
+    return var, out
+
+
 def make_settings(root: Path, **env):
     """Settings for a var/ under root: no settle wait, no disk minimum, JSON logs. env overrides HEYGEM_* keys."""
     from heygem_watch.config import load_settings

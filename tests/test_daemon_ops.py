@@ -7,7 +7,7 @@ from pathlib import Path
 
 from heygem_watch import ingest as ingest_mod
 from tests import gen_media
-from tests.conftest import daemon_script, drain
+from tests.conftest import daemon_script, daemon_var, drain
 
 
 def today() -> str:
@@ -116,17 +116,11 @@ def test_a_template_is_checked_when_it_appears(daemon_factory, faceless_template
 
 
 def test_sighup_to_the_running_daemon_watches_the_new_folder(tmp_path, face_template_file):
-    import shutil
     import signal
     import subprocess
     import sys
 
-    var = tmp_path / "var"
-    (var / "templates").mkdir(parents=True)
-    shutil.copy(face_template_file, var / "templates")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEYGEM_") and k != "NOTIFY_SOCKET"}
-    env.update(HEYGEM_VAR_DIR=str(var), HEYGEM_SETTLE_SECONDS="0.2", HEYGEM_MIN_FREE_MB="0",
-               HEYGEM_X264_PRESET="ultrafast", HEYGEM_LOG_FORMAT="json")
+    var, env = daemon_var(tmp_path, face_template_file)
     log = tmp_path / "daemon.log"
     with open(log, "w") as out:
         p = subprocess.Popen([sys.executable, "-c", daemon_script()], cwd=tmp_path, env=env,

@@ -19,7 +19,7 @@ from heygem_watch.engines.base import Engine
 from heygem_watch.ledger import MAX_ATTEMPTS, Ledger
 from heygem_watch.media import VideoWriter
 from tests import gen_media
-from tests.conftest import daemon_script, drain
+from tests.conftest import daemon_script, daemon_var, drain
 
 ROOT = Path(__file__).resolve().parents[1]
 Usage = collections.namedtuple("Usage", "total used free")
@@ -180,12 +180,7 @@ def test_real_crashes_still_fail_the_task_and_the_message_counts_both(tmp_path):
 
 # -- 3: one daemon per var/ ----------------------------------------------------------------------------------
 def test_second_daemon_on_the_same_var_exits_with_the_first_ones_pid(tmp_path, face_template_file):
-    var = tmp_path / "var"
-    (var / "templates").mkdir(parents=True)
-    shutil.copy(face_template_file, var / "templates")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEYGEM_") and k != "NOTIFY_SOCKET"}
-    env.update(HEYGEM_VAR_DIR=str(var), HEYGEM_SETTLE_SECONDS="0.2", HEYGEM_MIN_FREE_MB="0",
-               HEYGEM_X264_PRESET="ultrafast", HEYGEM_LOG_FORMAT="json", PYTHONPATH=str(ROOT))
+    var, env = daemon_var(tmp_path, face_template_file, PYTHONPATH=str(ROOT))
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen([sys.executable, "-c", daemon_script()], cwd=tmp_path, env=env,
                              stdout=log, stderr=subprocess.STDOUT)
