@@ -307,7 +307,7 @@ class CeleryDispatcher:
     def _deliveries(self, celery_id: str) -> int:
         """How many deliveries of the task a worker started rendering (farm.render counts them in Redis)."""
         try:
-            return int(self.farm.redis_client().get(f"{self.farm.KEY_PREFIX}deliveries:{celery_id}") or 0)
+            return int(self.farm.redis_client().get(self.farm.deliveries_key(celery_id)) or 0)
         except Exception:
             return 0
 

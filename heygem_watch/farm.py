@@ -85,6 +85,11 @@ def lease_key(celery_id: str) -> str:
     return f"{KEY_PREFIX}lease:{celery_id}"
 
 
+def deliveries_key(celery_id: str) -> str:
+    """How many deliveries of the task a worker started rendering (render counts, the head reads)."""
+    return f"{KEY_PREFIX}deliveries:{celery_id}"
+
+
 def lease_ttl(visibility_timeout: float) -> float:
     """Lease length: well under the visibility timeout (a redelivery after a crash finds it lapsed), at least a
     few report periods (a busy but live worker keeps it)."""
@@ -222,7 +227,7 @@ def render(self, spec: dict) -> dict:
     try:
         if out.exists():
             return {"output": str(out), "already_done": True, "worker": host}
-        key = f"{KEY_PREFIX}deliveries:{cid}"
+        key = deliveries_key(cid)
         try:
             delivery = int(client.incr(key))
             client.expire(key, KEY_TTL_S)
