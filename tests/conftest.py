@@ -1,8 +1,12 @@
 """Shared fixtures: settings rooted in tmp, a passthrough engine, a face template, a daemon driven by hand."""
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -51,6 +55,37 @@ def daemon_var(tmp_path: Path, template: Path, **env) -> tuple[Path, dict]:
     out.update(HEYGEM_VAR_DIR=str(var), HEYGEM_SETTLE_SECONDS="0.2", HEYGEM_MIN_FREE_MB="0",
                HEYGEM_X264_PRESET="ultrafast", HEYGEM_LOG_FORMAT="json", **env)
     return var, out
+
+
+WEB_START_TIMEOUT_S = 60
+
+
+@contextlib.contextmanager
+def dashboard(tmp_path: Path, var: Path, **env_extra: str):
+    """`heygem-watch web` alone on var/ (no daemon, JSON logs), stdout and stderr in tmp_path/web.log; yields its
+    URL once it answers. env_extra: more HEYGEM_* settings."""
+    from tests.redisd import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEYGEM_")}
+    env.update(PYTHONPATH=str(ROOT), HEYGEM_VAR_DIR=str(var), HEYGEM_LOG_FORMAT="json", **env_extra)
+    with open(tmp_path / "web.log", "wb") as log:
+        web = subprocess.Popen([sys.executable, "-m", "heygem_watch", "web", "--port", str(port)], cwd=tmp_path,
+                               env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + WEB_START_TIMEOUT_S
+            while True:
+                try:
+                    urllib.request.urlopen(url + "/api/config", timeout=1).read()
+                    break
+                except OSError:
+                    assert web.poll() is None and time.monotonic() < deadline, (tmp_path / "web.log").read_text()
+                    time.sleep(0.2)
+            yield url
+        finally:
+            web.terminate()
+            web.wait(20)
 
 
 def make_settings(root: Path, **env):

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 from heygem_watch.logs import configure
+from tests.conftest import dashboard
 from tests.test_web_api import TOKEN, client_for, env, make_recording, make_template, submit  # noqa: F401 (env: fixture)
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _events(buf: io.StringIO) -> list[dict]:
@@ -68,35 +62,16 @@ def test_a_page_without_its_token_is_not_a_flood(env):
 def test_web_process_logs_json_like_the_daemon(env, tmp_path):
     """`heygem-watch web` with JSON logs: a start-up line and one line per upload, each a JSON object."""
     var, tdir, media = env
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env_ = {k: v for k, v in os.environ.items() if not k.startswith("HEYGEM_")}
-    env_.update(HEYGEM_VAR_DIR=str(var), HEYGEM_TEMPLATE_DIR=str(tdir), HEYGEM_LOG_FORMAT="json",
-                PYTHONPATH=str(ROOT))
-    p = subprocess.Popen([sys.executable, "-m", "heygem_watch", "web", "--port", str(port)], cwd=tmp_path,
-                         env=env_, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/config", timeout=2).read()
-                break
-            except OSError:
-                assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-                time.sleep(0.2)
+    with dashboard(tmp_path, var, HEYGEM_TEMPLATE_DIR=str(tdir)) as url:
         tpl = make_template(media / "carl.mp4", color=(9, 9, 200))
         boundary = "b0undary"
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"carl.mp4\"\r\n"
                 f"Content-Type: video/mp4\r\n\r\n").encode() + tpl.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/templates", data=body, method="POST",
+        req = urllib.request.Request(f"{url}/api/templates", data=body, method="POST",
                                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
         assert urllib.request.urlopen(req, timeout=30).status == 201
         time.sleep(3)  # the face check runs MediaPipe in this process: its native chatter must stay JSON too
-    finally:
-        p.terminate()
-        out, err = p.communicate(timeout=20)
-    lines = [x for x in (out + err).splitlines() if x.strip()]
+    lines = [x for x in (tmp_path / "web.log").read_text().splitlines() if x.strip()]
     for x in lines:
         assert isinstance(json.loads(x), dict), x
     ev = [json.loads(x) for x in lines]

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,9 @@ import pytest
 import playwright.sync_api as playwright_sync  # pip install playwright (the browser itself comes from Debian)
 
 from heygem_watch.ledger import Ledger
+from tests.conftest import dashboard
 from tests.mediagen import face_frames, speech_like, write_video
+from tests.redisd import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -38,12 +39,6 @@ RECORDING_S = 60.0  # 1500 frames per template: several seconds of rendering eve
 FPS = 25
 TEMPLATE_HW = (384, 320)  # template height, width: big enough that rendering takes a few seconds per template
 START_TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tinted(frames, gain):
@@ -130,31 +125,6 @@ def shot(page, tmp_path: Path, name: str, full: bool = True) -> None:
     if dest:
         Path(dest).mkdir(parents=True, exist_ok=True)
         shutil.copy(tmp_path / name, Path(dest) / name)
-
-
-@contextlib.contextmanager
-def dashboard(tmp_path: Path, var: Path):
-    """`heygem-watch web` alone on var/ (no daemon), log in tmp_path/web.log; yields its URL once it answers."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEYGEM_")}
-    env.update(PYTHONPATH=str(ROOT), HEYGEM_VAR_DIR=str(var), HEYGEM_LOG_FORMAT="json")
-    with open(tmp_path / "web.log", "wb") as log:
-        web = subprocess.Popen([sys.executable, "-m", "heygem_watch", "web", "--port", str(port)], cwd=tmp_path,
-                               env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while True:
-                try:
-                    urllib.request.urlopen(url + "/api/config", timeout=1).read()
-                    break
-                except OSError:
-                    assert web.poll() is None and time.monotonic() < deadline, (tmp_path / "web.log").read_text()
-                    time.sleep(0.2)
-            yield url
-        finally:
-            web.terminate()
-            web.wait(20)
 
 
 @contextlib.contextmanager
