@@ -15,10 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.conftest import dashboard  # noqa: E402 (`heygem-watch web` on a free loopback port)
 
 
 def populate(var: Path, n_recordings: int, n_templates: int, n_queued: int) -> None:
@@ -51,12 +50,6 @@ def populate(var: Path, n_recordings: int, n_templates: int, n_queued: int) -> N
         t = db.claim_next_task()
         if t is not None:
             db.update_progress(t.id, 120, 1500, 25.0, 55.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def client(port: int, n: int, lat: list[float], errors: list[str], path: str = "/api/status") -> None:
@@ -113,27 +106,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="heygem-web-bench-") as tmp:
         var = Path(tmp) / "var"
         populate(var, args.recordings, args.templates, args.queued)
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HEYGEM_")}
-        env.update(HEYGEM_VAR_DIR=str(var), HEYGEM_LOG_FORMAT="json", PYTHONPATH=str(ROOT))
-        exe = [sys.executable, "-m", "heygem_watch", "web", "--port", str(port)]
-        server = subprocess.Popen(exe, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), 0.5).close()
-                    break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        print(server.stderr.read().decode(), file=sys.stderr)
-                        return 1
-                    time.sleep(0.2)
+        with dashboard(Path(tmp), var) as url:  # its log: tmp/web.log, shown if it does not start
+            port = int(url.rsplit(":", 1)[1])
             asyncio.run(load(port, 10, 5, 60, args.path))  # warm-up: imports, sqlite pages, first snapshot
             lat, errors, wall = asyncio.run(load(port, args.clients, args.requests, args.timeout, args.path))
-        finally:
-            server.terminate()
-            server.wait(10)
     return report(args, lat, errors, wall)
 
 
