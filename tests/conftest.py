@@ -43,6 +43,16 @@ def daemon_script(delay: float = 0.0) -> str:
     return DAEMON_SCRIPT.format(root=str(ROOT), delay=float(delay))
 
 
+def wait_for(pred, timeout: float, step: float = 0.05) -> bool:
+    """True as soon as pred() is, False when timeout s pass first (polled every step s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return False
+
+
 def daemon_var(tmp_path: Path, template: Path, **env) -> tuple[Path, dict]:
     """A var/ under tmp_path with template in its template folder, and the environment for a daemon subprocess
     on it (no inherited HEYGEM_* or systemd socket; 0.2 s settle, no disk minimum, JSON logs). env adds keys."""

@@ -12,20 +12,12 @@ from pathlib import Path
 
 from heygem_watch.ledger import Ledger
 from tests import gen_media
+from tests.conftest import wait_for  # noqa: F401 - test_farm imports it from here
 from tests.redisd import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 VISIBILITY_S = 6  # the broker's redelivery delay after a worker dies (production: longer than the longest render)
 RECORDING_S = 6.0  # 150 frames at 25 fps: long enough to be killed mid-render, short enough to keep tests fast
-
-
-def wait_for(pred, timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return False
 
 
 class Farm:

@@ -18,7 +18,7 @@ from heygem_watch.engines.base import Engine
 from heygem_watch.ledger import Ledger
 from heygem_watch.media import probe
 from tests import gen_media
-from tests.conftest import daemon_script, drain
+from tests.conftest import daemon_script, drain, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -305,15 +305,6 @@ def start_daemon(tmp_path, var, delay, notify_path):
     p = subprocess.Popen([sys.executable, "-c", daemon_script(delay)], cwd=tmp_path, env=env,
                          stdout=log, stderr=subprocess.STDOUT)
     return p, log
-
-
-def wait_for(pred, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 class Listener:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from heygem_watch import ingest as ingest_mod
 from tests import gen_media
-from tests.conftest import daemon_script, daemon_var, drain
+from tests.conftest import daemon_script, daemon_var, drain, wait_for
 
 
 def today() -> str:
@@ -126,21 +126,15 @@ def test_sighup_to_the_running_daemon_watches_the_new_folder(tmp_path, face_temp
         p = subprocess.Popen([sys.executable, "-c", daemon_script()], cwd=tmp_path, env=env,
                              stdout=out, stderr=subprocess.STDOUT)
     try:
-        def wait(pred, timeout=60):
-            deadline = time.monotonic() + timeout
-            while not pred() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            return pred()
-
-        assert wait(lambda: '"ready"' in log.read_text())
+        assert wait_for(lambda: '"ready"' in log.read_text(), 60, 0.1)
         obs = tmp_path / "obs"
         obs.mkdir()  # where OBS now records
         (tmp_path / "config.env").write_text(f"HEYGEM_INCOMING_DIR={obs}\n")
         p.send_signal(signal.SIGHUP)
-        assert wait(lambda: '"reloaded"' in log.read_text())
+        assert wait_for(lambda: '"reloaded"' in log.read_text(), 60, 0.1)
         gen_media.write_wav(obs / "moved.wav", gen_media.speech(0.3))
         gen_media.write_wav(var / "incoming" / "old place.wav", gen_media.speech(0.3, seed=4))
-        assert wait(lambda: (var / "outputs" / today() / "moved" / "manifest.json").exists())
+        assert wait_for(lambda: (var / "outputs" / today() / "moved" / "manifest.json").exists(), 60, 0.1)
         time.sleep(1.0)  # the old folder is no longer watched
         assert (var / "incoming" / "old place.wav").exists()
         assert not (var / "outputs" / today() / "old place").exists()

@@ -19,7 +19,7 @@ from heygem_watch.engines.base import Engine
 from heygem_watch.ledger import MAX_ATTEMPTS, Ledger
 from heygem_watch.media import VideoWriter
 from tests import gen_media
-from tests.conftest import daemon_script, daemon_var, drain
+from tests.conftest import daemon_script, daemon_var, drain, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 Usage = collections.namedtuple("Usage", "total used free")
@@ -185,9 +185,7 @@ def test_second_daemon_on_the_same_var_exits_with_the_first_ones_pid(tmp_path, f
     first = subprocess.Popen([sys.executable, "-c", daemon_script()], cwd=tmp_path, env=env,
                              stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while '"ready"' not in (tmp_path / "first.log").read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: '"ready"' in (tmp_path / "first.log").read_text(), 60, 0.1)
         second = subprocess.Popen([sys.executable, "-m", "heygem_watch.cli", "run"], cwd=tmp_path, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
@@ -206,9 +204,7 @@ def test_second_daemon_on_the_same_var_exits_with_the_first_ones_pid(tmp_path, f
         # and the first daemon still renders what arrives
         gen_media.write_wav(var / "incoming" / "one.wav", gen_media.speech(0.4))
         out = var / "outputs" / today() / "one" / "manifest.json"
-        deadline = time.monotonic() + 60
-        while not out.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(out.exists, 60, 0.1)
         assert out.exists()
     finally:
         first.terminate()
