@@ -119,7 +119,7 @@ class CeleryDispatcher:
         if time.monotonic() < self._next_send or self.daemon.check_disk():
             return False
         sent = 0
-        for t in [t for t in self.ledger.in_flight() if t.dispatched_at is None]:  # a send a crash cut short
+        for t in self.ledger.in_flight(sent=False):  # a send a crash (or the broker) cut short
             if not self._publish(t, t.celery_id):
                 return sent > 0
             sent += 1
@@ -195,7 +195,7 @@ class CeleryDispatcher:
         return [backend.decode_result(v) if v is not None else None for v in raw]
 
     def _poll(self) -> bool:
-        flying = [t for t in self.ledger.in_flight() if t.dispatched_at is not None]
+        flying = self.ledger.in_flight(sent=True)
         metas = self._metas([t.celery_id for t in flying])
         if metas is None:
             return False

@@ -207,3 +207,13 @@ def test_a_ledger_from_before_the_farm_gains_its_columns(tmp_path):
         assert led.requeue_running() == 0 and led.task(t.id).state == "running"  # farm tasks are re-attached
         led.worker_seen("w1@host", active=1, processed=3)
         assert [(w.hostname, w.active, w.processed) for w in led.workers()] == [("w1@host", 1, 3)]
+
+
+def test_in_flight_splits_confirmed_from_unconfirmed_sends(led, tmp_path):
+    a, b = led.add_recording(tmp_path / "a.flv", "fp", 1, [("t1.png", "t1"), ("t2.png", "t2")],
+                             output_dir=tmp_path / "out").task_ids
+    led.assign_celery_id(a, "cid-a")
+    led.assign_celery_id(b, "cid-b")
+    led.mark_dispatched(a)
+    ids = lambda sent: [t.celery_id for t in led.in_flight(sent)]  # noqa: E731
+    assert ids(None) == ["cid-a", "cid-b"] and ids(True) == ["cid-a"] and ids(False) == ["cid-b"]

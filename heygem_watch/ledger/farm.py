@@ -70,10 +70,12 @@ class Renderers:
         with self._write() as db:
             db.execute("UPDATE tasks SET dispatched_at=? WHERE id=?", (time.time(), task_id))
 
-    def in_flight(self) -> list[Task]:
-        """Farm tasks with a Celery id that have not finished: in the broker or on a worker."""
+    def in_flight(self, sent: bool | None = None) -> list[Task]:
+        """Farm tasks with a Celery id that have not finished: in the broker or on a worker. sent=True: only those
+        whose send was confirmed, False: only those whose send was not (the head polls both ways 4 times a s)."""
+        only = {None: "", True: " AND dispatched_at IS NOT NULL", False: " AND dispatched_at IS NULL"}[sent]
         return [_task(r) for r in self._query("SELECT * FROM tasks WHERE celery_id IS NOT NULL AND state IN"
-                                              " ('queued','running') ORDER BY id")]
+                                              " ('queued','running')" + only + " ORDER BY id")]
 
     def mark_remote_progress(self, task_id: int, worker: str | None, delivery: int, done: int, total: int,
                              fps: float, eta_s: float | None) -> None:
