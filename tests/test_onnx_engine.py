@@ -14,8 +14,9 @@ import pytest
 from heygem_watch.engines.onnx import engine as engine_mod, mel
 from heygem_watch.audio import AudioTrack
 from heygem_watch.engines.base import EngineError, FrameJob
-from heygem_watch.engines.onnx.engine import (BOX_PADS, FACE_SIZE, MelSource, OnnxEngine, crop_input, face_boxes,
-                                       paste_mask)
+from heygem_watch.engines.onnx.crop import crop_input, face_boxes, paste_mask
+from heygem_watch.engines.onnx.engine import MelSource, OnnxEngine
+from heygem_watch.engines.onnx.wav2lip import BOX_PADS, FACE_SIZE
 from heygem_watch.pipeline import pingpong_index
 
 FACELESS = frozenset({4, 5})
@@ -373,7 +374,7 @@ def test_face_tracker_is_mediapipe_without_a_detector(models, tpl, tmp_path):
 
 
 def test_scrfd_beside_the_model_gives_padded_smoothed_boxes(tpl, track, tmp_path):
-    from heygem_watch.engines.onnx.engine import pad_and_smooth
+    from heygem_watch.engines.onnx.crop import pad_and_smooth
 
     mp_raw, _ = face_boxes(tpl.landmarks, tpl.face_found, tpl.width, tpl.height, pads=(0, 0, 0, 0), smooth=1)
     k0 = int(np.flatnonzero(tpl.face_found)[0])

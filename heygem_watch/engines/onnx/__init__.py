@@ -3,6 +3,7 @@
     wav2lip.py    input/output conventions every Wav2Lip-format model shares
     mel.py        Wav2Lip mel spectrogram, streamed in chunks
     scrfd.py      optional SCRFD face detector for the crop boxes
+    crop.py       face boxes per template frame, the model's 96x96 crop, the paste back into the frame
     engine.py     OnnxEngine: the Engine interface (engines/base.py): crops -> model -> paste-back
     export.py     `heygem-watch export-model`: checkpoint -> verified ONNX (needs the `export` extra)
     precision.py  fp16 / static int8 copies of an exported model (used by export.py)

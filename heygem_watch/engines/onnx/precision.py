@@ -47,7 +47,7 @@ def _photo_crop(rng) -> np.ndarray:
     """(6, 96, 96) model input from the sample face photo, randomly shifted, scaled, lit and mirrored."""
     import cv2
 
-    from heygem_watch.engines.onnx.engine import crop_input
+    from heygem_watch.engines.onnx.crop import crop_input
 
     if not _PHOTO:
         _PHOTO.append(_load_photo())
@@ -76,7 +76,7 @@ def _load_photo():
         import matplotlib.cbook as cbook
 
         from heygem_watch import face
-        from heygem_watch.engines.onnx.engine import face_boxes
+        from heygem_watch.engines.onnx.crop import face_boxes
 
         img = cv2.imread(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)), cv2.IMREAD_COLOR)
         with face.FaceMesh(static_image=True) as mesh:
