@@ -128,3 +128,30 @@ def test_wrong_sample_rate_is_refused(encoder):
     track.sample_rate = 8000
     with pytest.raises(ValueError, match="16000 Hz"):
         list(W.encode_stream(track, encoder))
+
+
+def test_model_file_is_read_and_written_back_byte_for_byte():
+    from heygem_watch.engines.builtin import ct2file
+
+    data = W.model_files()["model.bin"]
+    model = ct2file.read_model(data)
+    assert model.spec == "WhisperSpec" and len(model.variables) > 100
+    assert ct2file.write_model(model) == data
+    with pytest.raises(ct2file.ModelFileError, match="ends early"):
+        ct2file.read_model(data[: len(data) // 3])
+
+
+def test_encoder_only_model_is_small_and_encodes_exactly_like_the_whole_model(encoder):
+    """load_encoder() loads the cut model; the whole model's encoder must give the very same features."""
+    from heygem_watch.engines.builtin import ct2file
+
+    files = W.model_files()
+    cut = ct2file.encoder_only(files)
+    names = [v.name for v in ct2file.read_model(cut["model.bin"]).variables]
+    assert not any(n.startswith("decoder/layer_1/") for n in names)
+    assert sum(n.startswith("encoder/layer_5/") for n in names) > 0
+    assert len(cut["model.bin"]) < 0.4 * len(files["model.bin"])
+    assert len(cut["vocabulary.txt"].splitlines()) == ct2file.STUB_TOKENS
+    mel = np.random.default_rng(0).normal(0.0, 0.5, (W.N_MELS, 600)).astype(np.float32)
+    whole = W.Encoder(files).encode(mel)
+    assert np.array_equal(encoder.encode(mel), whole)

@@ -244,13 +244,13 @@ def compose_mouth(cur_img: np.ndarray, cur_lm: np.ndarray, src_img, src_lm: np.n
     bmx, bmy = piecewise_map(dst, bsrc, rig.tris, label, rect, step)
     # around the lips' meeting line the map jumps from the upper lip to the lower one: upsampled from a coarse
     # grid it would sample in between (the mouth interior) along a staircase; there it is computed per pixel
-    lips_box = None
+    lips_box, exact_labels = None, {}
     if step > 1:
         pad = 2 * step + 2
         lx0, ly0 = np.floor(inner.min(0)).astype(int) - pad
         lx1, ly1 = np.ceil(inner.max(0)).astype(int) + pad
         lips_box = (int(lx0), int(ly0), int(lx1 - lx0), int(ly1 - ly0))
-        exact_within(bmx, bmy, rect, lips_box, dst, bsrc, rig.tris)
+        exact_within(bmx, bmy, rect, lips_box, dst, bsrc, rig.tris, exact_labels)
     bg = cv2.remap(cur_img, bmx, bmy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     bgf = bg[sl].astype(np.float32)
     if same:
@@ -262,7 +262,7 @@ def compose_mouth(cur_img: np.ndarray, cur_lm: np.ndarray, src_img, src_lm: np.n
         else:
             fmx, fmy = piecewise_map(dst, src_pts, rig.tris, label, rect, step)
             fmx, fmy = fmx[sl], fmy[sl]
-            exact_within(fmx, fmy, mrect, lips_box, dst, src_pts, rig.tris)
+            exact_within(fmx, fmy, mrect, lips_box, dst, src_pts, rig.tris, exact_labels)
         if callable(src_img):  # read only the source pixels the map touches
             sx0, sy0 = max(0, int(fmx.min()) - 2) & ~1, max(0, int(fmy.min()) - 2) & ~1
             sx1, sy1 = int(fmx.max()) + 3, int(fmy.max()) + 3

