@@ -29,6 +29,10 @@ MAX_LEADING_GAP_S = 600.0  # a later audio start than this is a broken timestamp
 WAV_SHORT_S = 0.05  # a WAV whose data is this much shorter than its header says was cut off (a full disk)
 MAX_PRIMING_SHIFT_S = 0.5  # a larger audio/video start difference is real content, not encoder priming
 OUT_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+# Decoded packets (~1024 samples) are encoded and resampled in blocks of this many seconds: each call into FFmpeg
+# gives up the GIL and may wait a whole switch interval (5 ms) to get it back while a template is being analysed
+# in another thread; per packet that was most of the audio step's time. The output bytes are the same.
+EMIT_BLOCK_S = 0.5
 
 
 @dataclass
@@ -191,11 +195,17 @@ def extract_audio(recording: os.PathLike | str, work_dir: os.PathLike | str) -> 
             aout = m4a.add_stream("aac", rate=out_rate, layout=layout)
             aout.bit_rate = AUDIO_BITRATE
             enc_pts = 0
+            pending: list[np.ndarray] = []
 
-            def emit(block: np.ndarray) -> None:
+            def emit(block: np.ndarray, final: bool = False) -> None:
+                if block.shape[1]:
+                    pending.append(block)
+                if pending and (final or sum(b.shape[1] for b in pending) >= EMIT_BLOCK_S * out_rate):
+                    encode(np.concatenate(pending, axis=1))
+                    pending.clear()
+
+            def encode(block: np.ndarray) -> None:
                 nonlocal n16, enc_pts
-                if block.shape[1] == 0:
-                    return
                 frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(block, np.float32), format="fltp", layout=layout)
                 frame.sample_rate = out_rate
                 frame.pts = enc_pts
@@ -228,6 +238,7 @@ def extract_audio(recording: os.PathLike | str, work_dir: os.PathLike | str) -> 
                              f"of audio ({exc.strerror or exc})")
             for r in to_native.resample(None):
                 emit(align.place(0, r.to_ndarray()))
+            emit(np.zeros((channels, 0), np.float32), final=True)
             for pkt in aout.encode(None):
                 m4a.mux(pkt)
             for r in to_16k.resample(None):
