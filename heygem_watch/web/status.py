@@ -46,7 +46,7 @@ class StatusSnapshot:
 
     def build(self) -> dict:
         """The status as a dict (what /api/status returns); reads the ledger."""
-        from heygem_watch.web.api import _jsonable
+        from heygem_watch.web.results import _jsonable
 
         self._open()
         db = self._db
