@@ -61,13 +61,14 @@ def make_inputs(work: Path, seconds: float) -> tuple[Path, Path]:
 def make_models(work: Path, precisions: list[str]) -> dict[str, Path]:
     import torch
 
+    from heygem_watch.engines.onnx import checkpoint as C
     from heygem_watch.engines.onnx import export as E
 
     ckpt = work / "random_wav2lip.pth"
     if not ckpt.exists():
         torch.manual_seed(0)
-        m = E.build_wav2lip()
-        E.randomise_batchnorm(m)
+        m = C.build_wav2lip()
+        C.randomise_batchnorm(m)
         torch.save({"state_dict": {"module." + k: v for k, v in m.state_dict().items()}}, ckpt)
     out = {}
     for p in precisions:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from heygem_watch.engines.onnx import checkpoint as C
 from heygem_watch.engines.onnx import export as E
 from heygem_watch.engines.onnx import precision as P
 
@@ -17,8 +18,8 @@ from heygem_watch.engines.onnx import precision as P
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = E.build_wav2lip()
-    E.randomise_batchnorm(m, seed=1)
+    m = C.build_wav2lip()
+    C.randomise_batchnorm(m, seed=1)
     return m
 
 
@@ -97,42 +98,42 @@ def test_missing_unexpected_and_misshaped_keys_are_named(model, tmp_path):
     sd = dict(model.state_dict())
     missing = dict(sd)
     del missing["audio_encoder.3.conv_block.1.running_mean"]
-    with pytest.raises(E.ExportError, match=r"1 missing key\(s\): audio_encoder\.3\.conv_block\.1\.running_mean"):
-        E.load_checkpoint(_save(tmp_path / "a.pth", missing))
+    with pytest.raises(C.ExportError, match=r"1 missing key\(s\): audio_encoder\.3\.conv_block\.1\.running_mean"):
+        C.load_checkpoint(_save(tmp_path / "a.pth", missing))
     extra = dict(sd, **{"module.extra_head.weight": torch.zeros(3)})
-    with pytest.raises(E.ExportError, match=r"unexpected key\(s\): extra_head\.weight"):
-        E.load_checkpoint(_save(tmp_path / "b.pth", extra))
+    with pytest.raises(C.ExportError, match=r"unexpected key\(s\): extra_head\.weight"):
+        C.load_checkpoint(_save(tmp_path / "b.pth", extra))
     bad = dict(sd, **{"output_block.1.weight": torch.zeros(3, 16, 1, 1)})
-    with pytest.raises(E.ExportError, match=r"output_block\.1\.weight \(3, 16, 1, 1\) \(expected \(3, 32, 1, 1\)\)"):
-        E.load_checkpoint(_save(tmp_path / "c.pth", bad))
+    with pytest.raises(C.ExportError, match=r"output_block\.1\.weight \(3, 16, 1, 1\) \(expected \(3, 32, 1, 1\)\)"):
+        C.load_checkpoint(_save(tmp_path / "c.pth", bad))
     syncnet = {"face_encoder.0.conv_block.0.weight": torch.zeros(32, 15, 7, 7)}
-    with pytest.raises(E.ExportError, match="does not look like a Wav2Lip generator"):
-        E.load_checkpoint(_save(tmp_path / "d.pth", syncnet))
+    with pytest.raises(C.ExportError, match="does not look like a Wav2Lip generator"):
+        C.load_checkpoint(_save(tmp_path / "d.pth", syncnet))
 
 
 def test_wrong_files_fail_clearly(checkpoint, tmp_path):
     txt = tmp_path / "readme.pth"
     txt.write_text("hello")
-    with pytest.raises(E.ExportError, match="readme.pth: not a readable PyTorch checkpoint"):
-        E.load_checkpoint(txt)
+    with pytest.raises(C.ExportError, match="readme.pth: not a readable PyTorch checkpoint"):
+        C.load_checkpoint(txt)
     cut = tmp_path / "cut.pth"
     cut.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 3])
-    with pytest.raises(E.ExportError, match="cut.pth: not a readable PyTorch checkpoint"):
-        E.load_checkpoint(cut)
+    with pytest.raises(C.ExportError, match="cut.pth: not a readable PyTorch checkpoint"):
+        C.load_checkpoint(cut)
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
-    with pytest.raises(E.ExportError, match="empty"):
-        E.load_checkpoint(empty)
-    with pytest.raises(E.ExportError, match="not found"):
-        E.load_checkpoint(tmp_path / "nope.pth")
+    with pytest.raises(C.ExportError, match="empty"):
+        C.load_checkpoint(empty)
+    with pytest.raises(C.ExportError, match="not found"):
+        C.load_checkpoint(tmp_path / "nope.pth")
     from argparse import Namespace as Obj
 
     torch.save({"state_dict": {}, "hparams": Obj(lr=1e-4)}, tmp_path / "pickled.pth")
-    with pytest.raises(E.ExportError, match="pickled.pth: the checkpoint holds Python objects"):
-        E.load_checkpoint(tmp_path / "pickled.pth")
+    with pytest.raises(C.ExportError, match="pickled.pth: the checkpoint holds Python objects"):
+        C.load_checkpoint(tmp_path / "pickled.pth")
     torch.save([1, 2, 3], tmp_path / "list.pth")
-    with pytest.raises(E.ExportError, match="expected a dict"):
-        E.load_checkpoint(tmp_path / "list.pth")
+    with pytest.raises(C.ExportError, match="expected a dict"):
+        C.load_checkpoint(tmp_path / "list.pth")
 
 
 def test_cli_exit_codes(tmp_path, capsys):

@@ -5,6 +5,7 @@
     scrfd.py      optional SCRFD face detector for the crop boxes
     crop.py       face boxes per template frame, the model's 96x96 crop, the paste back into the frame
     engine.py     OnnxEngine: the Engine interface (engines/base.py): crops -> model -> paste-back
+    checkpoint.py the published Wav2Lip network rebuilt in torch, a checkpoint loaded into it strictly
     export.py     `heygem-watch export-model`: checkpoint -> verified ONNX (needs the `export` extra)
     precision.py  fp16 / static int8 copies of an exported model (used by export.py)
 
