@@ -227,7 +227,7 @@ class Daemon(Ingest, Reload, Filing, DiskGuard):
 
     # -- housekeeping -----------------------------------------------------------------------------------------
     def retention(self) -> None:
-        from heygem_watch import template
+        from heygem_watch import template_cache
 
         for d in apply_retention(self.settings.var_dir, self.settings.retention_days):
             self.log.info("retention_removed", path=str(d))
@@ -237,12 +237,12 @@ class Daemon(Ingest, Reload, Filing, DiskGuard):
                 keep.add(self._template_fingerprint(t))
             except OSError:
                 pass
-        for d, size in template.prune_cache(self.settings.cache_dir, keep):
+        for d, size in template_cache.prune_cache(self.settings.cache_dir, keep):
             self.log.info("template_cache_pruned", path=str(d), freed_mb=round(size / 2**20, 1))
 
     def recover(self) -> None:
         """Start-up: re-queue tasks a crash left running, file recordings whose tasks all finished, drop partials."""
-        from heygem_watch import template
+        from heygem_watch import template_cache
 
         n = self.ledger.requeue_running()
         if n:
@@ -251,7 +251,7 @@ class Daemon(Ingest, Reload, Filing, DiskGuard):
         for p in self.settings.tmp_dir.rglob(".partial-*"):
             if farm_tmp not in p.parents:
                 p.unlink(missing_ok=True)
-        for d, size in template.remove_stale_work(self.settings.cache_dir):
+        for d, size in template_cache.remove_stale_work(self.settings.cache_dir):
             self.log.info("template_cache_leftover_removed", path=str(d), freed_mb=round(size / 2**20, 1))
         self.ledger.forget_fingerprints(os.path.exists)
         self.dispatcher.recover()

@@ -3,7 +3,8 @@
 The cache holds the decoded frames as raw yuv420p (so later renders read frames instead of decoding them, and can
 play the template backwards for ping-pong at no cost) and the face track (MediaPipe landmarks per frame). Its key is
 the file's content fingerprint: an edited template gets a new entry, an unchanged one is never analysed again,
-across recordings and restarts. A damaged entry is rebuilt.
+across recordings and restarts. A damaged entry is rebuilt. The entry folders themselves (where one lives, moving
+a finished analysis into place, pruning) are template_cache.py's.
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from heygem_watch import face
 from heygem_watch.ledger import fingerprint_file
 from heygem_watch.media import (DEFAULT_FPS, IMAGE_EXTENSIONS, MediaError, even_size, open_container,
                                 stream_fps)
+from heygem_watch.template_cache import entry_dir, install_entry, work_dir
 
 CACHE_VERSION = 2  # bump when the cached layout or the face analysis changes (2: prefix caches, "complete")
-CACHE_SUBDIR = "templates"  # entries: cache_root/templates/<first 32 characters of the fingerprint>/
 FRAMES_NAME = "frames.yuv"
 META_NAME = "meta.json"
 TRACK_NAME = "track.npz"
@@ -33,9 +34,6 @@ MAX_TEMPLATE_FRAMES = 30 * 60 * 10  # 10 minutes at 30 fps; longer templates are
 # frames analysed beyond those an output shows: the face track is smoothed over time (face.smooth_landmarks), so
 # the last shown frame gets the same smoothing as with the whole template analysed
 SMOOTH_MARGIN = 3
-# An entry holds the decoded frames (width x height x 1.5 bytes each: a minute of 1080p30 is 5.6 GB), so entries no
-# template needs any more (replaced, deleted, a one-off web upload) are pruned once unused this long.
-CACHE_UNUSED_S = 24 * 3600
 
 
 class TemplateError(MediaError):
@@ -107,7 +105,7 @@ def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=No
         fp = fingerprint_file(path)
     except OSError as exc:
         raise MediaError(path, f"cannot read the template ({exc.strerror or exc})") from None
-    cache_dir = _cache_dir(cache_root, fp)
+    cache_dir = entry_dir(cache_root, fp)
     tpl = _read_cache(path, fp, cache_dir)
     need = None
     if duration_s is not None:
@@ -127,7 +125,7 @@ def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=No
         if log:
             log.warning("template_cache_rebuild", template=path.name, cache=str(cache_dir))
         shutil.rmtree(cache_dir, ignore_errors=True)
-    tmp = cache_dir.with_name(cache_dir.name + f".tmp{os.getpid()}.{threading.get_ident()}")
+    tmp = work_dir(cache_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -141,7 +139,7 @@ def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=No
         np.savez(tmp / TRACK_NAME, landmarks=smoothed, face_found=found, raw=lms)
         meta.update(version=CACHE_VERSION, fingerprint=fp, source=str(path), analysis_s=time.monotonic() - t0)
         (tmp / META_NAME).write_text(json.dumps(meta))
-        _install(tmp, cache_dir, replace=tpl is not None)
+        install_entry(tmp, cache_dir, replace=tpl is not None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -153,94 +151,6 @@ def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=No
         log.info("template_analysed", template=path.name, frames=tpl.n_frames, complete=tpl.complete,
                  face_fraction=round(tpl.face_fraction, 3), seconds=round(tpl.analysis_s, 2))
     return tpl
-
-
-def _cache_dir(cache_root: os.PathLike | str, fp: str) -> Path:
-    return Path(cache_root) / CACHE_SUBDIR / fp[:32]
-
-
-def prune_cache(cache_root: os.PathLike | str, keep_fingerprints, unused_s: float = CACHE_UNUSED_S,
-                now: float | None = None) -> list[tuple[Path, int]]:
-    """Delete the cache entries of templates no kept fingerprint names that nothing has written or used (a cache
-    hit touches meta.json) for unused_s seconds; leftovers of interrupted analyses (<key>.tmp…, <key>.old…) go on
-    the same clock. Returns (folder, bytes freed) for each."""
-    keep = {_cache_dir(cache_root, str(f)).name for f in keep_fingerprints}
-    now = time.time() if now is None else now
-    removed: list[tuple[Path, int]] = []
-    for d in _entries(cache_root):
-        if not d.is_dir() or d.is_symlink() or d.name in keep:
-            continue
-        try:
-            last = max([d.stat().st_mtime] + [f.stat().st_mtime for f in d.iterdir() if f.is_file()])
-        except OSError:
-            continue
-        if now - last >= unused_s:
-            _remove_entry(d, removed)
-    return removed
-
-
-def remove_stale_work(cache_root: os.PathLike | str) -> list[tuple[Path, int]]:
-    """Start-up: delete half-written entries (<key>.tmp<pid>.<tid>/, <key>.old<pid>.<tid>/) whose process is gone
-    (a kill -9 during analysis leaves nearly a whole entry: GBs for 1080p). Those of live processes (the web
-    dashboard's face check, a `process` run) are left alone; our own pid counts as gone (a container restarts
-    with the same pids), so call it before this process analyses anything. Returns (folder, bytes freed)."""
-    import re
-
-    removed: list[tuple[Path, int]] = []
-    for d in _entries(cache_root):
-        m = re.fullmatch(r"[0-9a-f]+\.(?:tmp|old)(\d+)\.\d+", d.name)
-        if not m or not d.is_dir() or d.is_symlink() or _alive(int(m.group(1))):
-            continue
-        _remove_entry(d, removed)
-    return removed
-
-
-def _entries(cache_root: os.PathLike | str) -> list[Path]:
-    """Everything in the template cache folder (none when it is missing or unreadable)."""
-    try:
-        return list((Path(cache_root) / CACHE_SUBDIR).iterdir())
-    except OSError:
-        return []
-
-
-def _remove_entry(d: Path, removed: list[tuple[Path, int]]) -> None:
-    """Delete cache folder d; when it is gone, note (d, bytes its files held) in removed."""
-    try:
-        size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
-    except OSError:  # already going (another process pruning the same cache)
-        return
-    shutil.rmtree(d, ignore_errors=True)
-    if not d.exists():
-        removed.append((d, size))
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, another user's
-        return True
-    return True
-
-
-def _install(tmp: Path, cache_dir: Path, replace: bool) -> None:
-    """Move a finished analysis into place. A new entry: rename (another process finishing the same template
-    first wins). An extended one: the old entry is moved aside first (readers that still have its files open keep
-    reading them; the new frames file starts with the same bytes)."""
-    if replace:
-        old = cache_dir.with_name(cache_dir.name + f".old{os.getpid()}.{threading.get_ident()}")
-        try:
-            os.replace(cache_dir, old)
-        except OSError:
-            pass
-        shutil.rmtree(old, ignore_errors=True)
-    try:
-        os.replace(tmp, cache_dir)
-    except OSError:  # another process finished the same template first: use theirs
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _probe_fps(path: Path) -> Fraction:

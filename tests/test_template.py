@@ -11,7 +11,8 @@ import pytest
 from heygem_watch import face
 from heygem_watch.media import MediaError
 from heygem_watch.ledger import fingerprint_file
-from heygem_watch.template import CACHE_UNUSED_S, META_NAME, TemplateError, load_template, prune_cache
+from heygem_watch.template import META_NAME, TemplateError, load_template
+from heygem_watch.template_cache import CACHE_UNUSED_S, prune_cache
 from tests import mediagen
 
 
