@@ -87,3 +87,20 @@ def test_shipped_head_is_small_and_loads():
     before, after = head.context
     assert after > 0  # it looks ahead: the mouth moves before its sound
     assert head.meta.get("corpus")
+
+
+def test_a_head_fitted_on_other_encoder_layers_is_refused(tmp_path):
+    """Features from another encoder depth mean nothing to a head: a train-speech head from before the depth was
+    recorded (all 6 layers) and one from another depth are both refused by name; the shipped one matches."""
+    from heygem_watch.engines.builtin.whisper import ENCODER_LAYERS
+
+    assert load_head().meta["encoder_layers"] == ENCODER_LAYERS
+    head = random_head()
+    head.meta = {"whisper_sha256": "d01c", "compute_type": "int8"}  # what train-speech wrote before
+    head.save(tmp_path / "old.npz")
+    with pytest.raises(HeadError, match="old.npz: fitted on the features of 6 .*train-speech"):
+        load_head(tmp_path / "old.npz")
+    head.meta = {"encoder_layers": ENCODER_LAYERS + 1}
+    head.save(tmp_path / "deeper.npz")
+    with pytest.raises(HeadError, match="deeper.npz"):
+        load_head(tmp_path / "deeper.npz")

@@ -2,14 +2,15 @@
 
     model = read_model(data)                      variables in file order, their bytes not copied
     data = write_model(model)                     the same layout back: write_model(read_model(d)) == d
-    files = encoder_only(files)                   the Whisper model cut to its encoder (and a stub decoder)
+    files = encoder_only(files, layers=3)         the Whisper model cut to encoder blocks 0-2 (and a stub decoder)
 
 The speech front end runs Whisper's encoder only, but CTranslate2 loads, converts (float16 -> int8) and keeps the
 whole model: the decoder is 104 of its 145 MB and ~80 % of the load time. CTranslate2 builds a layer list from the
 variables present (layer_0, layer_1, ... up to the first missing one) and needs one decoder layer and an embedding
 table to build a Whisper model at all; so the stub keeps decoder layer 0 and the first STUB_TOKENS rows of the
 embedding (with a vocabulary of as many tokens). The encoder's weights are untouched: its output is bit-identical
-(tested).
+(tested). With `layers`, encoder blocks from that one on are dropped too (the same counting makes a shallower
+encoder; its final layer norm stays and normalises the last block kept).
 
 Layout (CTranslate2 binary version 6, little-endian): u32 version, str spec name, u32 revision, u32 count, then per
 variable: str name, u8 rank, u32 dims[rank], u8 dtype, u32 byte count, bytes; then u32 count of aliases, each two
@@ -118,12 +119,24 @@ def _stub_decoder(v: Variable) -> Variable | None:
     return v
 
 
-def encoder_only(files: dict[str, bytes]) -> dict[str, bytes]:
-    """{file: bytes} of a Whisper model for CTranslate2 -> the same model with a stub decoder (see module doc)."""
+def _encoder_block(name: str) -> int | None:
+    if not name.startswith("encoder/layer_"):
+        return None
+    number = name[len("encoder/layer_"):].split("/", 1)[0]
+    return int(number) if number.isdigit() else None  # encoder/layer_norm is not a block
+
+
+def encoder_only(files: dict[str, bytes], layers: int | None = None) -> dict[str, bytes]:
+    """{file: bytes} of a Whisper model for CTranslate2 -> the same model with a stub decoder (see module doc) and,
+    given `layers`, only encoder blocks 0 .. layers - 1."""
     model = read_model(files["model.bin"])
     if not any(v.name == EMBEDDING for v in model.variables):
         raise ModelFileError(f"model.bin ({model.spec}) has no {EMBEDDING}: not a Whisper model")
-    kept = tuple(k for k in (_stub_decoder(v) for v in model.variables) if k is not None)
+    blocks = {b for b in map(_encoder_block, (v.name for v in model.variables)) if b is not None}
+    if layers is not None and not 1 <= layers <= len(blocks):
+        raise ModelFileError(f"model.bin has {len(blocks)} encoder layers, cannot keep {layers}")
+    deep = lambda v: layers is not None and (_encoder_block(v.name) or 0) >= layers  # noqa: E731
+    kept = tuple(k for k in (_stub_decoder(v) for v in model.variables if not deep(v)) if k is not None)
     out = dict(files)
     out["model.bin"] = write_model(replace(model, variables=kept))
     tokens = files["vocabulary.txt"].decode("utf-8").splitlines()[:STUB_TOKENS]

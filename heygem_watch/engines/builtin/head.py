@@ -116,6 +116,13 @@ def load_head(path: os.PathLike | str | None = None) -> SpeechHead:
         raise HeadError(f"{path}: not a speech model from `heygem-watch train-speech` ({exc})") from None
     if meta.get("format") != FORMAT:
         raise HeadError(f"{path}: unknown speech model format {meta.get('format')!r} (want {FORMAT})")
+    from heygem_watch.engines.builtin.whisper import ENCODER_LAYERS
+
+    # heads from train-speech before encoder_layers was recorded were fitted on all 6 layers' features
+    layers = meta.get("encoder_layers", 6 if "whisper_sha256" in meta else ENCODER_LAYERS)
+    if layers != ENCODER_LAYERS:
+        raise HeadError(f"{path}: fitted on the features of {layers} Whisper encoder layers, this version computes "
+                        f"them from {ENCODER_LAYERS}: fit it again with `heygem-watch train-speech`")
     d, p = arrays["proj"].shape
     k, t = len(arrays["offsets"]), len(arrays["bias"])
     if arrays["mean"].shape != (d,) or arrays["scale"].shape != (d,) or arrays["weights"].shape != (k * p, t) \

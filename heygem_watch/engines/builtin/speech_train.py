@@ -86,8 +86,9 @@ def _manifest_speakers(d: Path) -> dict[Path, str]:
 
 
 def fingerprint(path: Path) -> str:
-    """Cache key: the file's content, the cache layout and the encoder's compute type (it changes the features)."""
-    h = hashlib.sha256(f"{CACHE_VERSION}/{whisper.COMPUTE_TYPE}".encode())
+    """Cache key: the file's content, the cache layout and the encoder's compute type and depth (they change the
+    features)."""
+    h = hashlib.sha256(f"{CACHE_VERSION}/{whisper.COMPUTE_TYPE}/{whisper.ENCODER_LAYERS}".encode())
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
@@ -332,7 +333,7 @@ def cli_train_speech(args) -> int:
             print("one speaker: no leave-speaker-out figure")
         meta = {"corpus": [Path(d).name for d in args.corpus], "speakers": len(speakers),  # no host paths
                 "leave_speaker_out": lso, "whisper_sha256": whisper.MODEL_SHA256,
-                "compute_type": whisper.COMPUTE_TYPE}
+                "compute_type": whisper.COMPUTE_TYPE, "encoder_layers": whisper.ENCODER_LAYERS}
         head = fit(clips, meta=meta)
         for d in getattr(args, "eval", None) or []:
             ev = evaluate(head, collect([Path(d)], cache, log=lambda *a: None))

