@@ -10,7 +10,9 @@ Prints:
   2. a head fitted on train + research (NOT shipped: research rights forbid it), each research speaker predicted by a
      head fitted without that speaker (leave-speaker-out), pooled over the research clips; same for the dev drivers
   3. own footage (--own TEMPLATE, default liveportrait_d6): the template's first 70 % fits a head, the last 25 %
-     (after a 1 s gap) is predicted by the shipped head, the own-footage head, and a head on train + own footage.
+     (after a 1 s gap) is predicted by the shipped head, the own-footage head, a head started from the shipped one
+     and fitted on the own footage (`train-speech --from shipped`, what an operator can run), and a head on
+     train + own footage (needs our corpus: an operator cannot run it).
 """
 from __future__ import annotations
 
@@ -106,6 +108,7 @@ def main() -> int:
               f"predict {OWN_TRAIN * end + OWN_GAP:.1f}-{end:.1f} s")
         report("shipped head", shipped, [test_part], enc, full=False)
         report("head on own footage only", T.fit([fit_part]), [test_part], enc, full=False)
+        report("head from shipped + own footage", T.fit_from(shipped, [fit_part]), [test_part], enc, full=False)
         report("head on train + own footage", T.fit(train + [fit_part] * 10), [test_part], enc, full=False)
     return 0
 

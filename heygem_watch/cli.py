@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep each clip's features and measured mouth here (re-runs skip them)")
     ts.add_argument("--eval", nargs="*", type=Path, default=[], metavar="DIR",
                     help="also report the fitted model's correlation on these folders (never trained on)")
+    ts.add_argument("--from", dest="from_head", default=None, metavar="HEAD",
+                    help="start from this model ('shipped' or a .npz from train-speech): keep its features and "
+                         "shrink toward its weights; for a presenter's own footage (default: fit from scratch)")
     web = sub.add_parser("web", help="the web dashboard (its own process, same ledger and folders)")
     web.add_argument("--host", default=None)
     web.add_argument("--port", type=int, default=None)

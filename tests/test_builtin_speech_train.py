@@ -2,6 +2,8 @@
 photo (tests/mediagen.py) whose mouth opens with the loudness of speech-like audio, two "speakers"."""
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -88,3 +90,75 @@ def test_the_engine_uses_a_trained_head(corpus, tmp_path, capsys):
     eng = create_engine("builtin", speech_model=out)
     assert eng.describe()["speech_model"] == "mine.npz"
     assert np.array_equal(eng.head.weights, load_head(out).weights)
+
+
+# ------------------------------------------------------------------ --from: own footage starting from a base head
+
+@pytest.fixture(scope="module")
+def clips(corpus, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("clips")
+    return [T.load_clip(p, s, None, cache) for p, s in T.find_clips([corpus])]
+
+
+def small_base(clips):
+    """A base head few enough weights (3 offsets x 6 components) that 2 clips determine a least-squares fit."""
+    return T.fit(clips[2:], offsets=(-1, 0, 1), pca_dim=6, meta={"speakers": 1})
+
+
+def design(head, clips):
+    """Stacked features in head's basis and targets of every frame with a face, as gram() sees them."""
+    b = T.head_basis(head)
+    xs, ys = [], []
+    for c in clips:
+        z = ((c.feats.astype(np.float64) - b.mean) / b.scale) @ b.proj
+        idx = np.clip(np.rint(c.times * T.whisper.FEATURE_RATE).astype(int), 0, len(z) - 1)
+        ok = np.isfinite(c.y).all(1)
+        xs.append(T._stack(z, idx[ok], head.offsets))
+        ys.append(c.y[ok].astype(np.float64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def test_a_huge_strength_keeps_the_base_weights_and_a_tiny_one_is_least_squares(clips):
+    base, own = small_base(clips), clips[:2]
+    far = T.fit_from(base, own, strength=1e12)
+    assert np.allclose(far.weights, base.weights, atol=1e-5)
+    x, y = design(base, own)
+    coef = np.linalg.lstsq(np.c_[x, np.ones(len(x))], y, rcond=None)[0]
+    near = T.fit_from(base, own, strength=1e-9)
+    assert np.allclose(near.weights, coef[:-1], rtol=1e-3, atol=1e-4 * np.abs(coef[:-1]).max())
+    assert np.allclose(near.bias, coef[-1], atol=1e-3)
+    assert not np.allclose(coef[:-1], base.weights, atol=1e-2)  # else the two checks above could not tell apart
+    # in between, the weights move from the base toward the own-footage fit as the strength falls
+    gaps = [np.abs(T.fit_from(base, own, strength=s).weights - base.weights).sum() for s in (1e5, 1e3, 10.0)]
+    assert gaps[0] < gaps[1] < gaps[2]
+    assert T.fit_from(base, own).meta["prior_strength"] == base.meta["frames"] / 1  # frames per base speaker
+
+
+def test_from_keeps_the_base_basis_and_records_it(corpus, tmp_path, capsys):
+    base_file, mine = tmp_path / "base.npz", tmp_path / "mine.npz"
+    assert cli.main(["train-speech", "--corpus", str(corpus / "ben"), "--out", str(base_file)]) == 0
+    assert cli.main(["train-speech", "--corpus", str(corpus / "anna"), "--out", str(mine),
+                     "--from", str(base_file)]) == 0
+    assert "started from base.npz" in capsys.readouterr().out
+    base, head = load_head(base_file), load_head(mine)
+    for k in ("mean", "scale", "proj", "offsets"):
+        assert np.array_equal(getattr(head, k), getattr(base, k)), k
+    assert not np.allclose(head.weights, base.weights)
+    origin = head.meta["started_from"]
+    assert origin["file"] == "base.npz" and origin["frames"] == base.meta["frames"]
+    assert origin["sha256"] == hashlib.sha256(base_file.read_bytes()).hexdigest()
+    assert head.meta["prior_strength"] == base.meta["frames"] / base.meta["speakers"]
+
+
+def test_from_shipped_end_to_end(corpus, tmp_path, capsys):
+    out = tmp_path / "presenter.npz"
+    assert cli.main(["train-speech", "--corpus", str(corpus / "anna"), "--out", str(out), "--from", "shipped"]) == 0
+    head, shipped = load_head(out), load_head(None)
+    assert head.meta["started_from"]["file"] == "shipped"
+    assert np.array_equal(head.proj, shipped.proj) and np.array_equal(head.offsets, shipped.offsets)
+    assert not np.allclose(head.weights, shipped.weights, atol=1e-4)  # the footage moved it
+    capsys.readouterr()
+    missing = tmp_path / "nope.npz"
+    rc = cli.main(["train-speech", "--corpus", str(corpus / "anna"), "--out", str(tmp_path / "x.npz"),
+                   "--from", str(missing)])
+    assert rc == 2 and "nope.npz" in capsys.readouterr().err and not (tmp_path / "x.npz").exists()

@@ -8,6 +8,7 @@ Targets are normalised per clip, so a head learns the shape of the movement, not
     open  = (gap - p5) / (p95 - p5)          0 shut .. 1 wide open for this speaker
     width = 2 (w - p5) / (p95 - p5) - 1      -1 narrow/rounded .. +1 spread
 Fit: ridge regression on standardised features, PCA_DIM principal components, OFFSETS of context (head.py).
+--from HEAD (own footage): keep HEAD's basis and shrink toward HEAD's weights instead of toward zero (fit_from).
 Leave-speaker-out: each speaker's clips predicted by a head fitted on all other speakers; pooled = the judges'
 pooled correlation (each clip z-scored, lag 0). Everything is deterministic (no random numbers).
 Speakers: column `speaker` of a MANIFEST.tsv in a corpus folder or one of its two parents (column `file`, relative
@@ -28,7 +29,7 @@ import numpy as np
 
 from heygem_watch.audio import ArrayTrack  # noqa: F401 - also speech_train.ArrayTrack for the benches
 from heygem_watch.engines.builtin import whisper
-from heygem_watch.engines.builtin.head import SpeechHead
+from heygem_watch.engines.builtin.head import SHIPPED, HeadError, SpeechHead, load_head
 
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".m4v")
 OFFSETS = tuple(range(-6, 9))  # encoder frames (20 ms) of context: 120 ms past .. 160 ms future
@@ -202,6 +203,11 @@ def basis(clips: list[Clip], pca_dim: int = PCA_DIM) -> Basis:
     return Basis(mean, scale, proj)
 
 
+def head_basis(head: SpeechHead) -> Basis:
+    """The basis a saved head was fitted in (its own standardisation and components, not recomputed)."""
+    return Basis(head.mean.astype(np.float64), head.scale.astype(np.float64), head.proj.astype(np.float64))
+
+
 def gram(b: Basis, clip: Clip, offsets=OFFSETS) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """Sufficient statistics of one clip's frames with a face: (X'X, X'y, sum X, sum y, n)."""
     z = ((clip.feats.astype(np.float64) - b.mean) / b.scale) @ b.proj
@@ -211,12 +217,18 @@ def gram(b: Basis, clip: Clip, offsets=OFFSETS) -> tuple[np.ndarray, np.ndarray,
     return x.T @ x, x.T @ y, x.sum(0), y.sum(0), len(x)
 
 
-def solve(b: Basis, stats, offsets=OFFSETS, ridge: float = RIDGE, meta: dict | None = None) -> SpeechHead:
-    """Ridge head from summed gram() statistics (centred, so the bias is not penalised)."""
+def solve(b: Basis, stats, offsets=OFFSETS, ridge: float = RIDGE, meta: dict | None = None,
+          prior: tuple[np.ndarray, float] | None = None) -> SpeechHead:
+    """Ridge head from summed gram() statistics (centred, so the bias is not penalised). prior (w0, strength):
+    minimise |y - Xw|^2 + strength |w - w0|^2 instead, i.e. shrink toward w0 rather than toward zero."""
     xx, xy, sx, sy, n = stats
     xm, ym = sx / n, sy / n
-    a = xx - n * np.outer(xm, xm) + ridge * n / 1e4 * np.eye(len(xm))
-    w = np.linalg.solve(a, xy - n * np.outer(xm, ym))
+    xx_c, xy_c = xx - n * np.outer(xm, xm), xy - n * np.outer(xm, ym)
+    if prior is None:
+        w = np.linalg.solve(xx_c + ridge * n / 1e4 * np.eye(len(xm)), xy_c)
+    else:
+        w0, strength = np.asarray(prior[0], np.float64), float(prior[1])
+        w = np.linalg.solve(xx_c + strength * np.eye(len(xm)), xy_c + strength * w0)
     return SpeechHead(b.mean.astype(np.float32), b.scale.astype(np.float32), b.proj.astype(np.float32),
                       np.asarray(offsets, np.int32), w.astype(np.float32), (ym - xm @ w).astype(np.float32),
                       TARGETS, dict(meta or {}, frames=int(n)))
@@ -235,6 +247,28 @@ def fit(clips: list[Clip], offsets=OFFSETS, pca_dim: int = PCA_DIM, ridge: float
     """A ridge head on these clips (frames with a face only)."""
     b = basis(clips, pca_dim)
     return solve(b, _sum(gram(b, c, offsets) for c in clips), offsets, ridge, dict(meta or {}, clips=len(clips)))
+
+
+def prior_strength(base: SpeechHead) -> float:
+    """How many frames of the operator's footage the base head's weights count as: its frames per speaker. Its
+    basis is whitened on its own corpus, so its X'X is about frames x I there; but a new speaker is not one of its
+    speakers, and what it knows about one is roughly one speaker's share of its frames, not all of them."""
+    frames, speakers = base.meta.get("frames"), base.meta.get("speakers")
+    if not frames or not speakers:
+        raise TrainError("the base speech model records no frames/speakers (not from `heygem-watch train-speech`)")
+    return float(frames) / float(speakers)
+
+
+def fit_from(base: SpeechHead, clips: list[Clip], strength: float | None = None,
+             meta: dict | None = None) -> SpeechHead:
+    """A head on these clips that starts from base: base's basis and offsets, ridge toward base's weights."""
+    if tuple(base.targets) != TARGETS:
+        raise TrainError(f"the base speech model predicts {base.targets}, not {TARGETS}")
+    strength = prior_strength(base) if strength is None else strength
+    b = head_basis(base)
+    stats = _sum(gram(b, c, base.offsets) for c in clips)
+    return solve(b, stats, base.offsets, meta=dict(meta or {}, clips=len(clips), prior_strength=strength),
+                 prior=(base.weights, strength))
 
 
 def predict_at_frames(head: SpeechHead, clip: Clip) -> np.ndarray:
@@ -274,15 +308,17 @@ def leave_speaker_out(clips: list[Clip], **kw) -> tuple[dict[str, float], list[t
     speakers = sorted({c.speaker for c in clips})
     if len(speakers) < 2:
         raise TrainError("leave-speaker-out needs clips of at least two speakers")
-    b = basis(clips, kw.get("pca_dim", PCA_DIM))
-    offsets = kw.get("offsets", OFFSETS)
+    base = kw.get("base")  # --from: every fold starts from the base head, as the final fit does
+    b = head_basis(base) if base else basis(clips, kw.get("pca_dim", PCA_DIM))
+    offsets = base.offsets if base else kw.get("offsets", OFFSETS)
+    prior = (base.weights, prior_strength(base)) if base else None
     per = {s: _sum(gram(b, c, offsets) for c in clips if c.speaker == s) for s in speakers}
     total = _sum(per.values())
     pairs_o, pairs_w, rows = [], [], []
     for s in speakers:
         test = [c for c in clips if c.speaker == s]
         rest = tuple(t - p for t, p in zip(total, per[s]))
-        head = solve(b, rest, offsets, kw.get("ridge", RIDGE))
+        head = solve(b, rest, offsets, kw.get("ridge", RIDGE), prior=prior)
         preds = [predict_at_frames(head, c) for c in test]
         po = [(p[:, 0], c.raw_open) for p, c in zip(preds, test)]
         pairs_o += po
@@ -315,16 +351,27 @@ def collect(dirs: list[Path], cache: Path | None, log=print) -> list[Clip]:
     return clips
 
 
+def load_base(spec: str | None) -> tuple[SpeechHead | None, dict]:
+    """--from: (the base head or None, its provenance for the new head's meta: name and content, no host path)."""
+    if not spec:
+        return None, {}
+    path = SHIPPED if spec == "shipped" else Path(spec)
+    base = load_head(path)
+    return base, {"file": "shipped" if spec == "shipped" else path.name, "frames": base.meta.get("frames"),
+                  "speakers": base.meta.get("speakers"), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
 def cli_train_speech(args) -> int:
-    """train-speech --corpus DIR... --out FILE [--cache DIR] [--eval DIR...]"""
+    """train-speech --corpus DIR... --out FILE [--cache DIR] [--eval DIR...] [--from shipped|FILE]"""
     cache = Path(args.cache) if getattr(args, "cache", None) else None
     try:
+        base, origin = load_base(getattr(args, "from_head", None))  # before the long read: a bad name fails fast
         clips = collect([Path(d) for d in args.corpus], cache)
         frames = sum(int(np.isfinite(c.y).all(1).sum()) for c in clips)
         speakers = sorted({c.speaker for c in clips})
         print(f"training on {len(clips)} clips, {len(speakers)} speakers, {frames} frames with a face")
         if len(speakers) >= 2:
-            lso, rows = leave_speaker_out(clips)
+            lso, rows = leave_speaker_out(clips, base=base)
             print(f"leave-speaker-out pooled correlation: open {lso['open']:.3f}, width {lso['width']:.3f}")
             for s, n, r in rows:
                 print(f"  {s:40s} {n:4d} clips  open {r:+.3f}")
@@ -334,11 +381,16 @@ def cli_train_speech(args) -> int:
         meta = {"corpus": [Path(d).name for d in args.corpus], "speakers": len(speakers),  # no host paths
                 "leave_speaker_out": lso, "whisper_sha256": whisper.MODEL_SHA256,
                 "compute_type": whisper.COMPUTE_TYPE, "encoder_layers": whisper.ENCODER_LAYERS}
-        head = fit(clips, meta=meta)
+        if base is None:
+            head = fit(clips, meta=meta)
+        else:
+            head = fit_from(base, clips, meta=dict(meta, started_from=origin))
+            print(f"started from {origin['file']}: its basis, shrunk toward its weights "
+                  f"(as strong as {head.meta['prior_strength']:.0f} frames of this footage)")
         for d in getattr(args, "eval", None) or []:
             ev = evaluate(head, collect([Path(d)], cache, log=lambda *a: None))
             print(f"on {d}: pooled correlation open {ev['open']:.3f}, width {ev['width']:.3f}")
-    except (TrainError, whisper.WhisperModelError) as exc:
+    except (TrainError, HeadError, whisper.WhisperModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
