@@ -134,3 +134,30 @@ def test_a_mouth_drawn_narrower_than_its_source_hides_its_teeth_instead_of_squee
             assert abs(face.mouth_openness(lm_out) - gap) < 0.03
             # the teeth keep their height under the upper lip (the lower lip covers the rest), not squashed flat
             assert _teeth_rows(out, lm_out) >= 0.7 * teeth
+
+
+def test_a_mouth_drawn_wider_than_its_source_gains_no_black_corners(photo):
+    # a source frame whose open mouth shows its tongue (no dark interior at all), drawn a little less open and
+    # wider (a wanted width): its inner corners used to fill with hard-edged black diamonds of synthetic cavity
+    import cv2
+
+    img, lm = photo
+    with face.FaceMesh(static_image=True) as mesh:
+        opened = img.copy()
+        compose.compose_mouth(opened, lm, opened, lm, compose.MouthRig.from_shape(lm), 0.25, None, np.zeros(3))
+        lm_open = mesh.detect(opened).astype(np.float64)
+        inside = np.zeros(img.shape[:2], np.uint8)
+        cv2.fillPoly(inside, [np.round(lm_open[face.LIPS_INNER]).astype(np.int32)], 1)
+        src = opened.copy()
+        src[cv2.dilate(inside, np.ones((3, 3), np.uint8)) > 0] = (110, 105, 185)  # the tongue, pink
+        gap = float(face.mouth_openness(lm_open))
+        width = float(np.linalg.norm(lm_open[291] - lm_open[61]) / face.inter_ocular(lm_open))
+        out = img.copy()
+        compose.compose_mouth(out, lm, lambda r: _crop(src, r), lm_open, compose.MouthRig.from_shape(lm), gap - 0.03,
+                              1.12 * width, np.zeros(3))
+        lm_out = mesh.detect(out).astype(np.float64)
+    assert face.mouth_openness(lm_out) > 0.15
+    mouth = np.zeros(img.shape[:2], np.uint8)
+    cv2.fillPoly(mouth, [np.round(lm_out[face.LIPS_INNER]).astype(np.int32)], 1)
+    luma = cv2.cvtColor(out, cv2.COLOR_BGR2GRAY)[mouth > 0]
+    assert (luma < 60).sum() <= 3, int((luma < 60).sum())  # the source's darkest mouth pixel is far brighter

@@ -37,3 +37,41 @@ def test_soften_seam_blurs_only_a_narrow_band_along_the_meeting_line():
     untouched = before.copy()
     interior.soften_seam(untouched, (100, 50, 60, 40), line, 100.0, 0.0)
     assert np.array_equal(untouched, before)
+
+
+def _contour(cx: float, cy: float, half_w: float, half_h: float) -> np.ndarray:
+    """An inner-lip contour (20, 2 pixels) in face.LIPS_INNER order: left corner, upper lip left to right, right
+    corner, lower lip right to left."""
+    t = np.linspace(np.pi, 0.0, 11)
+    upper = np.stack([cx + half_w * np.cos(t), cy - half_h * np.sin(t)], 1)
+    lower = np.stack([cx + half_w * np.cos(t), cy + half_h * np.sin(t)], 1)
+    return np.vstack([upper, lower[-2:0:-1]])
+
+
+def test_split_interior_reads_the_source_corner_at_the_drawn_corner():
+    # a drawn mouth wider than its source: its inner corners lie where the source's lips are shut. They must read
+    # the source's own corners (alpha 1: no cavity), not be left to the synthetic cavity's darkest shade (the black
+    # diamonds at the corners of an open mouth)
+    import cv2
+
+    head = (np.array([0.0, 0.0]), np.eye(2), 100.0)
+    src_inner = _contour(100.0, 60.0, 30.0, 14.0)
+    rect = (50, 30, 100, 60)
+    src = np.full((200, 200, 3), 150, np.uint8)
+    inside = np.zeros(rect[:1:-1], np.uint8)
+
+    def drawn_inside(inner):
+        inside[:] = 0
+        cv2.fillPoly(inside, [np.round(inner - rect[:2]).astype(np.int32)], 1)
+        return cv2.erode(inside, np.ones((3, 3), np.uint8)) > 0
+
+    narrower_and_wider = _contour(100.0, 60.0, 36.0, 12.0)
+    _, alpha = interior.split_interior(rect, head, narrower_and_wider, src_inner, np.eye(2, 3), src)
+    assert alpha[drawn_inside(narrower_and_wider)].min() > 0.95
+    # drawn open wider than the source: each lip keeps what lay within the source's half gap of it, and the new
+    # gap between them is still left to the cavity
+    taller = _contour(100.0, 60.0, 36.0, 24.0)
+    _, alpha = interior.split_interior(rect, head, taller, src_inner, np.eye(2, 3), src)
+    column = alpha[:, 100 - rect[0]]
+    assert column[60 - 24 + 4 - rect[1]] > 0.95 and column[60 + 24 - 4 - rect[1]] > 0.95
+    assert column[60 - rect[1]] < 0.05

@@ -24,6 +24,7 @@ SEAL_RAMP = 0.04  # ... in full once the mouth closes by this much (iod units) o
 SEAL_OPEN = 0.03  # ... and only for drawn openings below this (iod units), in full when shut
 SEAM_BAND = 0.02  # where sealed lips meet, a band this wide (iod units) ...
 SEAM_SOFT_PX = 0.8  # ... is blurred this much (Gaussian sigma, pixels): no staircase edge
+MIN_CORNER_SPAN = 0.05  # inner corners closer than this (iod units) cannot be matched drawn to source
 
 
 def cavity(rect, head, inner: np.ndarray, open_px: float, iod: float, light: float, teeth_bgr,
@@ -70,6 +71,7 @@ def cavity(rect, head, inner: np.ndarray, open_px: float, iod: float, light: flo
 # positions of the upper / lower inner lip (corner to corner) within face.LIPS_INNER
 LIPS_INNER_UPPER = [face.LIPS_INNER.index(k) for k in [78] + UPPER_INNER + [308]]
 LIPS_INNER_LOWER = [face.LIPS_INNER.index(k) for k in [78] + LOWER_INNER + [308]]
+_CORNER_L, _CORNER_R = face.LIPS_INNER.index(78), face.LIPS_INNER.index(308)
 
 
 def _head_uv(xs, ys, origin, rot, iod: float) -> tuple:
@@ -85,31 +87,46 @@ def _lip_line(pts: np.ndarray, sel, origin, rot, iod: float) -> np.ndarray:
     return q[np.argsort(q[:, 0])]
 
 
+def _corners_u(pts: np.ndarray, origin, rot, iod: float) -> tuple[float, float]:
+    """Head-frame u (iod units) of the two inner mouth corners (78, 308) of an inner-lip contour in LIPS_INNER order."""
+    q = (pts[[_CORNER_L, _CORNER_R]] - origin) @ rot.T / iod
+    return float(q[0, 0]), float(q[1, 0])
+
+
 def split_interior(rect, head, inner: np.ndarray, src_inner: np.ndarray, to_src: np.ndarray, src_img):
     """The source's mouth interior re-attached to the drawn lips over rect: (image (h, w, 3) float32, alpha).
 
     inner: drawn inner-lip contour, src_inner: the source's inner-lip contour mapped into this frame (both in
     face.LIPS_INNER order, pixels); to_src: 2x3 affine from this frame to source pixels; src_img: array or
     callable (x0, y0, w, h) -> crop. A pixel within half the source's gap of the drawn upper lip shows what lay
-    that far below the source's upper lip (its upper teeth), likewise from the lower lip; alpha is 0 in the new
+    that far below the source's upper lip (its upper teeth), likewise from the lower lip, at the same place
+    between the inner corners (drawn corner to source corner, whatever the drawn width); alpha is 0 in the new
     gap between the two, where the caller paints the cavity."""
     x0, y0, w, h = rect
     origin, rot, iod = head
     ys, xs = np.mgrid[y0:y0 + h, x0:x0 + w].astype(np.float32)
     u, v = _head_uv(xs, ys, origin, rot, iod)
 
-    def curve(pts, sel):
-        return np.interp(u, *_lip_line(pts, sel, origin, rot, iod).T)
+    def curve(pts, sel, at):
+        return np.interp(at, *_lip_line(pts, sel, origin, rot, iod).T)
 
-    up_t, lo_t = curve(inner, LIPS_INNER_UPPER), curve(inner, LIPS_INNER_LOWER)
-    up_s, lo_s = curve(src_inner, LIPS_INNER_UPPER), curve(src_inner, LIPS_INNER_LOWER)
+    # The drawn mouth is rarely exactly as wide as the source's (a wanted width, lips moved to a new opening), so
+    # its inner corners are matched to the source's: read at the same u, a drawn corner reaching past the source's
+    # lies where the source's lips are shut (half gap 0), no lip claims it, and the cavity's darkest shade fills
+    # it with a hard-edged black diamond
+    ct, cs = _corners_u(inner, origin, rot, iod), _corners_u(src_inner, origin, rot, iod)
+    us = u
+    if min(ct[1] - ct[0], cs[1] - cs[0]) > MIN_CORNER_SPAN:  # (a collapsed contour: read at the same u)
+        us = cs[0] + (u - ct[0]) * ((cs[1] - cs[0]) / (ct[1] - ct[0]))
+    up_t, lo_t = curve(inner, LIPS_INNER_UPPER, u), curve(inner, LIPS_INNER_LOWER, u)
+    up_s, lo_s = curve(src_inner, LIPS_INNER_UPPER, us), curve(src_inner, LIPS_INNER_LOWER, us)
     half = 0.5 * np.maximum(lo_s - up_s, 0.0)
     du, dl = v - up_t, lo_t - v
     take_up = du <= half
     take_lo = (dl <= half) & ~take_up
     vs = np.where(take_up, up_s + du, lo_s - dl).astype(np.float32)
-    px = origin[0] + iod * (u * rot[0, 0] + vs * rot[1, 0])
-    py = origin[1] + iod * (u * rot[0, 1] + vs * rot[1, 1])
+    px = origin[0] + iod * (us * rot[0, 0] + vs * rot[1, 0])
+    py = origin[1] + iod * (us * rot[0, 1] + vs * rot[1, 1])
     mx = (to_src[0, 0] * px + to_src[0, 1] * py + to_src[0, 2]).astype(np.float32)
     my = (to_src[1, 0] * px + to_src[1, 1] * py + to_src[1, 2]).astype(np.float32)
     if callable(src_img):
