@@ -75,3 +75,36 @@ def test_split_interior_reads_the_source_corner_at_the_drawn_corner():
     column = alpha[:, 100 - rect[0]]
     assert column[60 - 24 + 4 - rect[1]] > 0.95 and column[60 + 24 - 4 - rect[1]] > 0.95
     assert column[60 - rect[1]] < 0.05
+
+
+def test_split_interior_joins_its_halves_without_a_step():
+    # a mouth drawn less open than its source leaves out a strip of the source's interior between the upper and
+    # lower halves; cut hard, a smooth interior (here dark under the upper lip, lighter towards the tongue) shows a
+    # horizontal edge along the join. Cross-faded, no row-to-row step is much more than the gradient's own
+    head = (np.array([0.0, 0.0]), np.eye(2), 100.0)
+    src_inner = _contour(100.0, 60.0, 30.0, 14.0)
+    rect = (50, 30, 100, 60)
+    ramp = np.clip(40.0 + (np.arange(200) - 46.0) * (160.0 / 28.0), 40.0, 200.0)  # 5.7 per row between the lips
+    src = np.repeat(np.repeat(ramp[:, None, None], 200, 1), 3, 2).astype(np.float32)
+    shorter = _contour(100.0, 60.0, 30.0, 8.0)
+    img, alpha = interior.split_interior(rect, head, shorter, src_inner, np.eye(2, 3), src)
+    col = img[60 - 7 - rect[1]:60 + 8 - rect[1], 100 - rect[0], 0]
+    assert alpha[60 - 7 - rect[1]:60 + 8 - rect[1], 100 - rect[0]].min() > 0.95
+    assert np.abs(np.diff(col)).max() < 30.0  # old: a single step of ~75 (12 rows of the ramp left out)
+    assert col[-1] - col[0] > 60.0  # still dark at the top, light at the bottom: the halves are kept
+
+
+def test_split_interior_bridges_a_gap_barely_wider_than_the_source():
+    # drawn a pixel more open than its source (teeth meeting), the new gap between the halves is too thin to show
+    # as anything but a dark line across the teeth: both halves reach across it, no cavity
+    head = (np.array([0.0, 0.0]), np.eye(2), 100.0)
+    src_inner = _contour(100.0, 60.0, 30.0, 6.0)
+    rect = (50, 30, 100, 60)
+    src = np.full((200, 200, 3), 210, np.uint8)
+    wider = _contour(100.0, 60.0, 30.0, 6.5)
+    _, alpha = interior.split_interior(rect, head, wider, src_inner, np.eye(2, 3), src)
+    assert alpha[60 - 5 - rect[1]:60 + 6 - rect[1], 85 - rect[0]:116 - rect[0]].min() > 0.9  # old: 0.34
+    # a clearly open new gap still goes to the cavity
+    tall = _contour(100.0, 60.0, 30.0, 14.0)
+    _, alpha = interior.split_interior(rect, head, tall, src_inner, np.eye(2, 3), src)
+    assert alpha[60 - rect[1], 100 - rect[0]] < 0.05

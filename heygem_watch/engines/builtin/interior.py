@@ -24,6 +24,9 @@ SEAL_RAMP = 0.04  # ... in full once the mouth closes by this much (iod units) o
 SEAL_OPEN = 0.03  # ... and only for drawn openings below this (iod units), in full when shut
 SEAM_BAND = 0.02  # where sealed lips meet, a band this wide (iod units) ...
 SEAM_SOFT_PX = 0.8  # ... is blurred this much (Gaussian sigma, pixels): no staircase edge
+JOIN_BRIDGE_PX = 1.0  # each half of the source interior reaches this far past the source's middle (pixels) ...
+JOIN_RAMP_PX = 1.5  # ... and a new gap beyond both reaches turns to cavity over this distance (pixels)
+JOIN_BAND = 0.05  # where the halves overlap they are cross-faded over at most this much (iod units)
 MIN_CORNER_SPAN = 0.05  # inner corners closer than this (iod units) cannot be matched drawn to source
 
 
@@ -101,7 +104,8 @@ def split_interior(rect, head, inner: np.ndarray, src_inner: np.ndarray, to_src:
     callable (x0, y0, w, h) -> crop. A pixel within half the source's gap of the drawn upper lip shows what lay
     that far below the source's upper lip (its upper teeth), likewise from the lower lip, at the same place
     between the inner corners (drawn corner to source corner, whatever the drawn width); alpha is 0 in the new
-    gap between the two, where the caller paints the cavity."""
+    gap between the two, where the caller paints the cavity (a gap under 2 * JOIN_BRIDGE_PX is bridged instead), and
+    where the halves overlap (a mouth drawn less open) they are cross-faded."""
     x0, y0, w, h = rect
     origin, rot, iod = head
     ys, xs = np.mgrid[y0:y0 + h, x0:x0 + w].astype(np.float32)
@@ -121,22 +125,41 @@ def split_interior(rect, head, inner: np.ndarray, src_inner: np.ndarray, to_src:
     up_t, lo_t = curve(inner, LIPS_INNER_UPPER, u), curve(inner, LIPS_INNER_LOWER, u)
     up_s, lo_s = curve(src_inner, LIPS_INNER_UPPER, us), curve(src_inner, LIPS_INNER_LOWER, us)
     half = 0.5 * np.maximum(lo_s - up_s, 0.0)
+    # each half reaches a little past the source's middle (never past its other lip): a drawn gap barely wider
+    # than the source's is bridged by both halves instead of leaving a one-pixel strip of cavity, a dark line
+    # across the teeth; a wider new gap fades its cavity in over JOIN_RAMP_PX rather than appearing at full
+    # strength. In pixels: the line is a matter of resolution, a gap of a few pixels on a large face is a real one
+    reach = half + np.minimum(JOIN_BRIDGE_PX / iod, half)
     du, dl = v - up_t, lo_t - v
-    take_up = du <= half
-    take_lo = (dl <= half) & ~take_up
-    vs = np.where(take_up, up_s + du, lo_s - dl).astype(np.float32)
-    px = origin[0] + iod * (us * rot[0, 0] + vs * rot[1, 0])
-    py = origin[1] + iod * (us * rot[0, 1] + vs * rot[1, 1])
-    mx = (to_src[0, 0] * px + to_src[0, 1] * py + to_src[0, 2]).astype(np.float32)
-    my = (to_src[1, 0] * px + to_src[1, 1] * py + to_src[1, 2]).astype(np.float32)
+    a, b = reach - du, reach - dl  # >= 0: within the upper / lower half's reach
+    # where the two reaches overlap (a mouth drawn less open than its source) the halves are cross-faded over up
+    # to JOIN_BAND just above the upper half's limit: the source's strip between them is left out, and a hard cut
+    # would put e.g. its dark middle straight against its tongue; the upper teeth above the band stay untouched
+    band = np.clip(2.0 * reach - (lo_t - up_t), 1e-6, JOIN_BAND)
+    t = np.clip((du - (reach - band)) / band, 0.0, 1.0)
+    w_lo = np.where(a < 0, 1.0, np.where(b < 0, 0.0, t * t * (3.0 - 2.0 * t)))
+    vs_up = (up_s + np.minimum(du, reach)).astype(np.float32)
+    vs_lo = (lo_s - np.minimum(dl, reach)).astype(np.float32)
+    maps = []
+    for vs in (vs_up, vs_lo):
+        px = origin[0] + iod * (us * rot[0, 0] + vs * rot[1, 0])
+        py = origin[1] + iod * (us * rot[0, 1] + vs * rot[1, 1])
+        maps.append(((to_src[0, 0] * px + to_src[0, 1] * py + to_src[0, 2]).astype(np.float32),
+                     (to_src[1, 0] * px + to_src[1, 1] * py + to_src[1, 2]).astype(np.float32)))
     if callable(src_img):
-        sx0, sy0 = max(0, int(mx.min()) - 2) & ~1, max(0, int(my.min()) - 2) & ~1
-        crop = src_img((sx0, sy0, int(mx.max()) + 3 - sx0, int(my.max()) + 3 - sy0))
-        mx, my = mx - sx0, my - sy0
+        sx0 = max(0, int(min(m[0].min() for m in maps)) - 2) & ~1
+        sy0 = max(0, int(min(m[1].min() for m in maps)) - 2) & ~1
+        sx1, sy1 = int(max(m[0].max() for m in maps)) + 3, int(max(m[1].max() for m in maps)) + 3
+        crop = src_img((sx0, sy0, sx1 - sx0, sy1 - sy0))
+        maps = [(mx - sx0, my - sy0) for mx, my in maps]
     else:
         crop = src_img
-    img = cv2.remap(crop, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT).astype(np.float32)
-    alpha = cv2.GaussianBlur((take_up | take_lo).astype(np.float32), (0, 0), max(0.6, 0.005 * iod))
+    up_img, lo_img = (cv2.remap(crop, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT).astype(np.float32)
+                      for mx, my in maps)
+    mix = w_lo.astype(np.float32)[..., None]
+    img = up_img + (lo_img - up_img) * mix
+    alpha = np.clip(1.0 + np.maximum(a, b) * (iod / JOIN_RAMP_PX), 0.0, 1.0).astype(np.float32)
+    alpha = cv2.GaussianBlur(alpha, (0, 0), max(0.6, 0.005 * iod))
     return img, alpha
 
 
