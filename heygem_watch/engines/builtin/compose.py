@@ -27,8 +27,8 @@ from heygem_watch.engines.builtin.interior import (LIPS_INNER_UPPER, SEAL_OPEN, 
                                                    soften_seam, split_interior)
 from heygem_watch.engines.builtin.mouth import (CORNERS, LOWER_INNER, LOWER_OUTER, UPPER_INNER, UPPER_OUTER, apply_affine,
                                                 head_frame, similarity)
-from heygem_watch.engines.builtin.warp import (crop_rect, delaunay, exact_within, grid, mesh_labels, piecewise_map,
-                                               upsample)
+from heygem_watch.engines.builtin.warp import (affine_table, crop_rect, delaunay, exact_within, grid, mesh_labels,
+                                               piecewise_map, upsample)
 
 # Mesh points: lips, jaw line, chin and cheeks below the nose (MediaPipe indices); the upper ones are anchors.
 CHEEK_CHIN = [18, 200, 199, 175, 57, 287, 212, 432, 202, 422, 204, 424, 210, 430, 83, 313, 201, 421]
@@ -241,7 +241,8 @@ def compose_mouth(cur_img: np.ndarray, cur_lm: np.ndarray, src_img, src_lm: np.n
     sl = (slice(my0 - y0, my1 - y0), slice(mx0 - x0, mx1 - x0))
     label = mesh_labels(dst, rig.tris, rect, step)
     bsrc = np.vstack([seal_lips(cur_px, open_t)[_IDX], box_cur])
-    bmx, bmy = piecewise_map(dst, bsrc, rig.tris, label, rect, step)
+    btable = affine_table(dst, bsrc, rig.tris)  # each of the frame's two point pairs: one table for all its maps
+    bmx, bmy = piecewise_map(dst, bsrc, rig.tris, label, rect, step, btable)
     # around the lips' meeting line the map jumps from the upper lip to the lower one: upsampled from a coarse
     # grid it would sample in between (the mouth interior) along a staircase; there it is computed per pixel
     lips_box, exact_labels = None, {}
@@ -250,19 +251,20 @@ def compose_mouth(cur_img: np.ndarray, cur_lm: np.ndarray, src_img, src_lm: np.n
         lx0, ly0 = np.floor(inner.min(0)).astype(int) - pad
         lx1, ly1 = np.ceil(inner.max(0)).astype(int) + pad
         lips_box = (int(lx0), int(ly0), int(lx1 - lx0), int(ly1 - ly0))
-        exact_within(bmx, bmy, rect, lips_box, dst, bsrc, rig.tris, exact_labels)
+        exact_within(bmx, bmy, rect, lips_box, dst, bsrc, rig.tris, exact_labels, btable)
     bg = cv2.remap(cur_img, bmx, bmy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     bgf = bg[sl].astype(np.float32)
     if same:
         fgf = bgf.copy()
     else:
         src_pts = np.vstack([seal_lips(src_px, open_t)[_IDX], apply_affine(_inverse_similarity(a), box_cur)])
+        ftable = affine_table(dst, src_pts, rig.tris)
         if step == 1:  # only the mouth rect is needed
-            fmx, fmy = piecewise_map(dst, src_pts, rig.tris, label[sl], mrect, 1)
+            fmx, fmy = piecewise_map(dst, src_pts, rig.tris, label[sl], mrect, 1, ftable)
         else:
-            fmx, fmy = piecewise_map(dst, src_pts, rig.tris, label, rect, step)
+            fmx, fmy = piecewise_map(dst, src_pts, rig.tris, label, rect, step, ftable)
             fmx, fmy = fmx[sl], fmy[sl]
-            exact_within(fmx, fmy, mrect, lips_box, dst, src_pts, rig.tris, exact_labels)
+            exact_within(fmx, fmy, mrect, lips_box, dst, src_pts, rig.tris, exact_labels, ftable)
         if callable(src_img):  # read only the source pixels the map touches
             sx0, sy0 = max(0, int(fmx.min()) - 2) & ~1, max(0, int(fmy.min()) - 2) & ~1
             sx1, sy1 = int(fmx.max()) + 3, int(fmy.max()) + 3
@@ -315,10 +317,15 @@ def compose_mouth(cur_img: np.ndarray, cur_lm: np.ndarray, src_img, src_lm: np.n
             img = real * ra[..., None] + img * (1.0 - ra[..., None])
             alpha *= fill
             fgf[isl] += (img - fgf[isl]) * alpha[..., None]
-    res = bgf + (fgf - bgf) * mask[..., None]
+    # bgf + (fgf - bgf) * mask, in place in fgf (no longer needed): the same float32 operations, no temporaries
+    res = fgf
+    res -= bgf
+    res *= mask[..., None]
+    res += bgf
     seal = max(seal_amount(cur_gap, open_t), 0.0 if same else seal_amount(src_gap, open_t))
     if seal > 0.0:
         soften_seam(res, mrect, inner[LIPS_INNER_UPPER], iod, seal)
-    bg[sl] = np.clip(res + 0.5, 0, 255).astype(np.uint8)
+    res += 0.5
+    bg[sl] = np.clip(res, 0, 255, out=res).astype(np.uint8)
     cur_img[y0:y0 + h, x0:x0 + w] = bg
     return cur_img

@@ -3,7 +3,8 @@ another (cv2.remap maps), planned on a grid coarser than the pixels where that i
 
     tris = delaunay(points)                                   triangles (t, 3) of a point set
     label = mesh_labels(dst, tris, rect, step)                which triangle covers each grid sample of rect
-    mx, my = piecewise_map(dst, src, tris, label, rect, step) backward map over rect for cv2.remap
+    table = affine_table(dst, src, tris)                       per-triangle affines, shared by a frame's maps
+    mx, my = piecewise_map(dst, src, tris, label, rect, step, table) backward map over rect for cv2.remap
     exact_within(mx, my, rect, box, dst, src, tris)           the same map per pixel inside box (discontinuities)
 """
 from __future__ import annotations
@@ -88,34 +89,56 @@ def mesh_labels(dst: np.ndarray, tris: np.ndarray, rect: tuple[int, int, int, in
     tp = pts[tris]  # (t, 3, 2), 1/16 grid units
     inside = ((tp[..., 0].max(1) >= -16) & (tp[..., 0].min(1) <= cw * 16)
               & (tp[..., 1].max(1) >= -16) & (tp[..., 1].min(1) <= ch * 16))
-    for t in np.argsort(area, kind="stable"):
-        if inside[t]:
-            cv2.fillConvexPoly(label, tp[t], int(t), lineType=cv2.LINE_8, shift=4)
+    order = np.argsort(area, kind="stable")
+    for t in order[inside[order]].tolist():
+        cv2.fillConvexPoly(label, tp[t], t, lineType=cv2.LINE_8, shift=4)
     return label
 
 
-def piecewise_map(dst: np.ndarray, src: np.ndarray, tris: np.ndarray, label: np.ndarray, rect, step: int = 1
-                  ) -> tuple:
+def affine_table(dst: np.ndarray, src: np.ndarray, tris: np.ndarray) -> np.ndarray:
+    """(6, t + 1) float32 coefficients of each triangle's affine (dst -> src), coefficient-major so one row is one
+    coefficient for every triangle; the last column is the identity (label len(tris): outside the mesh). A frame
+    reuses it for its coarse and per-pixel maps with the same points."""
+    table = np.zeros((6, len(tris) + 1), np.float32)
+    table[:, :-1] = _tri_affines(dst, src, tris).reshape(-1, 6).T
+    table[:, -1] = (1, 0, 0, 0, 1, 0)
+    return table
+
+
+def piecewise_map(dst: np.ndarray, src: np.ndarray, tris: np.ndarray, label: np.ndarray, rect, step: int = 1,
+                  table: np.ndarray | None = None) -> tuple:
     """Backward map for cv2.remap over rect=(x0, y0, w, h): pixel p (inside the mesh drawn at dst, as labelled)
     samples the source at the piecewise-affine image of p; outside the mesh the map is the identity. Computed on
     the coarse grid and upsampled: the map is continuous and piecewise linear, so bilinear upsampling is exact
-    inside triangles and off by a fraction of a pixel at their edges."""
+    inside triangles and off by a fraction of a pixel at their edges. table: affine_table(dst, src, tris) when the
+    caller has it."""
     xs, ys, _, _ = grid(rect, step)
-    m = _tri_affines(dst, src, tris)
-    table = np.zeros((6, len(tris) + 1), np.float32)  # coefficient-major: one gather fetches all six
-    table[:, :-1] = m.reshape(-1, 6).T
-    table[:, -1] = (1, 0, 0, 0, 1, 0)
-    c = table[:, label]
-    mx = c[0] * xs + c[1] * ys + c[2]
-    my = c[3] * xs + c[4] * ys + c[5]
+    if table is None:
+        table = affine_table(dst, src, tris)
+    # One coefficient plane at a time, in place: a (6, h, w) gather and its temporaries cost twice as much. The
+    # float32 operations and their order are those of c0 * x + c1 * y + c2 (the same map to the bit); labels are
+    # always within the table, so take() need not check them
+    tmp = np.empty(label.shape, np.float32)
+
+    def plane(r0: int) -> np.ndarray:
+        out = np.take(table[r0], label, mode="clip")
+        out *= xs
+        np.take(table[r0 + 1], label, out=tmp, mode="clip")
+        np.multiply(tmp, ys, out=tmp)
+        np.add(out, tmp, out=out)
+        np.take(table[r0 + 2], label, out=tmp, mode="clip")
+        np.add(out, tmp, out=out)
+        return out
+
+    mx, my = plane(0), plane(3)
     return upsample(mx, rect, step), upsample(my, rect, step)
 
 
 def exact_within(mx: np.ndarray, my: np.ndarray, map_rect, box, dst: np.ndarray, src: np.ndarray,
-                  tris: np.ndarray, labels: dict | None = None) -> None:
+                  tris: np.ndarray, labels: dict | None = None, table: np.ndarray | None = None) -> None:
     """Overwrite (in place) the part of a map over map_rect (x0, y0, w, h) that lies in box with the exact
     per-pixel piecewise map (step 1). labels: a dict shared by calls with the same dst and tris (a frame's two
-    maps), so the per-pixel triangle labels are drawn once."""
+    maps), so the per-pixel triangle labels are drawn once; table: affine_table(dst, src, tris) when known."""
     x0, y0 = max(map_rect[0], box[0]), max(map_rect[1], box[1])
     x1 = min(map_rect[0] + map_rect[2], box[0] + box[2])
     y1 = min(map_rect[1] + map_rect[3], box[1] + box[3])
@@ -127,7 +150,7 @@ def exact_within(mx: np.ndarray, my: np.ndarray, map_rect, box, dst: np.ndarray,
         label = mesh_labels(dst, tris, sub, 1)
         if labels is not None:
             labels[sub] = label
-    ex, ey = piecewise_map(dst, src, tris, label, sub, 1)
+    ex, ey = piecewise_map(dst, src, tris, label, sub, 1, table)
     win = (slice(sub[1] - map_rect[1], y1 - map_rect[1]), slice(sub[0] - map_rect[0], x1 - map_rect[0]))
     mx[win], my[win] = ex, ey
 
