@@ -36,6 +36,25 @@ def test_piecewise_map_is_identity_when_nothing_moves_and_follows_a_shift(photo,
     assert np.allclose(my[core] - ys[core], 3.0, atol=1e-3) and np.allclose(mx[core], xs[core], atol=1e-3)
 
 
+@pytest.mark.parametrize("step", [1, 3])
+def test_piecewise_map_equals_the_per_sample_affine_of_its_label(photo, step):
+    # piecewise_map gathers coefficient planes in place (speed): it must give the plain formula's float32 values
+    _, lm = photo
+    rig = compose.MouthRig.from_shape(lm)
+    dst = np.vstack([lm[compose.MESH_POINTS], rig.box_points(lm)])
+    src = dst + np.random.default_rng(1).normal(0, 2, dst.shape)
+    rect = warp.crop_rect(rig.box_points(lm), 512, 600)
+    label = warp.mesh_labels(dst, rig.tris, rect, step)
+    table = warp.affine_table(dst, src, rig.tris)
+    xs, ys, _, _ = warp.grid(rect, step)
+    c = table[:, label]
+    want = (warp.upsample(c[0] * xs + c[1] * ys + c[2], rect, step), warp.upsample(c[3] * xs + c[4] * ys + c[5], rect,
+                                                                                step))
+    for got in (warp.piecewise_map(dst, src, rig.tris, label, rect, step),
+                warp.piecewise_map(dst, src, rig.tris, label, rect, step, table)):
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
 def test_a_sliver_triangle_takes_no_pixel_its_neighbours_cover():
     # a 10-pixel square split along its diagonal, plus a sliver (0.2 px high) lying on its bottom edge
     dst = np.array([[0.0, 0.0], [10.0, 0.0], [10.0, 10.0], [0.0, 10.0], [5.0, 10.2]])

@@ -24,6 +24,7 @@ SEAL_RAMP = 0.04  # ... in full once the mouth closes by this much (iod units) o
 SEAL_OPEN = 0.03  # ... and only for drawn openings below this (iod units), in full when shut
 SEAM_BAND = 0.02  # where sealed lips meet, a band this wide (iod units) ...
 SEAM_SOFT_PX = 0.8  # ... is blurred this much (Gaussian sigma, pixels): no staircase edge
+SEAM_ROWS_PAD = 8  # rows of context for that blur: more than its kernel's radius (3 at sigma 0.8)
 JOIN_BRIDGE_PX = 1.0  # each half of the source interior reaches this far past the source's middle (pixels) ...
 JOIN_RAMP_PX = 1.5  # ... and a new gap beyond both reaches turns to cavity over this distance (pixels)
 JOIN_BAND = 0.05  # where the halves overlap they are cross-faded over at most this much (iod units)
@@ -179,8 +180,17 @@ def soften_seam(img: np.ndarray, rect, line: np.ndarray, iod: float, amount: flo
     cv2.polylines(band, [pts], False, 1.0, thickness=max(1, int(round(SEAM_BAND * iod))), lineType=cv2.LINE_AA,
                   shift=4)
     band = cv2.GaussianBlur(band, (0, 0), 1.0) * amount
-    soft = cv2.GaussianBlur(img, (0, 0), SEAM_SOFT_PX)
-    img += (soft - img) * band[..., None]
+    # Only the rows the band reaches change (elsewhere it is exactly 0): the blur is taken over those rows and
+    # SEAM_ROWS_PAD more each side (beyond its kernel's reach), whole rows so each pixel is filtered as in the full
+    # image (the same values to the bit), the rest of the mouth rect is left alone
+    rows = np.flatnonzero(band.any(1))
+    if len(rows) == 0:
+        return
+    r0, r1 = int(rows[0]), int(rows[-1]) + 1
+    p0, p1 = max(0, r0 - SEAM_ROWS_PAD), min(img.shape[0], r1 + SEAM_ROWS_PAD)
+    soft = cv2.GaussianBlur(img[p0:p1], (0, 0), SEAM_SOFT_PX)[r0 - p0:r1 - p0]
+    part = img[r0:r1]
+    part += (soft - part) * band[r0:r1, :, None]
 
 
 def seal_lips(px: np.ndarray, open_t: float) -> np.ndarray:
