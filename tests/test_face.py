@@ -54,3 +54,24 @@ def test_track_pool_reports_a_worker_failure_and_never_hangs():
             break
     with pytest.raises(Exception):
         pool.finish()
+
+
+def test_landmarks_read_from_the_wire_equal_the_attribute_reads():
+    from heygem_watch.face import _face_mesh_module, _xy
+
+    _face_mesh_module()
+    from mediapipe.framework.formats import landmark_pb2
+
+    pts = np.random.default_rng(5).normal(0.5, 0.6, (478, 3)).astype(np.float32)
+    pts[7] = 0.0  # set fields that hold 0 are still on the wire
+    lst = landmark_pb2.NormalizedLandmarkList()
+    for x, y, z in pts:
+        lst.landmark.add(x=float(x), y=float(y), z=float(z))
+    want = np.array([(p.x, p.y) for p in lst.landmark], np.float32)
+    assert _xy(lst).dtype == np.float32 and _xy(lst).tobytes() == want.tobytes()
+    assert _xy(lst).tobytes() == pts[:, :2].tobytes()
+    lst.landmark[3].visibility = 0.25  # another layout: read through the attributes, same values
+    assert _xy(lst).tobytes() == want.tobytes()
+    short = landmark_pb2.NormalizedLandmarkList()
+    short.landmark.add(x=0.5, y=0.25)  # no z
+    assert _xy(short).tolist() == [[0.5, 0.25]]

@@ -152,3 +152,25 @@ def test_cache_hit_marks_the_entry_used(tmp_path, face_template_file):
     hit = load_template(face_template_file, cache)
     assert hit.cache_hit and time.time() - meta.stat().st_mtime < 60
     assert prune_cache(cache, set()) == []
+
+
+def test_decoded_yuv_is_what_to_ndarray_gives_and_refills_a_spare_array():
+    import queue
+
+    import av
+
+    from heygem_watch.template import _yuv420p
+
+    src = np.random.default_rng(3).integers(0, 256, (96, 90), np.uint8)  # 90x64 frame: rows padded in memory
+    frame = av.VideoFrame.from_ndarray(src, format="yuv420p")
+    assert frame.planes[0].line_size > frame.width and frame.planes[1].line_size > frame.planes[1].width
+    spare: queue.SimpleQueue = queue.SimpleQueue()
+    reused = np.zeros((96, 90), np.uint8)
+    spare.put(np.zeros((6, 4), np.uint8))  # another size: dropped, not filled
+    spare.put(reused)
+    out = _yuv420p(frame, spare)
+    assert out is reused
+    assert np.array_equal(out, frame.to_ndarray(format="yuv420p")) and np.array_equal(out, src)
+    assert np.array_equal(_yuv420p(frame), src)  # nothing spare: a new array
+    full = av.VideoFrame.from_ndarray(src, format="yuv420p").reformat(format="yuvj420p")
+    assert np.array_equal(_yuv420p(full), full.to_ndarray(format="yuv420p"))  # converted as before
