@@ -25,13 +25,13 @@ def test_piecewise_map_is_identity_when_nothing_moves_and_follows_a_shift(photo,
     rect = warp.crop_rect(rig.box_points(lm), 512, 600)
     label = warp.mesh_labels(pts, rig.tris, rect, step)
     assert (label < len(rig.tris)).mean() > 0.5  # the mesh covers most of the crop
-    mx, my = warp.piecewise_map(pts, pts, rig.tris, label, rect, step)
+    mx, my = warp.piecewise_map(warp.affine_table(pts, pts, rig.tris), label, rect, step)
     x0, y0, w, h = rect
     assert mx.shape == (h, w)
     xs, ys = np.meshgrid(np.arange(x0, x0 + w), np.arange(y0, y0 + h))
     assert np.abs(mx - xs).max() < 1e-3 and np.abs(my - ys).max() < 1e-3
     moved = pts + (0.0, 3.0)
-    mx, my = warp.piecewise_map(pts, moved, rig.tris, label, rect, step)
+    mx, my = warp.piecewise_map(warp.affine_table(pts, moved, rig.tris), label, rect, step)
     core = (slice(h // 4, 3 * h // 4), slice(w // 4, 3 * w // 4))  # well inside the mesh
     assert np.allclose(my[core] - ys[core], 3.0, atol=1e-3) and np.allclose(mx[core], xs[core], atol=1e-3)
 
@@ -50,9 +50,8 @@ def test_piecewise_map_equals_the_per_sample_affine_of_its_label(photo, step):
     c = table[:, label]
     want = (warp.upsample(c[0] * xs + c[1] * ys + c[2], rect, step), warp.upsample(c[3] * xs + c[4] * ys + c[5], rect,
                                                                                 step))
-    for got in (warp.piecewise_map(dst, src, rig.tris, label, rect, step),
-                warp.piecewise_map(dst, src, rig.tris, label, rect, step, table)):
-        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    got = warp.piecewise_map(table, label, rect, step)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
 
 
 def test_a_sliver_triangle_takes_no_pixel_its_neighbours_cover():

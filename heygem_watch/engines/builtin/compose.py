@@ -242,7 +242,7 @@ def compose_mouth(cur_img: np.ndarray, cur_lm: np.ndarray, src_img, src_lm: np.n
     label = mesh_labels(dst, rig.tris, rect, step)
     bsrc = np.vstack([seal_lips(cur_px, open_t)[_IDX], box_cur])
     btable = affine_table(dst, bsrc, rig.tris)  # each of the frame's two point pairs: one table for all its maps
-    bmx, bmy = piecewise_map(dst, bsrc, rig.tris, label, rect, step, btable)
+    bmx, bmy = piecewise_map(btable, label, rect, step)
     # around the lips' meeting line the map jumps from the upper lip to the lower one: upsampled from a coarse
     # grid it would sample in between (the mouth interior) along a staircase; there it is computed per pixel
     lips_box, exact_labels = None, {}
@@ -251,7 +251,7 @@ def compose_mouth(cur_img: np.ndarray, cur_lm: np.ndarray, src_img, src_lm: np.n
         lx0, ly0 = np.floor(inner.min(0)).astype(int) - pad
         lx1, ly1 = np.ceil(inner.max(0)).astype(int) + pad
         lips_box = (int(lx0), int(ly0), int(lx1 - lx0), int(ly1 - ly0))
-        exact_within(bmx, bmy, rect, lips_box, dst, bsrc, rig.tris, exact_labels, btable)
+        exact_within(bmx, bmy, rect, lips_box, dst, rig.tris, btable, exact_labels)
     bg = cv2.remap(cur_img, bmx, bmy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     bgf = bg[sl].astype(np.float32)
     if same:
@@ -260,11 +260,11 @@ def compose_mouth(cur_img: np.ndarray, cur_lm: np.ndarray, src_img, src_lm: np.n
         src_pts = np.vstack([seal_lips(src_px, open_t)[_IDX], apply_affine(_inverse_similarity(a), box_cur)])
         ftable = affine_table(dst, src_pts, rig.tris)
         if step == 1:  # only the mouth rect is needed
-            fmx, fmy = piecewise_map(dst, src_pts, rig.tris, label[sl], mrect, 1, ftable)
+            fmx, fmy = piecewise_map(ftable, label[sl], mrect, 1)
         else:
-            fmx, fmy = piecewise_map(dst, src_pts, rig.tris, label, rect, step, ftable)
+            fmx, fmy = piecewise_map(ftable, label, rect, step)
             fmx, fmy = fmx[sl], fmy[sl]
-            exact_within(fmx, fmy, mrect, lips_box, dst, src_pts, rig.tris, exact_labels, ftable)
+            exact_within(fmx, fmy, mrect, lips_box, dst, rig.tris, ftable, exact_labels)
         if callable(src_img):  # read only the source pixels the map touches
             sx0, sy0 = max(0, int(fmx.min()) - 2) & ~1, max(0, int(fmy.min()) - 2) & ~1
             sx1, sy1 = int(fmx.max()) + 3, int(fmy.max()) + 3

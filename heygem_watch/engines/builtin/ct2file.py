@@ -135,8 +135,8 @@ def encoder_only(files: dict[str, bytes], layers: int | None = None) -> dict[str
     blocks = {b for b in map(_encoder_block, (v.name for v in model.variables)) if b is not None}
     if layers is not None and not 1 <= layers <= len(blocks):
         raise ModelFileError(f"model.bin has {len(blocks)} encoder layers, cannot keep {layers}")
-    deep = lambda v: layers is not None and (_encoder_block(v.name) or 0) >= layers  # noqa: E731
-    kept = tuple(k for k in (_stub_decoder(v) for v in model.variables if not deep(v)) if k is not None)
+    shallow = [v for v in model.variables if layers is None or (_encoder_block(v.name) or 0) < layers]
+    kept = tuple(k for k in map(_stub_decoder, shallow) if k is not None)
     out = dict(files)
     out["model.bin"] = write_model(replace(model, variables=kept))
     tokens = files["vocabulary.txt"].decode("utf-8").splitlines()[:STUB_TOKENS]

@@ -3,9 +3,9 @@ another (cv2.remap maps), planned on a grid coarser than the pixels where that i
 
     tris = delaunay(points)                                   triangles (t, 3) of a point set
     label = mesh_labels(dst, tris, rect, step)                which triangle covers each grid sample of rect
-    table = affine_table(dst, src, tris)                       per-triangle affines, shared by a frame's maps
-    mx, my = piecewise_map(dst, src, tris, label, rect, step, table) backward map over rect for cv2.remap
-    exact_within(mx, my, rect, box, dst, src, tris)           the same map per pixel inside box (discontinuities)
+    table = affine_table(dst, src, tris)                      per-triangle affines dst -> src (one per point pair)
+    mx, my = piecewise_map(table, label, rect, step)          backward map over rect for cv2.remap
+    exact_within(mx, my, rect, box, dst, tris, table)         the same map per pixel inside box (discontinuities)
 """
 from __future__ import annotations
 
@@ -105,16 +105,13 @@ def affine_table(dst: np.ndarray, src: np.ndarray, tris: np.ndarray) -> np.ndarr
     return table
 
 
-def piecewise_map(dst: np.ndarray, src: np.ndarray, tris: np.ndarray, label: np.ndarray, rect, step: int = 1,
-                  table: np.ndarray | None = None) -> tuple:
+def piecewise_map(table: np.ndarray, label: np.ndarray, rect, step: int = 1) -> tuple:
     """Backward map for cv2.remap over rect=(x0, y0, w, h): pixel p (inside the mesh drawn at dst, as labelled)
     samples the source at the piecewise-affine image of p; outside the mesh the map is the identity. Computed on
     the coarse grid and upsampled: the map is continuous and piecewise linear, so bilinear upsampling is exact
-    inside triangles and off by a fraction of a pixel at their edges. table: affine_table(dst, src, tris) when the
-    caller has it."""
+    inside triangles and off by a fraction of a pixel at their edges. table: affine_table(dst, src, tris), label:
+    mesh_labels(dst, tris, rect, step)."""
     xs, ys, _, _ = grid(rect, step)
-    if table is None:
-        table = affine_table(dst, src, tris)
     # One coefficient plane at a time, in place: a (6, h, w) gather and its temporaries cost twice as much. The
     # float32 operations and their order are those of c0 * x + c1 * y + c2 (the same map to the bit); labels are
     # always within the table, so take() need not check them
@@ -134,11 +131,11 @@ def piecewise_map(dst: np.ndarray, src: np.ndarray, tris: np.ndarray, label: np.
     return upsample(mx, rect, step), upsample(my, rect, step)
 
 
-def exact_within(mx: np.ndarray, my: np.ndarray, map_rect, box, dst: np.ndarray, src: np.ndarray,
-                  tris: np.ndarray, labels: dict | None = None, table: np.ndarray | None = None) -> None:
+def exact_within(mx: np.ndarray, my: np.ndarray, map_rect, box, dst: np.ndarray, tris: np.ndarray,
+                 table: np.ndarray, labels: dict | None = None) -> None:
     """Overwrite (in place) the part of a map over map_rect (x0, y0, w, h) that lies in box with the exact
     per-pixel piecewise map (step 1). labels: a dict shared by calls with the same dst and tris (a frame's two
-    maps), so the per-pixel triangle labels are drawn once; table: affine_table(dst, src, tris) when known."""
+    maps), so the per-pixel triangle labels are drawn once; table: affine_table(dst, src, tris)."""
     x0, y0 = max(map_rect[0], box[0]), max(map_rect[1], box[1])
     x1 = min(map_rect[0] + map_rect[2], box[0] + box[2])
     y1 = min(map_rect[1] + map_rect[3], box[1] + box[3])
@@ -150,7 +147,7 @@ def exact_within(mx: np.ndarray, my: np.ndarray, map_rect, box, dst: np.ndarray,
         label = mesh_labels(dst, tris, sub, 1)
         if labels is not None:
             labels[sub] = label
-    ex, ey = piecewise_map(dst, src, tris, label, sub, 1, table)
+    ex, ey = piecewise_map(table, label, sub, 1)
     win = (slice(sub[1] - map_rect[1], y1 - map_rect[1]), slice(sub[0] - map_rect[0], x1 - map_rect[0]))
     mx[win], my[win] = ex, ey
 
