@@ -54,7 +54,7 @@ class BuiltinEngine(Engine):
             self.head = load_head(self.speech_model)
         except HeadError as exc:
             raise EngineError(str(exc)) from None
-        # The Whisper model (~0.6 s to join, verify and load) loads beside whatever comes next (the recording's audio
+        # The Whisper model (~0.4 s to join, verify, cut and load) loads beside whatever comes next (the recording's audio
         # extraction, a template's analysis); analyse_speech waits for it.
         self._encoder: dict = {}
         self._loader = threading.Thread(target=self._load_encoder, name="whisper-load", daemon=True)

@@ -1,6 +1,6 @@
 """Speech front end: Whisper-base encoder features of a recording of any length, streamed.
 
-    encoder = load_encoder()                  once per process (the daemon keeps it), ~0.6 s, ~600 MB resident
+    encoder = load_encoder()                  once per process (the daemon keeps it), ~0.4 s, ~300 MB peak
     for f0, feats in encode_stream(track, encoder): ...
         feats: float32 (m, DIM), encoder frames f0 .. f0+m-1; frame j describes the audio around j / FEATURE_RATE s
 
