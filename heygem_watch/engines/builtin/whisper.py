@@ -1,6 +1,6 @@
 """Speech front end: Whisper-base encoder features of a recording of any length, streamed.
 
-    encoder = load_encoder()                  once per process (the daemon keeps it), ~0.4 s, ~300 MB peak
+    encoder = load_encoder()                  once per process (the daemon keeps it), ~0.35 s, ~210 MB peak
     for f0, feats in encode_stream(track, encoder): ...
         feats: float32 (m, DIM), encoder frames f0 .. f0+m-1; frame j describes the audio around j / FEATURE_RATE s
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import os
 import threading
 from functools import lru_cache
 from typing import Iterator
@@ -62,17 +63,30 @@ def _data_dir(package: str):
                                 "the Whisper model; install heygem-watch's dependencies)") from None
 
 
-def model_files() -> dict[str, bytes]:
-    """{file name: bytes} of the model as CTranslate2 wants it, model.bin joined from the wheels and verified."""
-    parts, where = [], []
-    for package, name in MODEL_WHEELS:
-        f = _data_dir(package) / name
+def model_files() -> dict[str, bytes | bytearray]:
+    """{file name: bytes} of the model as CTranslate2 wants it, model.bin joined from the wheels and verified
+    (model.bin is a bytearray: the halves are read straight into one buffer, not read and then joined, which
+    copied 145 MB more and held both copies at once)."""
+    halves = [_data_dir(package) / name for package, name in MODEL_WHEELS]
+    where = " + ".join(map(str, halves))
+    try:
+        sizes = [os.stat(f).st_size for f in halves]
+    except OSError as exc:
+        raise WhisperModelError(f"{exc.filename}: cannot read the Whisper model half ({exc.strerror or exc})") \
+            from None
+    data = bytearray(sum(sizes))
+    view, pos = memoryview(data), 0
+    for f, size in zip(halves, sizes):
         try:
-            parts.append(f.read_bytes())
+            with open(f, "rb", buffering=0) as fh:
+                while pos < len(data) and (n := fh.readinto(view[pos:])):
+                    pos += n
         except OSError as exc:
             raise WhisperModelError(f"{f}: cannot read the Whisper model half ({exc.strerror or exc})") from None
-        where.append(str(f))
-    files = {"model.bin": verify_model(b"".join(parts), " + ".join(where))}
+    view.release()
+    if pos != len(data):  # a half shrank while being read: the hash check below refuses what is there
+        del data[pos:]
+    files: dict[str, bytes | bytearray] = {"model.bin": verify_model(data, where)}
     first = _data_dir(MODEL_WHEELS[0][0])
     for name in MODEL_SIDE_FILES:
         try:
@@ -82,7 +96,7 @@ def model_files() -> dict[str, bytes]:
     return files
 
 
-def verify_model(data: bytes, source: str) -> bytes:
+def verify_model(data: bytes | bytearray, source: str) -> bytes | bytearray:
     """data if it hashes to MODEL_SHA256, else WhisperModelError naming source."""
     digest = hashlib.sha256(data).hexdigest()
     if digest != MODEL_SHA256:
@@ -100,6 +114,7 @@ class Encoder:
 
         self._ct2 = ctranslate2
         try:
+            files = {k: v if isinstance(v, bytes) else bytes(v) for k, v in files.items()}  # CTranslate2 takes bytes
             self.model = ctranslate2.models.Whisper("whisper-base", device="cpu", compute_type=COMPUTE_TYPE,
                                                     intra_threads=threads, files=files)
         except (RuntimeError, ValueError) as exc:
