@@ -190,3 +190,33 @@ def test_a_speech_model_that_is_not_one_is_refused_at_start(tmp_path):
     bad.write_bytes(b"\x00" * 100)
     with pytest.raises(EngineError, match="speech.npz"):
         create_engine("builtin", speech_model=bad)
+
+
+def test_a_short_recording_on_a_longer_template(tmp_path):
+    """Only the shown frames and every 3rd after them are tracked: the library holds those, a longer output's
+    extension gives a new one, and the video is drawn."""
+    import av
+
+    from heygem_watch import pipeline
+    from heygem_watch.engines.builtin import mouth
+
+    n_tpl = 80
+    path = mediagen.write_video(tmp_path / "host.mp4", mediagen.face_frames(
+        n_tpl, mouth_open=0.5 + 0.5 * np.sin(np.arange(n_tpl) / 2.0)), 25)
+    rec = mediagen.write_video(tmp_path / "rec.flv", (np.zeros((64, 64, 3), np.uint8) for _ in range(12)), 25,
+                               audio=mediagen.speech_like(0.5))
+    eng = BuiltinEngine()
+    res = pipeline.process_files(rec, [path], [tmp_path / "o.mp4"], eng, cache_dir=tmp_path / "cache")[0]
+    assert isinstance(res, pipeline.RenderResult), res
+    with av.open(str(tmp_path / "o.mp4")) as c:
+        assert sum(1 for _ in c.decode(c.streams.video[0])) == res.frames
+    short = load_template(path, tmp_path / "cache", duration_s=0.5)
+    assert short.cache_hit and not short.complete and short.tracked_prefix < 40  # _Prefetch: 0.5 s more
+    lib = mouth.analyse_mouths(short)
+    assert lib.valid.tolist() == short.tracked.tolist()  # every tracked frame has a face here
+    assert set(lib.candidates.tolist()) == set(np.flatnonzero(short.tracked).tolist())
+    whole = load_template(path, tmp_path / "cache")  # every frame tracked now
+    assert mouth.analyse_mouths(whole).valid.all()
+    # the old template's library written into the new entry is not taken for the new one
+    mouth._save(whole.cache_dir / mouth.CACHE_NAME, lib, int(short.tracked.sum()))
+    assert mouth.analyse_mouths(whole).valid.all()

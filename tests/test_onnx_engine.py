@@ -295,6 +295,27 @@ def test_pipeline_renders_with_the_onnx_engine(tpl, models, track, tmp_path):
     assert (info.width, info.height) == (tpl.width, tpl.height)
 
 
+def test_a_short_recording_on_a_longer_template_needs_only_its_frames(models, track, tmp_path):
+    """The pipeline tracks the shown frames (and every 3rd after them): each shown frame gets its box and paste."""
+    from heygem_watch.media import iter_video_frames
+    from heygem_watch.pipeline import RecordingJob, run_task
+    from heygem_watch.template import load_template
+    from tests import gen_media
+
+    video = gen_media.face_video(tmp_path / "long.mp4", n=60, size=(256, 288))
+    eng = OnnxEngine(models["pattern"])
+    job = RecordingJob(Path("rec.wav"), tmp_path, AudioTrack.from_array(track.all(), tmp_path / "a", write_m4a=True))
+    res = run_task(job, video, eng, tmp_path / "out.mp4", tmp_path / "tmp", tmp_path / "cache")
+    tpl = load_template(video, tmp_path / "cache", duration_s=track.duration)
+    assert tpl.cache_hit and not tpl.complete and res.frames <= tpl.tracked_prefix < 60
+    state = eng.prepare_template(tpl)
+    assert state.valid[:res.frames].all() and not state.valid[~tpl.tracked].any()
+    for i, frame in enumerate(iter_video_frames(tmp_path / "out.mp4")):
+        x1, y1, x2, y2 = state.boxes[i]
+        assert np.abs(frame[y1:y2, x1:x2].astype(int) - tpl.frame(i)[y1:y2, x1:x2]).mean() > 5  # pasted
+    assert i + 1 == res.frames
+
+
 def test_bad_models_are_named(tmp_path, models):
     txt = tmp_path / "notes.onnx"
     txt.write_text("not a model")

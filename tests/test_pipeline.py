@@ -110,3 +110,55 @@ def test_one_bad_template_does_not_stop_the_others(media, tmp_path):
     res = pipeline.process_files(rec, [bad, tpl], [tmp_path / "a.mp4", tmp_path / "b.mp4"], Passthrough(), var_dir=tmp_path / "v")
     assert isinstance(res[0], Exception) and "notes.mp4" in str(res[0])
     assert isinstance(res[1], pipeline.RenderResult) and (tmp_path / "b.mp4").exists()
+
+
+class Recorder(Passthrough):
+    """Notes the tracked frame count of each template state it prepares."""
+
+    def __init__(self):
+        super().__init__()
+        self.prepared = []
+
+    def prepare_template(self, template):
+        self.prepared.append(int(template.tracked.sum()))
+        return len(self.prepared)
+
+
+def _recording(path, seconds):
+    n = int(round(seconds * 25))
+    return mediagen.write_video(path, (np.zeros((64, 64, 3), np.uint8) for _ in range(n)), 25,
+                                audio=mediagen.speech_like(seconds))
+
+
+def test_a_short_recording_tracks_its_frames_then_a_longer_one_extends_them(media, tmp_path):
+    from heygem_watch.template import SMOOTH_MARGIN, tracked_set
+
+    d, _, long_rec = media  # 3 s: longer than the template
+    tpl = mediagen.write_video(tmp_path / "long tpl.mp4", mediagen.face_frames(50, size=(160, 192)), 25)
+    cache, eng = tmp_path / "cache", Recorder()
+    short = pipeline.RecordingJob.prepare(_recording(tmp_path / "short.flv", 0.6), tmp_path / "w1")
+    res = pipeline.run_task(short, tpl, eng, tmp_path / "a.mp4", tmp_path / "w1", cache)
+    n_out = pipeline.frame_count(short.track.duration, Fraction(25))
+    assert res.frames == n_out < 20 and res.face_fraction == 1.0
+    t = pipeline.load_template(tpl, cache, duration_s=short.track.duration)
+    assert t.cache_hit and not t.complete
+    assert t.tracked.tolist() == tracked_set(50, n_out + SMOOTH_MARGIN).tolist()
+    assert eng.prepared == [t.tracked.sum()]
+    pipeline.run_task(short, tpl, eng, tmp_path / "a2.mp4", tmp_path / "w1", cache)
+    assert len(eng.prepared) == 1  # same tracked frames: the state is reused
+    longer = pipeline.RecordingJob.prepare(_recording(tmp_path / "longer.flv", 1.2), tmp_path / "w2")
+    pipeline.run_task(longer, tpl, eng, tmp_path / "b.mp4", tmp_path / "w2", cache)
+    n_longer = pipeline.frame_count(longer.track.duration, Fraction(25))
+    assert eng.prepared[1:] == [tracked_set(50, n_longer + SMOOTH_MARGIN).sum()]  # extended: a new state
+    job = pipeline.RecordingJob.prepare(long_rec, tmp_path / "w3")
+    res = pipeline.run_task(job, tpl, eng, tmp_path / "c.mp4", tmp_path / "w3", cache)  # ping-pong: everything
+    assert eng.prepared[2:] == [50] and res.frames == 75
+
+
+def test_frames_past_the_tracked_prefix_are_refused(media, tmp_path):
+    tpl = mediagen.write_video(tmp_path / "t.mp4", mediagen.face_frames(30, size=(160, 192)), 25)
+    t = pipeline.load_template(tpl, tmp_path / "cache", duration_s=0.2)
+    assert t.tracked_prefix == 8
+    assert len(list(pipeline._jobs(t, 8, Fraction(25), None))) == 8
+    with pytest.raises(RuntimeError, match="8 frames tracked, 9 needed"):
+        list(pipeline._jobs(t, 9, Fraction(25), None))

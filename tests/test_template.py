@@ -1,5 +1,6 @@
 """template.py: analysed once, cached by content, frames readable without decoding, damage rebuilt; entries no
 template needs are pruned once unused for a day, and a cache hit counts as use."""
+import json
 import os
 import shutil
 import time
@@ -8,10 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from heygem_watch import face
+from heygem_watch import face, template_frames
 from heygem_watch.media import MediaError
 from heygem_watch.ledger import fingerprint_file
-from heygem_watch.template import META_NAME, TemplateError, load_template
+from heygem_watch.template import LIBRARY_STRIDE, META_NAME, TemplateError, load_template
 from heygem_watch.template_cache import CACHE_UNUSED_S, prune_cache
 from tests import mediagen
 
@@ -84,23 +85,69 @@ def test_missing_and_empty(tmp_path):
         load_template(tmp_path / "empty.mp4", tmp_path)
 
 
-def test_only_the_frames_an_output_shows_are_analysed_then_extended(tpl_file, tmp_path):
+def raw_track(t):
+    with np.load(t.cache_dir / "track.npz") as z:
+        return z["raw"], z["tracked"]
+
+
+def test_a_short_output_tracks_its_frames_and_every_third_after_them(tpl_file, tmp_path):
     full = load_template(tpl_file, tmp_path / "full")
     short = load_template(tpl_file, tmp_path, duration_s=0.2)  # 5 frames at 25 fps + the smoothing margin
-    assert (short.n_frames, short.complete, short.cache_hit) == (8, False, False)
+    assert (short.n_frames, short.complete, short.cache_hit, short.tracked_prefix) == (20, False, False, 8)
+    assert short.tracked.tolist() == [i < 8 or i % LIBRARY_STRIDE == 0 for i in range(20)]
+    # every frame is in the entry: a longer output only tracks, never decodes
+    assert (short.cache_dir / "frames.yuv").stat().st_size == 20 * short.frame_bytes
+    assert np.array_equal(short.frame(19), full.frame(19)) and np.array_equal(short.frame(10), full.frame(10))
+    assert not short.face_found[10] and np.isnan(short.landmarks[10]).all()
+    meta = json.loads((short.cache_dir / META_NAME).read_text())
+    assert (meta["tracked_prefix"], meta["complete"]) == (8, False)
+    # frames 0-7 and 9, 12, 15, 18 tracked; 7 has no face (8 does not count: not tracked)
+    assert short.face_fraction == pytest.approx(11 / 12) and full.face_fraction == pytest.approx(18 / 20)
+    assert short.face_found[[9, 12, 15, 18]].all()
+    # a sampled frame stands alone between untracked ones: its own landmarks, not blended with frames 3 away
+    raw, _ = raw_track(short)
+    assert np.array_equal(short.landmarks[12], raw[12])
+    assert np.allclose(short.landmarks[12], full.landmarks[12], atol=2.0)
+    assert np.allclose(short.landmarks[:7], full.landmarks[:7], atol=0.5)
     assert load_template(tpl_file, tmp_path, duration_s=0.16).cache_hit  # a shorter output: covered
-    assert np.array_equal(short.frame(7), full.frame(7))
-    longer = load_template(tpl_file, tmp_path, duration_s=0.5)  # extends the cached prefix
-    assert (longer.n_frames, longer.complete, longer.cache_hit) == (15, False, False)
-    assert longer.face_found.tolist() == full.face_found[:15].tolist()
-    assert np.array_equal(longer.frame(14), full.frame(14))
-    assert np.allclose(longer.landmarks[:10][longer.face_found[:10]], full.landmarks[:10][full.face_found[:10]],
-                       atol=0.5)
-    whole = load_template(tpl_file, tmp_path, duration_s=60)  # past the end: the whole template, complete
-    assert (whole.n_frames, whole.complete) == (20, True)
-    assert load_template(tpl_file, tmp_path).cache_hit
+
+
+def test_a_longer_output_extends_the_prefix_from_the_cached_frames(tpl_file, tmp_path, monkeypatch):
+    short = load_template(tpl_file, tmp_path, duration_s=0.2)
+    short_raw, _ = raw_track(short)
+    fresh = load_template(tpl_file, tmp_path / "fresh", duration_s=0.5)
+    inode = (short.cache_dir / "frames.yuv").stat().st_ino
+
+    def no_decoding(*a, **k):
+        raise AssertionError("an extension decoded the template")
+
+    monkeypatch.setattr(template_frames, "decode", no_decoding)
+    longer = load_template(tpl_file, tmp_path, duration_s=0.5)  # 12 frames + 3: tracks 8, 10, 11, 13, 14
+    assert (longer.cache_hit, longer.complete, longer.tracked_prefix) == (False, False, 16)  # 15 is sampled too
+    assert longer.tracked.tolist() == fresh.tracked.tolist() == [i < 16 or i % 3 == 0 for i in range(20)]
+    assert longer.face_found.tolist() == fresh.face_found.tolist()
+    assert (longer.cache_dir / "frames.yuv").stat().st_ino == inode  # the same file, linked into the new entry
+    raw, _ = raw_track(longer)
+    assert np.array_equal(raw[:8][short.face_found[:8]], short_raw[:8][short.face_found[:8]])  # kept
+    assert np.array_equal(raw[9], short_raw[9]) and np.array_equal(raw[18], short_raw[18])
+    found = fresh.face_found
     # FaceMesh re-acquires the face where an extension starts: the same track to within ~2% of the eye distance
-    assert np.allclose(whole.landmarks[whole.face_found], full.landmarks[full.face_found], atol=2.0)
+    assert np.allclose(longer.landmarks[found], fresh.landmarks[found], atol=2.0)
+    assert load_template(tpl_file, tmp_path, duration_s=0.5).cache_hit
+    whole = load_template(tpl_file, tmp_path)  # the face check: every frame
+    assert (whole.complete, whole.tracked_prefix, whole.face_fraction) == (True, 20, pytest.approx(18 / 20))
+    assert whole.face_found.tolist() == [i not in (7, 8) for i in range(20)]
+    assert load_template(tpl_file, tmp_path, duration_s=0.1).cache_hit
+    monkeypatch.undo()
+    past = load_template(tpl_file, tmp_path / "past", duration_s=60)  # longer than the template: all of it
+    assert past.complete and past.tracked.all()
+
+
+def test_faces_only_between_the_sampled_frames_are_still_found(tmp_path):
+    frames = mediagen.face_frames(12, faceless={i for i in range(12) if i < 5 or i % 3 == 0})
+    p = mediagen.write_video(tmp_path / "late face.mp4", frames, 25)
+    t = load_template(p, tmp_path / "c", duration_s=0.04)  # prefix 4: nothing tracked has a face
+    assert t.complete and t.face_found.tolist() == [i >= 5 and i % 3 != 0 for i in range(12)]
 
 
 DAY = 24 * 3600
@@ -159,7 +206,7 @@ def test_decoded_yuv_is_what_to_ndarray_gives_and_refills_a_spare_array():
 
     import av
 
-    from heygem_watch.template import _yuv420p
+    from heygem_watch.template_frames import yuv420p as _yuv420p
 
     src = np.random.default_rng(3).integers(0, 256, (96, 90), np.uint8)  # 90x64 frame: rows padded in memory
     frame = av.VideoFrame.from_ndarray(src, format="yuv420p")

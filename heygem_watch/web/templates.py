@@ -1,7 +1,8 @@
 """Template library for the dashboard: listing with media facts and the face check, run in the background.
 
-The face check is the same analysis the daemon does (`template.load_template`, MediaPipe over every frame, cached
-under var/cache/templates/<fingerprint>/), so checking a template here also warms the daemon's cache. It runs in a
+The face check is the daemon's analysis (`template.load_template`, cached under var/cache/templates/<fingerprint>/)
+with MediaPipe over every frame (a render tracks only the frames it shows and every 3rd after them), so checking a
+template here also warms the daemon's cache. It runs in a
 child process at low priority, one template at a time: MediaPipe holds the GIL, and in a thread it would freeze the
 dashboard for seconds while the daemon renders. The listing shows "pending" until it is done.
 

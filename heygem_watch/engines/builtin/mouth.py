@@ -21,7 +21,9 @@ import numpy as np
 
 from heygem_watch import face
 
-CACHE_NAME = "builtin_mouth_v2.npz"
+# v3: the template's tracked frames (a count saved beside) are part of the key: an entry tracked further (a longer
+# output extended its prefix, see template.load_template) gets a new library
+CACHE_NAME = "builtin_mouth_v3.npz"
 RELEASE_EVERY = 32  # frame reads between releases of the cache mapping's resident pages
 MAX_LIBRARY = 2400  # frames kept as selection candidates (longer templates are strided): Viterbi is O(frames)
 MOUTH_CROP_SCALE = 0.45  # half-size of the analysis crop around the mouth, inter-ocular units
@@ -235,9 +237,12 @@ def _appearance(template, i: int, lm: np.ndarray) -> tuple[float, float, np.ndar
 
 
 def analyse_mouths(template) -> MouthLibrary:
-    """Descriptors for every frame of the template (cached in template.cache_dir)."""
+    """Descriptors for every tracked frame of the template (cached in template.cache_dir); untracked frames are
+    not valid, never candidates."""
     path = Path(template.cache_dir) / CACHE_NAME
-    lib = _load(path, template.n_frames)
+    tracked = getattr(template, "tracked", None)
+    n_tracked = template.n_frames if tracked is None else int(np.count_nonzero(tracked))
+    lib = _load(path, template.n_frames, n_tracked)
     if lib is not None:
         return lib
     lms = np.asarray(template.landmarks, np.float32)
@@ -262,23 +267,25 @@ def analyse_mouths(template) -> MouthLibrary:
     teeth_bgr = np.median(teeth_cols, axis=0) if teeth_cols else np.zeros(3)
     lib = MouthLibrary(desc[:, 0], desc[:, 1], desc[:, 2], teeth, sharp, desc[:, 3:5], valid, cand.astype(np.int32),
                        np.clip(teeth_bgr, 0, 255).astype(np.float32))
-    _save(path, lib)
+    _save(path, lib, n_tracked)
     return lib
 
 
-def _save(path: Path, lib: MouthLibrary) -> None:
+def _save(path: Path, lib: MouthLibrary, n_tracked: int) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
     try:
-        np.savez(tmp, **lib.__dict__)
+        np.savez(tmp, n_tracked=n_tracked, **lib.__dict__)
         os.replace(tmp, path)
     except OSError:  # a read-only cache only costs the analysis next time
         tmp.unlink(missing_ok=True)
 
 
-def _load(path: Path, n: int) -> MouthLibrary | None:
+def _load(path: Path, n: int, n_tracked: int) -> MouthLibrary | None:
     try:
         with np.load(path) as z:
             lib = MouthLibrary(**{k: z[k] for k in MouthLibrary.__dataclass_fields__})
+            if int(z["n_tracked"]) != n_tracked:
+                return None
     except (OSError, ValueError, KeyError, EOFError, TypeError):
         return None
     if lib.n != n or lib.valid.shape != (n,) or lib.pose.shape != (n, 2):

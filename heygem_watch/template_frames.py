@@ -1,0 +1,166 @@
+"""Template frames for analysis: decoded straight to the yuv420p the cache stores, with the small RGB copy FaceMesh
+sees made only for the frames it will see, on the decoder's thread (template.py tracks them, face.TrackPool).
+The same RGB copy is made from a cached frame when an entry's face track is extended (no decoding then).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from heygem_watch import face
+from heygem_watch.media import even_size, open_container
+
+
+def detect_size(w: int, h: int) -> tuple[int, int]:
+    """Size of the copy FaceMesh sees (face.DETECT_MAX_SIDE on the long side at most)."""
+    scale = min(1.0, face.DETECT_MAX_SIDE / max(w, h))
+    return (w, h) if scale == 1.0 else (round(w * scale), round(h * scale))
+
+
+def from_bgr(bgr: np.ndarray, want_rgb: bool = True):
+    """(source size, yuv420p (h*3/2, w) of the even-cropped frame, RGB for FaceMesh or None when not wanted)."""
+    import cv2
+
+    h0, w0 = bgr.shape[:2]
+    w, h = even_size(w0, h0)
+    bgr = np.ascontiguousarray(bgr[:h, :w])
+    yuv = cv2.cvtColor(bgr, cv2.COLOR_BGR2YUV_I420)
+    if not want_rgb:
+        return (w0, h0), yuv, None
+    dw, dh = detect_size(w, h)
+    small = bgr if (dw, dh) == (w, h) else cv2.resize(bgr, (dw, dh), interpolation=cv2.INTER_AREA)
+    return (w0, h0), yuv, cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
+
+
+def rgb_from_yuv(yuv: np.ndarray, w: int, h: int) -> np.ndarray:
+    """FaceMesh's RGB copy of a cached yuv420p (h*3/2, w) frame: what decode() makes from the decoded frame."""
+    import cv2
+
+    dw, dh = detect_size(w, h)
+    if (dw, dh) == (w, h):
+        return cv2.cvtColor(yuv, cv2.COLOR_YUV2RGB_I420)
+    if dw % 2 == 0 and dh % 2 == 0:
+        return small_rgb(yuv, w, h, dw, dh)
+    small = cv2.resize(cv2.cvtColor(yuv, cv2.COLOR_YUV2BGR_I420), (dw, dh), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
+
+
+def decode(path: Path, notes: list[str], limit: int, spare=None, want: Callable[[int], bool] | None = None):
+    """Frames 0..limit-1 as from_bgr's triples, straight from the decoder's yuv420p (no BGR round trip).
+    spare: a queue of yuv arrays the consumer is done with, refilled instead of allocating (see yuv420p).
+    want(i): False when frame i is only stored, not tracked: its RGB copy is skipped (None)."""
+    import av
+
+    with open_container(path) as c:
+        vs = c.streams.video[0]
+        vs.thread_type = "AUTO"
+        i = 0
+        try:
+            for frame in c.decode(vs):
+                if i >= limit:
+                    break
+                rgb_wanted = want is None or want(i)
+                i += 1
+                w0, h0 = frame.width, frame.height
+                if w0 % 2 or h0 % 2:  # odd sizes are cropped (not scaled) to even, as H.264 needs
+                    yield from_bgr(frame.to_ndarray(format="bgr24"), rgb_wanted)
+                    continue
+                yuv = yuv420p(frame, spare)
+                if not rgb_wanted:
+                    yield (w0, h0), yuv, None
+                    continue
+                dw, dh = detect_size(w0, h0)
+                if (dw, dh) == (w0, h0) or (dw % 2 == 0 and dh % 2 == 0):
+                    rgb = rgb_from_yuv(yuv, w0, h0)
+                else:
+                    rgb = frame.reformat(width=dw, height=dh, format="rgb24",
+                                         interpolation=av.video.reformatter.Interpolation.AREA).to_ndarray()
+                yield (w0, h0), yuv, rgb
+        except av.error.FFmpegError as exc:
+            notes.append(f"video decoding stopped early: {exc.strerror or exc}")
+
+
+def cached(frames_path: Path, w: int, h: int, indices):
+    """(index, RGB for FaceMesh) of each cached frame in indices (increasing), read from the entry's frames file."""
+    fb = w * h * 3 // 2
+    with open(frames_path, "rb") as f:
+        for i in indices:
+            f.seek(int(i) * fb)
+            buf = f.read(fb)
+            if len(buf) != fb:
+                raise OSError(f"{frames_path}: frame {i} missing")
+            yield int(i), rgb_from_yuv(np.frombuffer(buf, np.uint8).reshape(h * 3 // 2, w), w, h)
+
+
+def yuv420p(frame, spare=None) -> np.ndarray:
+    """The frame as yuv420p (h*3/2, w), what to_ndarray(format="yuv420p") returns. A frame the decoder gives as
+    yuv420p already has each plane's visible part copied once, into an array from `spare` when one is there:
+    to_ndarray copies each frame twice (the planes, then np.hstack), both into new memory, which for a 1080p
+    template costs about 0.4 ms a frame more (measured on latentsync_demo1_video, 250 frames: 0.1 s of CPU)."""
+    if frame.format.name != "yuv420p" or any(p.line_size < p.width for p in frame.planes):
+        return frame.to_ndarray(format="yuv420p")  # a conversion (yuvj420p, 10-bit, ...): swscale's, as before
+    w, h = frame.width, frame.height
+    out = None
+    while spare is not None:
+        try:
+            out = spare.get_nowait()
+        except queue.Empty:
+            out = None
+            break
+        if out.shape == (h * 3 // 2, w):
+            break
+    if out is None:
+        out = np.empty((h * 3 // 2, w), np.uint8)
+    flat, pos = out.reshape(-1), 0
+    for p in frame.planes:  # Y, U, V; each row padded to line_size bytes
+        n = p.width * p.height
+        rows = np.frombuffer(p, np.uint8, count=p.line_size * p.height).reshape(p.height, p.line_size)
+        np.copyto(flat[pos:pos + n].reshape(p.height, p.width), rows[:, :p.width])
+        pos += n
+    return out
+
+
+def small_rgb(yuv: np.ndarray, w: int, h: int, dw: int, dh: int) -> np.ndarray:
+    """yuv420p (h*3/2, w) -> RGB (dh, dw, 3), each plane area-averaged before the colour conversion: a third of
+    swscale's time for a 1080p frame (the decode thread is what bounds analysis of large templates)."""
+    import cv2
+
+    i420 = np.empty((dh * 3 // 2, dw), np.uint8)
+    cv2.resize(yuv[:h], (dw, dh), dst=i420[:dh], interpolation=cv2.INTER_AREA)
+    q, dq = h // 4, dh // 4
+    for k in range(2):  # U then V: each a (h/2, w/2) plane stored as h/4 rows of w
+        src = yuv[h + k * q:h + (k + 1) * q].reshape(h // 2, w // 2)
+        dst = i420[dh + k * dq:dh + (k + 1) * dq].reshape(dh // 2, dw // 2)
+        cv2.resize(src, (dw // 2, dh // 2), dst=dst, interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(i420, cv2.COLOR_YUV2RGB_I420)
+
+
+def threaded(it, depth: int = 4):
+    """Run a generator on its own thread with a bounded queue (decode overlaps analysis)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    err: list[BaseException] = []
+
+    def pump():
+        try:
+            for x in it:
+                q.put(x)
+        except BaseException as exc:
+            err.append(exc)
+        finally:
+            q.put(done)
+
+    t = threading.Thread(target=pump, daemon=True, name="template-decode")
+    t.start()
+    while True:
+        x = q.get()
+        if x is done:
+            break
+        yield x
+    t.join()
+    if err:
+        raise err[0]
