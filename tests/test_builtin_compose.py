@@ -161,3 +161,11 @@ def test_a_mouth_drawn_wider_than_its_source_gains_no_black_corners(photo):
     cv2.fillPoly(mouth, [np.round(lm_out[face.LIPS_INNER]).astype(np.int32)], 1)
     luma = cv2.cvtColor(out, cv2.COLOR_BGR2GRAY)[mouth > 0]
     assert (luma < 60).sum() <= 3, int((luma < 60).sum())  # the source's darkest mouth pixel is far brighter
+
+
+def test_nonzero_box_bounds_what_the_mask_reaches():
+    m = np.zeros((40, 50), np.float32)
+    assert compose._nonzero_box(m) == (0, 40, 0, 50)  # nothing: all of it (the source is read as before)
+    m[7, 11] = 1e-30
+    m[20:31, 30:33] = 0.5
+    assert compose._nonzero_box(m) == (7, 31, 11, 33)

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from heygem_watch import face
 from heygem_watch.engines.builtin import compose, warp
 
 
@@ -63,3 +64,47 @@ def test_a_sliver_triangle_takes_no_pixel_its_neighbours_cover():
         sliver = int(np.flatnonzero((order == 4).any(1))[0])
         # the square's edge row (y = 10) is its triangles' as much as the sliver's: it stays theirs
         assert not (label[:11, :11] == sliver).any()
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 4])
+def test_piecewise_map_rows_are_those_rows_of_the_whole_map(photo, step):
+    # compose asks only for the mouth's rows of the source map: they must be the whole map's values to the bit
+    _, lm = photo
+    rig = compose.MouthRig.from_shape(lm)
+    dst = np.vstack([lm[compose.MESH_POINTS], rig.box_points(lm)])
+    src = dst + np.random.default_rng(2).normal(0, 2, dst.shape)
+    rect = warp.crop_rect(rig.box_points(lm), 512, 600)
+    label = warp.mesh_labels(dst, rig.tris, rect, step)
+    assert label.dtype == np.uint8 and label.max() == len(rig.tris)  # small meshes: uint8 labels, outside included
+    table = warp.affine_table(dst, src, rig.tris)
+    whole = warp.piecewise_map(table, label, rect, step)
+    h = rect[3]
+    for r0, r1 in ((0, h), (1, h - 1), (h // 3, h // 3 + 7), (h - 5, h), (0, 1)):
+        part = warp.piecewise_map(table, label, rect, step, rows=(r0, r1))
+        assert part[0].shape == (r1 - r0, rect[2])
+        assert np.array_equal(part[0], whole[0][r0:r1]) and np.array_equal(part[1], whole[1][r0:r1])
+
+
+def test_exact_within_over_part_of_a_map_takes_the_whole_maps_labels(photo):
+    # compose draws the source map only where the mouth mask reaches, a part of the mouth rect: its exact part must
+    # be that of the whole rect's map to the bit (cv2 fills triangles cut by the image edge a little differently,
+    # so labels drawn over the part alone could differ)
+    _, lm = photo
+    rig = compose.MouthRig.from_shape(lm)
+    dst = np.vstack([lm[compose.MESH_POINTS], rig.box_points(lm)])
+    src = dst + np.random.default_rng(3).normal(0, 2, dst.shape)
+    table = warp.affine_table(dst, src, rig.tris)
+    rect = warp.crop_rect(rig.box_points(lm), 512, 600)
+    inner = lm[face.LIPS_INNER]
+    box = (int(inner[:, 0].min()) - 6, int(inner[:, 1].min()) - 6, int(np.ptp(inner[:, 0])) + 12, 30)
+    part = (box[0] + 5, rect[1] + 3, rect[2] // 2, rect[3] - 9)  # cuts box on the left
+    win = (slice(part[1] - rect[1], part[1] - rect[1] + part[3]), slice(part[0] - rect[0], part[0] - rect[0] + part[2]))
+    base = warp.piecewise_map(table, warp.mesh_labels(dst, rig.tris, rect, 2), rect, 2)
+    whole = [m.copy() for m in base]
+    labels, order = {}, warp.draw_order(dst, rig.tris)
+    warp.exact_within(*whole, rect, box, dst, rig.tris, table, labels, order)
+    assert not np.array_equal(whole[0], base[0])  # (the exact part changes the map)
+    got = [m[win].copy() for m in base]
+    warp.exact_within(*got, part, box, dst, rig.tris, table, labels, order, label_rect=rect)
+    assert len(labels) == 1  # drawn once
+    assert np.array_equal(got[0], whole[0][win]) and np.array_equal(got[1], whole[1][win])

@@ -30,20 +30,29 @@ def delaunay(pts: np.ndarray) -> np.ndarray:
     return idx[ok]
 
 
-def _tri_affines(dst: np.ndarray, src: np.ndarray, tris: np.ndarray) -> np.ndarray:
-    """Per triangle, the affine (t, 2, 3) taking dst vertices onto src vertices (degenerate ones: a translation)."""
-    d0, s0 = dst[tris[:, 0]], src[tris[:, 0]]
+def dst_inverse(dst: np.ndarray, tris: np.ndarray) -> tuple:
+    """The part of _tri_affines that depends on dst only (a frame's maps share dst): first vertices, the inverse of
+    each triangle's edge matrix, and which triangles are not degenerate."""
+    d0 = dst[tris[:, 0]]
     e1, e2 = dst[tris[:, 1]] - d0, dst[tris[:, 2]] - d0
-    f1, f2 = src[tris[:, 1]] - s0, src[tris[:, 2]] - s0
     det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
     ok = np.abs(det) > 1e-6
     inv_det = np.where(ok, 1.0 / np.where(ok, det, 1.0), 0.0)
     # inverse of [e1 e2] (columns), then A = [f1 f2] @ inv
     i00, i01 = e2[:, 1] * inv_det, -e2[:, 0] * inv_det
     i10, i11 = -e1[:, 1] * inv_det, e1[:, 0] * inv_det
+    return d0, (i00[:, None], i01[:, None], i10[:, None], i11[:, None]), ok
+
+
+def _tri_affines(dst: np.ndarray, src: np.ndarray, tris: np.ndarray, inv: tuple | None = None) -> np.ndarray:
+    """Per triangle, the affine (t, 2, 3) taking dst vertices onto src vertices (degenerate ones: a translation).
+    inv: dst_inverse(dst, tris), when already computed."""
+    d0, (i00, i01, i10, i11), ok = dst_inverse(dst, tris) if inv is None else inv
+    s0 = src[tris[:, 0]]
+    f1, f2 = src[tris[:, 1]] - s0, src[tris[:, 2]] - s0
     m = np.empty((len(tris), 2, 3))
-    m[:, :, 0] = f1 * i00[:, None] + f2 * i10[:, None]
-    m[:, :, 1] = f1 * i01[:, None] + f2 * i11[:, None]
+    m[:, :, 0] = f1 * i00 + f2 * i10
+    m[:, :, 1] = f1 * i01 + f2 * i11
     m[~ok, :, :2] = np.eye(2)
     m[:, :, 2] = s0 - (m[:, :, 0] * d0[:, :1] + m[:, :, 1] * d0[:, 1:])
     return m
@@ -74,81 +83,137 @@ def upsample(a: np.ndarray, rect, step: int) -> np.ndarray:
     return big[step:step + h, step:step + w]
 
 
-def mesh_labels(dst: np.ndarray, tris: np.ndarray, rect: tuple[int, int, int, int], step: int = 1) -> np.ndarray:
-    """(ch, cw) int32 on the coarse grid of rect: index of the triangle (drawn at dst) covering each sample,
-    len(tris) outside the mesh."""
-    xs, ys, cw, ch = grid(rect, step)
-    label = np.full((ch, cw), len(tris), np.int32)
-    pts = np.round((dst - (xs[0, 0], ys[0, 0])) / step * 16).astype(np.int32)
+def draw_order(dst: np.ndarray, tris: np.ndarray) -> tuple:
+    """What mesh_labels needs of dst whatever the rect: the triangles in drawing order (by area) and their
+    bounding boxes (pixels); computed once for a frame's several label maps."""
     # Every triangle also paints the pixels its edges touch, and the last one drawn wins them: drawn largest last,
     # a sliver (the gap between shut lips, a fraction of a pixel high) keeps none of its neighbours' pixels, where
     # it would otherwise paint a staircase line of whatever it maps to (the dark mouth interior)
     a, b, c = dst[tris[:, 0]], dst[tris[:, 1]], dst[tris[:, 2]]
     area = np.abs((b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0]))
-    # only triangles that reach into the grid (a small rect, e.g. around the lips, needs a few of them)
-    tp = pts[tris]  # (t, 3, 2), 1/16 grid units
-    inside = ((tp[..., 0].max(1) >= -16) & (tp[..., 0].min(1) <= cw * 16)
-              & (tp[..., 1].max(1) >= -16) & (tp[..., 1].min(1) <= ch * 16))
     order = np.argsort(area, kind="stable")
-    for t in order[inside[order]].tolist():
-        cv2.fillConvexPoly(label, tp[t], t, lineType=cv2.LINE_8, shift=4)
+    a, b, c = a[order], b[order], c[order]
+    return order, np.minimum(np.minimum(a, b), c), np.maximum(np.maximum(a, b), c)
+
+
+def mesh_labels(dst: np.ndarray, tris: np.ndarray, rect: tuple[int, int, int, int], step: int = 1,
+                order: tuple | None = None) -> np.ndarray:
+    """(ch, cw) on the coarse grid of rect: index of the triangle (drawn at dst) covering each sample, len(tris)
+    outside the mesh. uint8 while the indices fit (the mouth mesh has about 200 triangles): the triangles are
+    drawn into a quarter of the memory and piecewise_map gathers with cv2.LUT; int32 for larger meshes.
+    order: draw_order(dst, tris), when already computed."""
+    xs, ys, cw, ch = grid(rect, step)
+    label = np.full((ch, cw), len(tris), np.uint8 if len(tris) < 256 else np.int32)
+    ox, oy = float(xs[0, 0]), float(ys[0, 0])
+    pts = np.round((dst - (ox, oy)) / step * 16).astype(np.int32)  # 1/16 grid units
+    order, lo, hi = draw_order(dst, tris) if order is None else order
+    # only triangles that reach into the grid (a small rect, e.g. around the lips, needs a few of them); one whose
+    # box lies more than a sample outside paints nothing there, so the margin need not be tight
+    near = ((hi[:, 0] >= ox - 2 * step) & (lo[:, 0] <= ox + step * (cw + 1))
+            & (hi[:, 1] >= oy - 2 * step) & (lo[:, 1] <= oy + step * (ch + 1)))
+    order = order[near]
+    # ~200 calls a frame: positional arguments and polygons taken from one gathered array cost less per call
+    fill, line8 = cv2.fillConvexPoly, cv2.LINE_8
+    for t, poly in zip(order.tolist(), pts[tris[order]]):
+        fill(label, poly, t, line8, 4)
     return label
 
 
-def affine_table(dst: np.ndarray, src: np.ndarray, tris: np.ndarray) -> np.ndarray:
+def affine_table(dst: np.ndarray, src: np.ndarray, tris: np.ndarray, inv: tuple | None = None) -> np.ndarray:
     """(6, t + 1) float32 coefficients of each triangle's affine (dst -> src), coefficient-major so one row is one
     coefficient for every triangle; the last column is the identity (label len(tris): outside the mesh). A frame
-    reuses it for its coarse and per-pixel maps with the same points."""
+    reuses it for its coarse and per-pixel maps with the same points. inv: dst_inverse(dst, tris), shared by the
+    tables of one dst."""
     table = np.zeros((6, len(tris) + 1), np.float32)
-    table[:, :-1] = _tri_affines(dst, src, tris).reshape(-1, 6).T
+    table[:, :-1] = _tri_affines(dst, src, tris, inv).reshape(-1, 6).T
     table[:, -1] = (1, 0, 0, 0, 1, 0)
     return table
 
 
-def piecewise_map(table: np.ndarray, label: np.ndarray, rect, step: int = 1) -> tuple:
+def piecewise_map(table: np.ndarray, label: np.ndarray, rect, step: int = 1, rows: tuple | None = None) -> tuple:
     """Backward map for cv2.remap over rect=(x0, y0, w, h): pixel p (inside the mesh drawn at dst, as labelled)
     samples the source at the piecewise-affine image of p; outside the mesh the map is the identity. Computed on
     the coarse grid and upsampled: the map is continuous and piecewise linear, so bilinear upsampling is exact
     inside triangles and off by a fraction of a pixel at their edges. table: affine_table(dst, src, tris), label:
-    mesh_labels(dst, tris, rect, step)."""
+    mesh_labels(dst, tris, rect, step). rows: (r0, r1), only those rows of rect (maps (r1 - r0, w)), the same
+    values as those rows of the whole map."""
     xs, ys, _, _ = grid(rect, step)
+    sliced = rows is not None and step & (step - 1) == 0
+    if sliced:
+        # Only the coarse rows these rows interpolate from, one more each side so cv2.resize never clamps at the
+        # cut: each output row is then the same blend of the same two rows as in the whole map. Power-of-two
+        # steps only: resize's row weights are then exact, the same for row I of the cut as for row I + step * k0
+        # of the whole (with a step of 3 they differ in the last bit)
+        def src_row(big_row: int) -> int:  # the upper coarse row resize blends into this upsampled row
+            return (2 * big_row + 1 - step) // (2 * step)
+
+        k0, k1 = rows
+        if step > 1:
+            k0 = max(0, src_row(rows[0] + step) - 1)
+            k1 = min(label.shape[0], src_row(rows[1] - 1 + step) + 3)
+        label, ys = label[k0:k1], ys[k0:k1]
     # One coefficient plane at a time, in place: a (6, h, w) gather and its temporaries cost twice as much. The
     # float32 operations and their order are those of c0 * x + c1 * y + c2 (the same map to the bit); labels are
     # always within the table, so take() need not check them
     tmp = np.empty(label.shape, np.float32)
+    if label.dtype == np.uint8:  # a gather of exact copies either way
+        luts = np.zeros((6, 256), np.float32)
+        luts[:, :table.shape[1]] = table
+
+        def gather(r: int, out=None) -> np.ndarray:
+            return cv2.LUT(label, luts[r], dst=out)
+    else:
+        def gather(r: int, out=None) -> np.ndarray:
+            return np.take(table[r], label, out=out, mode="clip")
 
     def plane(r0: int) -> np.ndarray:
-        out = np.take(table[r0], label, mode="clip")
+        out = gather(r0)
         out *= xs
-        np.take(table[r0 + 1], label, out=tmp, mode="clip")
+        gather(r0 + 1, tmp)
         np.multiply(tmp, ys, out=tmp)
         np.add(out, tmp, out=out)
-        np.take(table[r0 + 2], label, out=tmp, mode="clip")
+        gather(r0 + 2, tmp)
         np.add(out, tmp, out=out)
         return out
 
     mx, my = plane(0), plane(3)
-    return upsample(mx, rect, step), upsample(my, rect, step)
+    if not sliced:
+        mx, my = upsample(mx, rect, step), upsample(my, rect, step)
+        return (mx, my) if rows is None else (mx[rows[0]:rows[1]], my[rows[0]:rows[1]])
+    if step == 1:
+        return mx, my
+    r0, w = rows[0] + step - step * k0, rect[2]  # (upsample's rows and columns, less the rows cut off above)
+    return tuple(cv2.resize(m, (m.shape[1] * step, m.shape[0] * step), interpolation=cv2.INTER_LINEAR)
+                 [r0:r0 + rows[1] - rows[0], step:step + w] for m in (mx, my))
 
 
 def exact_within(mx: np.ndarray, my: np.ndarray, map_rect, box, dst: np.ndarray, tris: np.ndarray,
-                 table: np.ndarray, labels: dict | None = None) -> None:
+                 table: np.ndarray, labels: dict | None = None, order: tuple | None = None,
+                 label_rect=None) -> None:
     """Overwrite (in place) the part of a map over map_rect (x0, y0, w, h) that lies in box with the exact
     per-pixel piecewise map (step 1). labels: a dict shared by calls with the same dst and tris (a frame's two
-    maps), so the per-pixel triangle labels are drawn once; table: affine_table(dst, src, tris)."""
-    x0, y0 = max(map_rect[0], box[0]), max(map_rect[1], box[1])
-    x1 = min(map_rect[0] + map_rect[2], box[0] + box[2])
-    y1 = min(map_rect[1] + map_rect[3], box[1] + box[3])
-    if x1 - x0 < 1 or y1 - y0 < 1:
+    maps), so the per-pixel triangle labels are drawn once; table: affine_table(dst, src, tris); order:
+    draw_order(dst, tris), when already computed. label_rect: a rect holding map_rect whose part in box the labels
+    are drawn over (default map_rect). cv2 fills a triangle cut by the image edge a little differently from one
+    inside it, so labels drawn over another rect may differ at such edges: a map over part of an earlier map's
+    rect takes the same labels as the whole would."""
+    def within(r) -> tuple:
+        x0, y0 = max(r[0], box[0]), max(r[1], box[1])
+        x1, y1 = min(r[0] + r[2], box[0] + box[2]), min(r[1] + r[3], box[1] + box[3])
+        return int(x0), int(y0), int(x1 - x0), int(y1 - y0)
+
+    sub, drawn = within(map_rect), within(map_rect if label_rect is None else label_rect)
+    if sub[2] < 1 or sub[3] < 1:
         return
-    sub = (int(x0), int(y0), int(x1 - x0), int(y1 - y0))
-    label = None if labels is None else labels.get(sub)
+    label = None if labels is None else labels.get(drawn)
     if label is None:
-        label = mesh_labels(dst, tris, sub, 1)
+        label = mesh_labels(dst, tris, drawn, 1, order)
         if labels is not None:
-            labels[sub] = label
+            labels[drawn] = label
+    label = label[sub[1] - drawn[1]:sub[1] - drawn[1] + sub[3], sub[0] - drawn[0]:sub[0] - drawn[0] + sub[2]]
     ex, ey = piecewise_map(table, label, sub, 1)
-    win = (slice(sub[1] - map_rect[1], y1 - map_rect[1]), slice(sub[0] - map_rect[0], x1 - map_rect[0]))
+    win = (slice(sub[1] - map_rect[1], sub[1] + sub[3] - map_rect[1]),
+           slice(sub[0] - map_rect[0], sub[0] + sub[2] - map_rect[0]))
     mx[win], my[win] = ex, ey
 
 
