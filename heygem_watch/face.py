@@ -6,6 +6,7 @@ Landmarks are (478, 2) float32 pixel coordinates (x, y) in the full frame: the 4
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -23,6 +24,7 @@ MIN_TRACKING_CONFIDENCE = 0.5
 # the rest of the job share the cores.
 TRACK_WORKERS = min(2, os.cpu_count() or 1)
 TRACK_BLOCK = 50
+_IMPORT_LOCK = threading.Lock()  # see _face_mesh_module
 
 UPPER_LIP_INNER_MID = 13
 LOWER_LIP_INNER_MID = 14
@@ -186,7 +188,16 @@ def _face_mesh_module():
     __init__ files: those import every solution, the drawing utilities (matplotlib) and the tasks API, about half
     a second per process that a one-shot `heygem-watch process` pays on every run. The two packages are registered
     as bare placeholders; the first attribute asked of one that FaceMesh did not need runs its real __init__ in it,
-    so a later `import mediapipe` elsewhere in the process still gets the whole package."""
+    so a later `import mediapipe` elsewhere in the process still gets the whole package.
+
+    Serialised: TrackPool's instances start together when their frames come from the cache, and a second thread
+    arriving between the two placeholders imported the real `solutions` package under the bare `mediapipe` one
+    (ImportError: partially initialized module mediapipe.python.solutions.pose)."""
+    with _IMPORT_LOCK:
+        return _import_face_mesh()
+
+
+def _import_face_mesh():
     import importlib
     import importlib.util
     import sys
