@@ -40,13 +40,7 @@ def test_piecewise_map_is_identity_when_nothing_moves_and_follows_a_shift(photo,
 @pytest.mark.parametrize("step", [1, 3])
 def test_piecewise_map_equals_the_per_sample_affine_of_its_label(photo, step):
     # piecewise_map gathers coefficient planes in place (speed): it must give the plain formula's float32 values
-    _, lm = photo
-    rig = compose.MouthRig.from_shape(lm)
-    dst = np.vstack([lm[compose.MESH_POINTS], rig.box_points(lm)])
-    src = dst + np.random.default_rng(1).normal(0, 2, dst.shape)
-    rect = warp.crop_rect(rig.box_points(lm), 512, 600)
-    label = warp.mesh_labels(dst, rig.tris, rect, step)
-    table = warp.affine_table(dst, src, rig.tris)
+    rig, rect, label, table = _mouth_mesh(photo, 1, step)
     xs, ys, _, _ = warp.grid(rect, step)
     c = table[:, label]
     want = (warp.upsample(c[0] * xs + c[1] * ys + c[2], rect, step), warp.upsample(c[3] * xs + c[4] * ys + c[5], rect,
@@ -69,14 +63,8 @@ def test_a_sliver_triangle_takes_no_pixel_its_neighbours_cover():
 @pytest.mark.parametrize("step", [1, 2, 3, 4])
 def test_piecewise_map_rows_are_those_rows_of_the_whole_map(photo, step):
     # compose asks only for the mouth's rows of the source map: they must be the whole map's values to the bit
-    _, lm = photo
-    rig = compose.MouthRig.from_shape(lm)
-    dst = np.vstack([lm[compose.MESH_POINTS], rig.box_points(lm)])
-    src = dst + np.random.default_rng(2).normal(0, 2, dst.shape)
-    rect = warp.crop_rect(rig.box_points(lm), 512, 600)
-    label = warp.mesh_labels(dst, rig.tris, rect, step)
+    rig, rect, label, table = _mouth_mesh(photo, 2, step)
     assert label.dtype == np.uint8 and label.max() == len(rig.tris)  # small meshes: uint8 labels, outside included
-    table = warp.affine_table(dst, src, rig.tris)
     whole = warp.piecewise_map(table, label, rect, step)
     h = rect[3]
     for r0, r1 in ((0, h), (1, h - 1), (h // 3, h // 3 + 7), (h - 5, h), (0, 1)):
@@ -108,3 +96,14 @@ def test_exact_within_over_part_of_a_map_takes_the_whole_maps_labels(photo):
     warp.exact_within(*got, part, box, dst, rig.tris, table, labels, order, label_rect=rect)
     assert len(labels) == 1  # drawn once
     assert np.array_equal(got[0], whole[0][win]) and np.array_equal(got[1], whole[1][win])
+
+
+def _mouth_mesh(photo, seed: int, step: int):
+    """The photo's mouth mesh (rig), its rect, the triangle labels at `step` and the affine table to randomly moved
+    points (seed)."""
+    _, lm = photo
+    rig = compose.MouthRig.from_shape(lm)
+    dst = np.vstack([lm[compose.MESH_POINTS], rig.box_points(lm)])
+    src = dst + np.random.default_rng(seed).normal(0, 2, dst.shape)
+    rect = warp.crop_rect(rig.box_points(lm), 512, 600)
+    return rig, rect, warp.mesh_labels(dst, rig.tris, rect, step), warp.affine_table(dst, src, rig.tris)
