@@ -156,9 +156,15 @@ def cmd_process(args, settings) -> int:
         print(f"heygem-watch process: engine: {exc}", file=sys.stderr)
         return EXIT_FAIL
 
+    cache_dir = None if args.no_cache else settings.process_cache_dir
+    if cache_dir is not None:  # what a `process` killed mid-analysis left there (a whole frame cache: GBs at 1080p)
+        from heygem_watch.template_cache import remove_stale_work
+
+        remove_stale_work(cache_dir)
+
     def report(tpl: str, res) -> None:
         if isinstance(res, BaseException):
-            print(f"FAIL {Path(tpl).name}: {res}", flush=True)
+            print(f"FAIL {Path(tpl).name}: {_reason(res, cache_dir or 'a temporary folder')}", flush=True)
         else:
             print(f"OK   {Path(tpl).name} -> {res.output}  {res.frames} frames, {res.duration_s:.2f} s, "
                   f"{res.wall_s:.1f} s wall ({res.fps:.1f} fps)" + (f"  [{'; '.join(res.notes)}]" if res.notes else ""),
@@ -167,15 +173,27 @@ def cmd_process(args, settings) -> int:
     from heygem_watch.media import MediaError
 
     try:
-        results = pipeline.process_files(args.recording, templates, outputs, engine,
-                                         cache_dir=None if args.no_cache else settings.process_cache_dir,
+        results = pipeline.process_files(args.recording, templates, outputs, engine, cache_dir=cache_dir,
                                          encoder=settings.encoder, log=get_logger(), on_result=report)
     except MediaError as exc:
         print(f"FAIL {args.recording.name}: recording unusable: {exc.reason}", flush=True)
         return EXIT_FAIL
+    except OSError as exc:  # the work folder cannot be written (a full disk): the reason, not a traceback
+        import tempfile
+
+        print(f"FAIL {args.recording.name}: {_reason(exc, tempfile.gettempdir())}", flush=True)
+        return EXIT_FAIL
     finally:
         engine.close()
     return EXIT_OK if results and all(not isinstance(r, BaseException) for r in results) else EXIT_FAIL
+
+
+def _reason(exc: BaseException, where) -> str:
+    """exc as a FAIL line says it; an OSError that names no file (a write into the template cache running out of
+    space) is told where it was writing."""
+    if isinstance(exc, OSError) and not exc.filename:
+        return f"{exc} (writing in {where})"
+    return str(exc)
 
 
 def _fmt_time(t: float | None) -> str:

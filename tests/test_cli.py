@@ -315,3 +315,37 @@ def test_process_with_the_real_builtin_engine(tmp_path, face_template_file):
     info = probe(tmp_path / "out" / "anchor.mp4")
     assert info.has_audio and abs(info.duration - 1.0) < 0.15
     assert not (tmp_path / "var" / "ledger.sqlite3").exists()
+
+
+def test_process_names_what_it_could_not_write_and_clears_a_killed_runs_leftovers(in_tmp, monkeypatch, capsys,
+                                                                                passthrough_engine,
+                                                                                face_template_file):
+    import errno
+
+    from heygem_watch import engines, pipeline, template
+
+    monkeypatch.setattr(engines, "create_engine", lambda name, model=None, **kw: passthrough_engine)
+    monkeypatch.setenv("HEYGEM_CACHE_DIR", str(in_tmp / "cache"))
+    rec = gen_media.write_av(in_tmp / "rec.flv", 0.4)
+    tpl = str(shutil.copy(face_template_file, in_tmp / "face.png"))
+    # a run killed during an analysis (its pid is gone) left a half-written entry: the next run removes it
+    stale = in_tmp / "cache" / "templates" / "0123abcd.tmp999999999.1"
+    stale.mkdir(parents=True)
+    (stale / "frames.yuv").write_bytes(b"\0" * 1000)
+
+    def full(*a, **k):  # the template cache's disk is full (a plain write names no file)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(template, "_analyse", full)
+    assert cli.main(["process", str(rec), "-t", tpl, "--output", str(in_tmp / "a.mp4")]) == cli.EXIT_FAIL
+    out = capsys.readouterr().out
+    assert not stale.exists()
+    assert "FAIL face.png" in out and "No space left on device" in out and str(in_tmp / "cache") in out
+
+    def work_full(recording, work):  # the work folder is full while the audio is extracted: no traceback
+        raise OSError(errno.ENOSPC, "No space left on device", str(work / "audio.m4a"))
+
+    monkeypatch.setattr(pipeline.RecordingJob, "prepare", staticmethod(work_full))
+    assert cli.main(["process", str(rec), "-t", tpl, "--output", str(in_tmp / "b.mp4")]) == cli.EXIT_FAIL
+    out = capsys.readouterr().out
+    assert out.startswith("FAIL rec.flv:") and "No space left on device" in out and "audio.m4a" in out
