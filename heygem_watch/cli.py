@@ -164,7 +164,7 @@ def cmd_process(args, settings) -> int:
 
     def report(tpl: str, res) -> None:
         if isinstance(res, BaseException):
-            print(f"FAIL {Path(tpl).name}: {_reason(res, cache_dir or 'a temporary folder')}", flush=True)
+            print(f"FAIL {Path(tpl).name}: {res}", flush=True)
         else:
             print(f"OK   {Path(tpl).name} -> {res.output}  {res.frames} frames, {res.duration_s:.2f} s, "
                   f"{res.wall_s:.1f} s wall ({res.fps:.1f} fps)" + (f"  [{'; '.join(res.notes)}]" if res.notes else ""),
@@ -179,21 +179,11 @@ def cmd_process(args, settings) -> int:
         print(f"FAIL {args.recording.name}: recording unusable: {exc.reason}", flush=True)
         return EXIT_FAIL
     except OSError as exc:  # the work folder cannot be written (a full disk): the reason, not a traceback
-        import tempfile
-
-        print(f"FAIL {args.recording.name}: {_reason(exc, tempfile.gettempdir())}", flush=True)
+        print(f"FAIL {args.recording.name}: {exc}", flush=True)
         return EXIT_FAIL
     finally:
         engine.close()
     return EXIT_OK if results and all(not isinstance(r, BaseException) for r in results) else EXIT_FAIL
-
-
-def _reason(exc: BaseException, where) -> str:
-    """exc as a FAIL line says it; an OSError that names no file (a write into the template cache running out of
-    space) is told where it was writing."""
-    if isinstance(exc, OSError) and not exc.filename:
-        return f"{exc} (writing in {where})"
-    return str(exc)
 
 
 def _fmt_time(t: float | None) -> str:

@@ -101,6 +101,10 @@ class Template:
         """Template frame i as (H, W, 3) uint8 BGR, read from the cache (no decoding)."""
         import cv2
 
+        return cv2.cvtColor(self.yuv(i), cv2.COLOR_YUV2BGR_I420)
+
+    def yuv(self, i: int) -> np.ndarray:
+        """Template frame i as the cache stores it: yuv420p (H * 3 / 2, W) uint8."""
         if not 0 <= i < self.n_frames:
             raise IndexError(f"template frame {i} out of range 0..{self.n_frames - 1}")
         with open(self.cache_dir / FRAMES_NAME, "rb") as f:
@@ -108,8 +112,7 @@ class Template:
             buf = f.read(self.frame_bytes)
         if len(buf) != self.frame_bytes:
             raise TemplateError(self.path, f"template cache is damaged (frame {i} missing); delete {self.cache_dir}")
-        yuv = np.frombuffer(buf, np.uint8).reshape(self.height * 3 // 2, self.width)
-        return cv2.cvtColor(yuv, cv2.COLOR_YUV2BGR_I420)
+        return np.frombuffer(buf, np.uint8).reshape(self.height * 3 // 2, self.width)
 
 
 def frame_count(duration_s: float, fps: Fraction) -> int:
@@ -123,10 +126,14 @@ def leading_tracked(tracked: np.ndarray) -> int:
     return int(untracked[0]) if len(untracked) else len(tracked)
 
 
+def first_tracked(i, prefix: int):
+    """Whether a first analysis tracks frame i (an int or an array of them) when the first `prefix` are shown."""
+    return (i < prefix) | (i % LIBRARY_STRIDE == 0)
+
+
 def tracked_set(n: int, prefix: int) -> np.ndarray:
     """(n,) bool: the frames a first analysis tracks when the first `prefix` are shown."""
-    i = np.arange(n)
-    return (i < prefix) | (i % LIBRARY_STRIDE == 0)
+    return first_tracked(np.arange(n), prefix)
 
 
 def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=None,
@@ -181,8 +188,12 @@ def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=No
                     tracked_prefix=leading_tracked(tracked), complete=bool(tracked.all()))
         (tmp / META_NAME).write_text(json.dumps(meta))
         install_entry(tmp, cache_dir, replace=tpl is not None)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            # a write into the entry (frames.yuv: a full disk) names no file: say where, keeping the errno the
+            # daemon's disk-full pause looks for
+            raise OSError(exc.errno, exc.strerror, str(tmp)) from exc
         raise
     tpl = _read_cache(path, fp, cache_dir)
     if tpl is None:
@@ -240,7 +251,7 @@ def _analyse(path: Path, out_dir: Path, prefix: int) -> tuple[dict, np.ndarray, 
     else:
         fps = _probe_fps(path)
         frames_iter = template_frames.threaded(template_frames.decode(
-            path, notes, MAX_TEMPLATE_FRAMES, spare, want=lambda i: i < prefix or i % LIBRARY_STRIDE == 0))
+            path, notes, MAX_TEMPLATE_FRAMES, spare, want=lambda i: first_tracked(i, prefix)))
         is_image = False
     w = h = n = 0
     with open(out_dir / FRAMES_NAME, "ab") as raw, face.TrackPool(static_image=is_image) as pool:
@@ -287,11 +298,11 @@ def _extend(tpl: Template, out_dir: Path, prefix: int, in_place: bool = False):
         meta = json.loads((tpl.cache_dir / META_NAME).read_text())
         for k in ("version", "fingerprint", "source", "analysis_s", "tracked_prefix", "complete"):
             meta.pop(k, None)
-    todo = np.flatnonzero(~tracked[:prefix])
+    todo = np.flatnonzero(~tracked[:prefix]).tolist()
+    w, h = tpl.width, tpl.height
     with face.TrackPool(static_image=tpl.is_image) as pool:
-        for i, rgb in template_frames.threaded(template_frames.cached(out_dir / FRAMES_NAME, tpl.width, tpl.height,
-                                                                      todo)):
-            pool.submit(i, rgb, tpl.width, tpl.height)
+        for i, rgb in template_frames.threaded((i, template_frames.rgb_from_yuv(tpl.yuv(i), w, h)) for i in todo):
+            pool.submit(i, rgb, w, h)
         results = pool.finish()
     new_lms, new_found = _track_arrays(len(tracked), results)
     lms[todo], found[todo] = new_lms[todo], new_found[todo]

@@ -1,6 +1,6 @@
 """Template frames for analysis: decoded straight to the yuv420p the cache stores, with the small RGB copy FaceMesh
 sees made only for the frames it will see, on the decoder's thread (template.py tracks them, face.TrackPool).
-The same RGB copy is made from a cached frame when an entry's face track is extended (no decoding then).
+The same RGB copy is made from a cached frame (Template.yuv) when an entry's face track is extended (no decoding).
 """
 from __future__ import annotations
 
@@ -82,18 +82,6 @@ def decode(path: Path, notes: list[str], limit: int, spare=None, want: Callable[
                 yield (w0, h0), yuv, rgb
         except av.error.FFmpegError as exc:
             notes.append(f"video decoding stopped early: {exc.strerror or exc}")
-
-
-def cached(frames_path: Path, w: int, h: int, indices):
-    """(index, RGB for FaceMesh) of each cached frame in indices (increasing), read from the entry's frames file."""
-    fb = w * h * 3 // 2
-    with open(frames_path, "rb") as f:
-        for i in indices:
-            f.seek(int(i) * fb)
-            buf = f.read(fb)
-            if len(buf) != fb:
-                raise OSError(f"{frames_path}: frame {i} missing")
-            yield int(i), rgb_from_yuv(np.frombuffer(buf, np.uint8).reshape(h * 3 // 2, w), w, h)
 
 
 def yuv420p(frame, spare=None) -> np.ndarray:

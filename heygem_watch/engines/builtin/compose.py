@@ -205,15 +205,6 @@ def _nonzero_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def _every_kth(img: np.ndarray, k: int) -> np.ndarray:
-    """img[::k, ::k] of an (h, w, 3) float32 image as contiguous (n, 3) rows: copied pixel by pixel (12 bytes)
-    rather than by numpy's loop over 3 values."""
-    if not img.flags.c_contiguous or img.dtype != np.float32:
-        return img[::k, ::k].reshape(-1, 3)
-    px = np.dtype((np.void, 12))
-    return np.ascontiguousarray(img.view(px).reshape(img.shape[:2])[::k, ::k]).view(np.float32).reshape(-1, 3)
-
-
 def _per_channel(a: np.ndarray) -> np.ndarray:
     """(h, w) float32 -> (h, w, 3), the same value in each channel. numpy broadcasting a[..., None] against an
     (h, w, 3) image runs its inner loop 3 elements at a time, about 10x slower than the same operation on
@@ -328,7 +319,7 @@ def compose_mouth(cur_img: np.ndarray, cur_lm: np.ndarray, src_img, src_lm: np.n
         ring = mask[::k, ::k] * (1.0 - mask[::k, ::k])
         wsum = float(ring.sum())
         if wsum > 1e-3:
-            d = _every_kth(bgf, k) - _every_kth(fgf, k)
+            d = bgf[::k, ::k].reshape(-1, 3) - fgf[::k, ::k].reshape(-1, 3)
             d *= _per_channel(ring).reshape(-1, 3)
             # cv2.reduce adds the rows in order, as numpy's sum over axis 0 of (n, 3) does (the same float32 sums),
             # without numpy's inner loop of 3

@@ -76,11 +76,10 @@ def model_files() -> dict[str, bytes | bytearray]:
             from None
     data = bytearray(sum(sizes))
     view, pos = memoryview(data), 0
-    for f, size in zip(halves, sizes):
+    for f in halves:
         try:
-            with open(f, "rb", buffering=0) as fh:
-                while pos < len(data) and (n := fh.readinto(view[pos:])):
-                    pos += n
+            with open(f, "rb") as fh:  # (buffered: readinto reads on until the half or the buffer ends)
+                pos += fh.readinto(view[pos:])
         except OSError as exc:
             raise WhisperModelError(f"{f}: cannot read the Whisper model half ({exc.strerror or exc})") from None
     view.release()
