@@ -136,7 +136,8 @@ def child_job(args) -> dict:
     from heygem_watch.engines import create_engine
     from heygem_watch.media import EncoderSettings
 
-    enc = EncoderSettings(preset=args.preset, crf=args.crf, threads=args.threads)
+    enc = EncoderSettings(preset=args.preset, crf=args.crf, threads=args.threads,
+                          params="" if args.params == "-" else args.params)
     t0 = time.monotonic()
     engine = _Passthrough() if args.engine == "none" else create_engine(args.engine)
     outs = [Path(args.out_dir) / f"{Path(t).stem}.mp4" for t in args.tpl]
@@ -155,7 +156,8 @@ def child_plain(args) -> dict:
     from heygem_watch.media import EncoderSettings, VideoWriter, iter_video_frames, probe
     from heygem_watch.pipeline import frame_count
 
-    enc = EncoderSettings(preset=args.preset, crf=args.crf, threads=args.threads)
+    enc = EncoderSettings(preset=args.preset, crf=args.crf, threads=args.threads,
+                          params="" if args.params == "-" else args.params)
     t0 = time.monotonic()
     total = 0.0
     for k, tpl in enumerate(args.tpl):
@@ -192,8 +194,12 @@ def main() -> None:
     ap.add_argument("--templates", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--engine", default="builtin")
     ap.add_argument("--work", default="/tmp/heygem-bench")
-    ap.add_argument("--preset", default="veryfast")
-    ap.add_argument("--crf", type=int, default=18)
+    from heygem_watch.config import EncoderSettings
+
+    dflt = EncoderSettings()
+    ap.add_argument("--preset", default=dflt.preset)
+    ap.add_argument("--crf", type=int, default=dflt.crf)
+    ap.add_argument("--params", default=dflt.params or "-", help="x264-params, - for none")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--child")
     ap.add_argument("--recording")
@@ -210,18 +216,18 @@ def main() -> None:
     (work / "out").mkdir(parents=True, exist_ok=True)
     var = work / "var"
     tpls = [str(make_template(i, work / f"template{i}_1280x720.mp4")) for i in range(max(a.templates))]
-    print(f"engine={a.engine} x264 preset={a.preset} crf={a.crf} threads={a.threads or 'auto'} cores={os.cpu_count()}")
+    print(f"engine={a.engine} x264 preset={a.preset} crf={a.crf} params={a.params} threads={a.threads or 'auto'} cores={os.cpu_count()}")
     print(f"{'rec_s':>6} {'tpls':>4} {'job_wall_s':>10} {'speed_x':>8} {'peak_rss_MB':>11} {'analysis_s':>14} "
           f"{'plain_wall_s':>12} {'plain_rss_MB':>12} {'job/plain':>9}")
     for secs in a.lengths:
         rec = str(make_recording(secs, work / f"recording_{secs}s.flv"))
         for nt in a.templates:
             job = run_child("job", recording=rec, tpl=tpls[:nt], out_dir=str(work / "out"), var=str(var),
-                            engine=a.engine, preset=a.preset, crf=a.crf, threads=a.threads)
+                            engine=a.engine, preset=a.preset, crf=a.crf, params=a.params, threads=a.threads)
             if job["errors"]:
                 raise SystemExit(f"job failed: {job['errors']}")
             plain = run_child("plain", recording=rec, tpl=tpls[:nt], out_dir=str(work / "out"), var=str(var / "plain"),
-                              preset=a.preset, crf=a.crf, threads=a.threads)
+                              preset=a.preset, crf=a.crf, params=a.params, threads=a.threads)
             print(f"{secs:>6} {nt:>4} {job['wall_s']:>10.1f} {job['out_s'] / job['wall_s']:>8.2f} "
                   f"{job['peak_rss_mb']:>11.0f} {','.join(f'{x:g}' for x in job['analysis_s']):>14} "
                   f"{plain['wall_s']:>12.1f} {plain['peak_rss_mb']:>12.0f} {job['wall_s'] / plain['wall_s']:>9.2f}",

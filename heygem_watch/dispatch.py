@@ -166,7 +166,8 @@ class CeleryDispatcher:
         s = self.daemon.settings
         spec = {"task": task.id, "recording": rec.id, "audio_dir": str(s.tmp_dir / f"rec-{rec.id}"),
                 "template": task.template_path, "output": str(self.daemon._output_path(rec, task)),
-                "tmp_dir": str(s.tmp_dir), "encoder": {"preset": s.encoder.preset, "crf": s.encoder.crf}}
+                "tmp_dir": str(s.tmp_dir), "encoder": {"preset": s.encoder.preset, "crf": s.encoder.crf,
+                                                             "params": s.encoder.params}}
         try:
             self.app.send_task(self.farm.TASK_NAME, args=[spec], task_id=celery_id, queue=self.farm.QUEUE,
                                retry=False)

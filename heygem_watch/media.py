@@ -153,7 +153,10 @@ class VideoWriter:
         vs.width, vs.height, vs.pix_fmt = self.width, self.height, "yuv420p"
         self._tb = Fraction(1, 1) / self.fps
         vs.codec_context.time_base = self._tb
-        vs.codec_context.options = {"crf": str(enc.crf), "preset": enc.preset}
+        options = {"crf": str(enc.crf), "preset": enc.preset}
+        if enc.params:
+            options["x264-params"] = enc.params
+        vs.codec_context.options = options
         vs.codec_context.thread_count = enc.threads
         self._vs = vs
         self._audio: _AudioSource | None = None

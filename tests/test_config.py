@@ -16,7 +16,7 @@ def test_defaults_without_any_config(tmp_path):
     assert s.extensions == tuple(DEFAULT_EXTENSIONS.split(","))
     assert (s.settle_seconds, s.retention_days, s.rescan_seconds) == (10.0, 30, 60.0)
     assert s.polling is False and s.log_format == "json"
-    assert s.encoder == EncoderSettings("veryfast", 18, 0)
+    assert s.encoder == EncoderSettings("superfast", 17, 0, "mbtree=1:rc-lookahead=10")
     assert s.ledger_path == tmp_path / "var" / "ledger.sqlite3"
     assert s.config_file is None
 
@@ -67,6 +67,18 @@ def test_every_bad_value_and_unknown_key_reported_by_name(tmp_path):
     for key in env:
         assert key in text, key
     assert len(ei.value.problems) == len(env)
+
+
+def test_x264_params_checked_and_dash_clears_them(tmp_path):
+    s = load_settings(None, environ={"HEYGEM_X264_PARAMS": "-", "HEYGEM_X264_PRESET": "medium"}, cwd=tmp_path,
+                      isatty=False)
+    assert (s.encoder.preset, s.encoder.params) == ("medium", "")
+    s = load_settings(None, environ={"HEYGEM_X264_PARAMS": "aq-mode=2:bframes=0"}, cwd=tmp_path, isatty=False)
+    assert s.encoder.params == "aq-mode=2:bframes=0"
+    for bad in ("mbtree", "mbtree=1::ref=2", "ref=2 bframes=0", "ref=2,bframes=0"):
+        with pytest.raises(ConfigError, match="HEYGEM_X264_PARAMS") as ei:
+            load_settings(None, environ={"HEYGEM_X264_PARAMS": bad}, cwd=tmp_path, isatty=False)
+        assert "key=value" in str(ei.value)
 
 
 def test_onnx_engine_needs_a_model(tmp_path):

@@ -73,6 +73,27 @@ def test_output_has_template_geometry_and_audio_length(media, tmp_path):
     assert not list((tmp_path / "var" / "tmp").glob("**/*.mp4"))
 
 
+def _x264_options(path) -> str:
+    """The settings line x264 writes into the stream (an SEI message): what the encoder really ran with."""
+    data = path.read_bytes()
+    i = data.index(b"options: ")
+    return data[i: data.index(b"\x00", i)].decode("ascii", "replace")
+
+
+def test_encoder_settings_reach_x264(media, tmp_path):
+    d, tpl, rec = media
+    default, custom = tmp_path / "default.mp4", tmp_path / "custom.mp4"
+    pipeline.process_files(rec, [tpl], [default], Passthrough(), var_dir=tmp_path / "var")
+    opts = _x264_options(default)
+    # superfast's own motion search and subpixel refinement, with veryfast's rate control put back
+    assert "me=dia" in opts and "subme=1" in opts and "mbtree=1" in opts and "rc_lookahead=10" in opts
+    assert "crf=17.0" in opts
+    enc = pipeline.EncoderSettings(preset="veryfast", crf=23, params="")
+    pipeline.process_files(rec, [tpl], [custom], Passthrough(), var_dir=tmp_path / "var", encoder=enc)
+    opts = _x264_options(custom)
+    assert "me=hex" in opts and "subme=2" in opts and "crf=23.0" in opts
+
+
 def test_fan_out_takes_audio_once(media, tmp_path):
     d, tpl, rec = media
     eng = Passthrough()
