@@ -180,6 +180,7 @@ def extract_audio(recording: os.PathLike | str, work_dir: os.PathLike | str) -> 
     with open_container(recording) as c:
         if not c.streams.audio:
             raise MediaError(recording, "has no audio track (nothing to lip-sync to)")
+        stated_s = float(c.duration / 1_000_000) if c.duration else 0.0  # what probe() says, without a second open
         ain = c.streams.audio[0]
         origin = _timeline_origin(c, ain)
         src_rate = ain.codec_context.sample_rate or 48000
@@ -260,7 +261,7 @@ def extract_audio(recording: os.PathLike | str, work_dir: os.PathLike | str) -> 
     if align.gaps:
         notes.append(f"filled {align.gaps} gap(s) in the audio timestamps with silence")
     if not any("truncated" in n for n in notes):
-        notes += completeness_notes(recording, align.written / out_rate)
+        notes += completeness_notes(recording, align.written / out_rate, stated_s)
     if float(np.abs(_peak(pcm_path, n16))) < 1e-4:
         notes.append("audio is silent: the avatar will keep its mouth closed")
     (work_dir / INFO_NAME).write_text(json.dumps({"n_samples": n16, "source": str(recording), "notes": notes,
@@ -355,8 +356,9 @@ def wav_stated_seconds(path: Path) -> float | None:
         return None
 
 
-def completeness_notes(path: Path, decoded_s: float) -> list[str]:
-    """Say so when a recording was cut short (crashed OBS): FLV ending mid-tag, or less audio than the header says."""
+def completeness_notes(path: Path, decoded_s: float, stated_s: float | None = None) -> list[str]:
+    """Say so when a recording was cut short (crashed OBS): FLV ending mid-tag, or less audio than the header says.
+    stated_s: the container's duration when the caller has it open (None: probed here)."""
     notes = []
     wav = wav_stated_seconds(path) if path.suffix.lower() in (".wav", ".wave") else None
     if path.suffix.lower() == ".flv" and flv_truncated(path):
@@ -366,10 +368,12 @@ def completeness_notes(path: Path, decoded_s: float) -> list[str]:
         notes.append(f"recording is truncated: its header says {wav:.1f} s, {decoded_s:.1f} s are present and "
                      "were processed")
     else:
-        try:
-            stated = probe(path).duration
-        except Exception:  # noqa: BLE001 - only a hint; decoding already succeeded
-            stated = 0.0
+        stated = stated_s
+        if stated is None:
+            try:
+                stated = probe(path).duration
+            except Exception:  # noqa: BLE001 - only a hint; decoding already succeeded
+                stated = 0.0
         if stated > decoded_s + max(1.0, 0.05 * stated):
             notes.append(f"recording looks truncated: its header says {stated:.1f} s, {decoded_s:.1f} s of audio "
                          "could be decoded and were processed")

@@ -20,12 +20,12 @@ from typing import Callable, Iterator, Sequence
 
 from heygem_watch.audio import AudioTrack, extract_audio
 from heygem_watch.engines.base import Engine, FrameJob
-from heygem_watch.media import EncoderSettings, MediaError, VideoWriter, probe
+from heygem_watch.media import EncoderSettings, VideoWriter, probe
 from heygem_watch.template import Template, frame_count, load_template
 
 PROGRESS_EVERY_S = 2.0  # progress callbacks at most this often (the daemon logs every 5 s)
 TMP_PREFIX = ".partial-"
-PREFETCH_MARGIN_S = 0.5  # template frames analysed beyond the recording's container duration (see _Prefetch)
+PREFETCH_MARGIN_S = 0.5  # template frames analysed beyond the recording's container duration (see Prefetch)
 
 Progress = Callable[[int, int, float, float], None]  # (frames_done, frames_total, fps, eta_s)
 
@@ -166,13 +166,16 @@ def process_files(recording: os.PathLike | str, templates: Sequence[os.PathLike 
                   outputs: Sequence[os.PathLike | str], engine: Engine | str = "auto",
                   model: os.PathLike | str | None = None, var_dir: os.PathLike | str | None = None, *,
                   cache_dir: os.PathLike | str | None = None, encoder: EncoderSettings | None = None, log=None,
-                  on_result: Callable[[str, RenderResult | BaseException], None] | None = None
-                  ) -> list[RenderResult | BaseException]:
+                  on_result: Callable[[str, RenderResult | BaseException], None] | None = None,
+                  prefetch: "Prefetch | None" = None) -> list[RenderResult | BaseException]:
     """`heygem-watch process`: no daemon, no ledger. One result (or the exception) per template, in order.
 
     engine: an Engine, or a name for engines.create_engine (with model).
     cache_dir: where template analyses are kept for the next run (default var_dir/cache when var_dir is given);
     None and no var_dir: a temporary folder, deleted afterwards. Work files go to the system's temporary folder.
+
+    prefetch: a Prefetch of these templates into cache_dir, started by the caller before its own slow set-up (the
+    CLI starts it before building the engine); joined or stopped here as one started here would be.
 
     A broken recording raises MediaError; one failing template never stops the others.
     """
@@ -187,7 +190,8 @@ def process_files(recording: os.PathLike | str, templates: Sequence[os.PathLike 
         cache_dir = Path(var_dir) / "cache"
     cache = Path(cache_dir) if cache_dir is not None else work / "cache"
     results: list[RenderResult | BaseException] = []
-    prefetch = _Prefetch(recording, templates, cache, log)
+    if prefetch is None:
+        prefetch = Prefetch(recording, templates, cache, log)
     try:
         job = RecordingJob.prepare(recording, work)
         job.speech_for(engine)  # while the templates are still being analysed on the other core
@@ -215,31 +219,27 @@ def process_files(recording: os.PathLike | str, templates: Sequence[os.PathLike 
     return results
 
 
-class _Prefetch:
+class Prefetch:
     """Analyses the templates (load_template) on a thread while the recording's audio is decoded and analysed: on
     a first run each is otherwise a serial step, and neither keeps two cores busy. The recording's length comes
     from its container (PREFETCH_MARGIN_S more, for a container that under-reports); run_task calls load_template
     again with the exact length, a cache hit (or a short extension). Failures here are ignored: run_task repeats
-    the load and reports them."""
+    the load and reports them. The recording is probed on the thread too: the first probe imports PyAV (~0.15 s),
+    which the caller's thread would otherwise pay before the analysis could start."""
 
     def __init__(self, recording, templates: Sequence, cache_root: Path, log=None):
         self._done = [threading.Event() for _ in templates]
         self._stop = threading.Event()
         self.analysis: dict[int, tuple[float, bool]] = {}  # k -> (seconds, cache_hit) of what the thread did
-        self._thread: threading.Thread | None = None
-        try:
-            duration = probe(recording).duration
-        except MediaError:
-            duration = 0.0
-        if duration <= 0:
-            for ev in self._done:
-                ev.set()
-            return
 
         def run():
+            try:
+                duration = probe(recording).duration
+            except Exception:  # nothing prefetched; the audio extraction on the caller's thread reports the reason
+                duration = 0.0
             for k, (ev, tpl) in enumerate(zip(self._done, templates)):
                 try:
-                    if not self._stop.is_set():
+                    if duration > 0 and not self._stop.is_set():
                         t = load_template(tpl, cache_root, log=log, duration_s=duration + PREFETCH_MARGIN_S)
                         self.analysis[k] = (t.analysis_s, t.cache_hit)
                 except Exception:
@@ -251,8 +251,7 @@ class _Prefetch:
         self._thread.start()
 
     def join(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
+        self._thread.join()
 
     def wait(self, k: int) -> None:
         self._done[k].wait()

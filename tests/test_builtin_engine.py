@@ -211,7 +211,7 @@ def test_a_short_recording_on_a_longer_template(tmp_path):
     with av.open(str(tmp_path / "o.mp4")) as c:
         assert sum(1 for _ in c.decode(c.streams.video[0])) == res.frames
     short = load_template(path, tmp_path / "cache", duration_s=0.5)
-    assert short.cache_hit and not short.complete and short.tracked_prefix < 40  # _Prefetch: 0.5 s more
+    assert short.cache_hit and not short.complete and short.tracked_prefix < 40  # Prefetch: 0.5 s more
     lib = mouth.analyse_mouths(short)
     assert lib.valid.tolist() == short.tracked.tolist()  # every tracked frame has a face here
     assert set(lib.candidates.tolist()) == set(np.flatnonzero(short.tracked).tolist())
