@@ -154,8 +154,8 @@ def cmd_process(args, settings) -> int:
         from heygem_watch.template_cache import remove_stale_work
 
         remove_stale_work(cache_dir)
-        # The templates' analysis (the longest step of a first run) starts before the engine is built: that imports
-        # OpenCV and starts the Whisper load, ~0.1 s of one core the analysis would otherwise wait for.
+        # The templates' analysis (the longest step of a first run) starts before the engine is built, which imports
+        # OpenCV and the engine's modules and starts the Whisper load: the analysis no longer waits for those.
         prefetch = pipeline.Prefetch(args.recording, templates, Path(cache_dir), get_logger())
     model = args.model if args.model is not None else settings.model
     try:

@@ -109,6 +109,19 @@ def test_truncated_flv_is_decoded_as_far_as_possible_and_noted(tmp_path):
     assert any("truncated" in n for n in part.notes), part.notes
 
 
+def test_less_audio_than_the_container_states_is_noted(tmp_path):
+    """completeness_notes: the container's duration as extract_audio read it (it has the file open), or probed."""
+    from heygem_watch.audio import completeness_notes
+
+    rec = mediagen.write_video(tmp_path / "r.mp4", (np.zeros((64, 64, 3), np.uint8) for _ in range(100)), 25,
+                               _tone(4.0))
+    assert not any("truncated" in n for n in extract_audio(rec, tmp_path / "w").notes)
+    assert completeness_notes(rec, 4.0, 4.0) == [] and completeness_notes(rec, 4.0) == []
+    given, probed = completeness_notes(rec, 1.0, 10.0), completeness_notes(rec, 1.0)
+    assert len(given) == 1 and "header says 10.0 s" in given[0] and "1.0 s of audio" in given[0]
+    assert len(probed) == 1 and "header says 4.0 s" in probed[0]
+
+
 def _wav(path, samples, rate):
     import wave
 

@@ -105,6 +105,19 @@ def test_process_batch_and_single(in_tmp, monkeypatch, capsys, passthrough_engin
     assert "recording unusable" in capsys.readouterr().out
 
 
+def test_process_from_the_command_line_exits_with_its_status(in_tmp):
+    """A command-line `process` ends with os._exit (no interpreter teardown): its lines still reach a pipe and its
+    exit status is the run's."""
+    bad = gen_media.text_file(in_tmp / "bad.flv")
+    tpl = gen_media.write_av(in_tmp / "t.mp4", 0.4)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HEYGEM_CACHE_DIR": str(in_tmp / "c")}
+    run = subprocess.run([sys.executable, "-m", "heygem_watch.cli", "process", str(bad), "-t", str(tpl),
+                          "--output", str(in_tmp / "o.mp4"), "--engine", "builtin"],
+                         capture_output=True, text=True, cwd=in_tmp, env=env, timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert run.stdout.startswith("FAIL bad.flv: recording unusable")
+
+
 def test_process_keeps_its_cache_in_the_user_cache_dir_not_in_the_cwd(in_tmp, monkeypatch, capsys,
                                                                       passthrough_engine, face_template_file):
     from heygem_watch import engines

@@ -94,6 +94,31 @@ def test_encoder_settings_reach_x264(media, tmp_path):
     assert "me=hex" in opts and "subme=2" in opts and "crf=23.0" in opts
 
 
+def test_a_prefetch_started_by_the_caller_is_used(media, tmp_path):
+    """The CLI starts the templates' analysis before building its engine and hands it to process_files."""
+    d, tpl, rec = media
+    cache = tmp_path / "cache"
+    pre = pipeline.Prefetch(rec, [tpl], cache)
+    pre.wait(0)
+    seconds, hit = pre.analysis[0]
+    assert not hit and seconds > 0
+    res = pipeline.process_files(rec, [tpl], [tmp_path / "a.mp4"], Passthrough(), cache_dir=cache, prefetch=pre)[0]
+    assert not res.template_cache_hit and res.template_analysis_s >= seconds  # the cold analysis, reported
+    assert len(list((cache / "templates").iterdir())) == 1
+
+
+def test_a_prefetch_of_an_unreadable_recording_ends_without_analysing(media, tmp_path):
+    """The recording is probed on the prefetch thread: a bad one must still release wait(), not raise there."""
+    d, tpl, _ = media
+    bad = tmp_path / "bad.flv"
+    bad.write_text("not a video")
+    for rec in (bad, tmp_path / "missing.flv"):
+        pre = pipeline.Prefetch(rec, [tpl, tpl], tmp_path / "cache")
+        pre.join()
+        assert all(ev.is_set() for ev in pre._done)  # (checked, not waited on: a failure would hang wait())
+        assert pre.analysis == {} and not (tmp_path / "cache").exists()
+
+
 def test_fan_out_takes_audio_once(media, tmp_path):
     d, tpl, rec = media
     eng = Passthrough()
