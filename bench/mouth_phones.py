@@ -41,7 +41,7 @@ class Aligner:
         from heygem_watch.engines.builtin import whisper as w
 
         self.w, self.ct2 = w, ctranslate2
-        files = w.model_files()
+        files = {k: bytes(v) for k, v in w.model_files().items()}  # CTranslate2 takes bytes, not model.bin's view
         self.model = ctranslate2.models.Whisper("whisper-base", device="cpu", compute_type="float32", files=files)
         self.vocab = files["vocabulary.txt"].decode().split("\n")
         self.ids = {t: i for i, t in enumerate(self.vocab)}
