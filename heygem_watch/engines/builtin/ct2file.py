@@ -129,8 +129,8 @@ class _Reader:
         self.source = source
 
     def take(self, fmt: str):
-        raw = self.source.take(struct.calcsize("<" + fmt), struct.calcsize("<" + fmt))
-        values = struct.unpack("<" + fmt, raw)
+        n = struct.calcsize("<" + fmt)
+        values = struct.unpack("<" + fmt, self.source.take(n, n))
         return values[0] if len(values) == 1 else values
 
     def string(self) -> str:

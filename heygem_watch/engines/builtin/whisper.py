@@ -74,6 +74,11 @@ def _halves() -> list:
     return halves
 
 
+def _label(halves: list) -> str:
+    """How messages name the joined model: both halves."""
+    return " + ".join(map(str, halves))
+
+
 def _side_files() -> dict[str, bytes]:
     first = _data_dir(MODEL_WHEELS[0][0])
     files = {}
@@ -99,7 +104,7 @@ def model_files() -> dict[str, bytes | memoryview]:
         except OSError as exc:
             raise WhisperModelError(f"{f}: cannot read the Whisper model half ({exc.strerror or exc})") from None
     data = view[:pos]  # shorter when a half shrank while being read: the hash check below refuses what is there
-    return {"model.bin": verify_model(data, " + ".join(map(str, halves))), **_side_files()}
+    return {"model.bin": verify_model(data, _label(halves)), **_side_files()}
 
 
 def verify_model(data: bytes | bytearray | memoryview, source: str) -> bytes | bytearray | memoryview:
@@ -148,7 +153,7 @@ def load_encoder() -> Encoder:
     from heygem_watch.engines.builtin.ct2file import FileSource, ModelFileError, encoder_only_stream, stub_vocabulary
 
     halves = _halves()
-    where = " + ".join(map(str, halves))
+    where = _label(halves)
     digest = hashlib.sha256()
     try:
         model = encoder_only_stream(FileSource(halves, digest.update), layers=ENCODER_LAYERS)
