@@ -171,11 +171,11 @@ def run_checks(settings) -> int:
 def _check_speech(settings, ok, bad) -> None:
     """The built-in engine's speech model: the head file and the Whisper model joined from its wheels (hash)."""
     from heygem_watch.engines.builtin.head import HeadError, load_head
-    from heygem_watch.engines.builtin.whisper import WhisperModelError, model_files
+    from heygem_watch.engines.builtin.whisper import WhisperModelError, verify_installed
 
     try:
         head = load_head(settings.speech_model)
-        model_files()
+        verify_installed()
     except (HeadError, WhisperModelError) as exc:
         bad(f"speech model: {exc}", "fix HEYGEM_SPEECH_MODEL (empty = the shipped one) or reinstall heygem-watch's "
             "dependencies (./setup.sh)")

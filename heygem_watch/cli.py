@@ -304,6 +304,8 @@ def cmd_check(args, settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # a process of its own, numpy and cv2 not loaded yet (tests call main(argv) in theirs)
+        _quiet_thread_pools(blas_one_thread=args.command != "train-speech")
     if args.command == "export-model":
         from heygem_watch.engines.onnx.export import cli_export
 
@@ -329,6 +331,22 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and args.command == "process":
         _exit_now(rc)
     return rc
+
+
+def _quiet_thread_pools(blas_one_thread: bool) -> None:
+    """Stop idle native thread pools from spinning. Must run before numpy and cv2 load (they read these at load);
+    an operator's own values in the environment win.
+
+    Between jobs, OpenBLAS's and OpenCV's workers wait in sched_yield loops; in a render, work reaches them every
+    few milliseconds from several of our own busy threads, so on 2 cores they spun away ~10 % of a 1080p first
+    run's CPU (perf: 3407 -> 3038 samples, every sched_yield gone). Rendering is already parallel across our
+    threads and its matrices are small, so BLAS gets one thread; OpenCV keeps its pool (big frames on a big
+    server) but its workers sleep when idle. train-speech keeps threaded BLAS: its regressions are large (427
+    clips fitted in 9.9 s with 2 threads, 12.8 s with one)."""
+    if blas_one_thread:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    for name in ("OPENCV_THREAD_POOL_ACTIVE_WAIT_WORKER", "OPENCV_THREAD_POOL_ACTIVE_WAIT_MAIN"):
+        os.environ.setdefault(name, "0")
 
 
 def _exit_now(rc: int) -> None:

@@ -61,6 +61,20 @@ def _wheel_copies(tmp_path, damage=None):
     return lambda package: tmp_path / package
 
 
+def test_check_verifies_the_installed_halves_without_holding_them(tmp_path, monkeypatch):
+    """verify_installed (heygem-watch check) passes the installed model and refuses a half with one flipped byte,
+    naming both halves; what it hashes equals the whole joined model's hash (model_files)."""
+    W.verify_installed()
+    monkeypatch.setattr(W, "_data_dir", _wheel_copies(tmp_path, lambda k, data: data.__setitem__(
+        len(data) // 3, data[len(data) // 3] ^ 1) if k == 0 else None))
+    with pytest.raises(W.WhisperModelError) as exc:
+        W.verify_installed()
+    msg = str(exc.value)
+    assert "model.bin.part1" in msg and "model.bin.part2" in msg and W.MODEL_SHA256 in msg and "refusing" in msg
+    with pytest.raises(W.WhisperModelError, match="refusing"):  # the whole-model path agrees
+        W.model_files()
+
+
 def test_the_encoder_is_loaded_from_the_halves_read_once_and_hashed_as_read():
     """load_encoder's streamed cut: the very bytes of the in-memory cut of the verified whole model, and the hash fed
     while reading covers every byte of both halves."""

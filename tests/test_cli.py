@@ -31,6 +31,44 @@ def test_import_is_light():
     assert out.stdout.strip() == "[]"
 
 
+BLAS_THREADS = "import numpy, threadpoolctl; print(max(p['num_threads'] for p in threadpoolctl.threadpool_info() " \
+               "if p['user_api'] == 'blas'))"
+POOL_ENV = ("OPENBLAS_NUM_THREADS", "OPENCV_THREAD_POOL_ACTIVE_WAIT_WORKER", "OPENCV_THREAD_POOL_ACTIVE_WAIT_MAIN")
+
+
+def _blas_threads(setup: str, env: dict) -> int:
+    out = subprocess.run([sys.executable, "-c", f"{setup}\n{BLAS_THREADS}"], capture_output=True, text=True,
+                         cwd=ROOT, env=env, check=True)
+    return int(out.stdout.split()[-1])
+
+
+def test_thread_pools_are_quieted_before_numpy_loads_unless_the_operator_chose():
+    env = {k: v for k, v in os.environ.items() if k not in POOL_ENV + ("OMP_NUM_THREADS",)}
+    quiet = "from heygem_watch import cli; cli._quiet_thread_pools({})"
+    assert _blas_threads(quiet.format(True), env) == 1
+    default = _blas_threads("", env)
+    assert _blas_threads(quiet.format(False), env) == default  # train-speech keeps threaded BLAS
+    assert _blas_threads(quiet.format(True), dict(env, OPENBLAS_NUM_THREADS="2")) == 2  # the operator's value wins
+
+
+def test_command_line_runs_quiet_the_pools_and_train_speech_keeps_blas(in_tmp, monkeypatch):
+    env = {k: v for k, v in os.environ.items() if k not in POOL_ENV}
+    show = "import os, sys; from heygem_watch import cli; sys.argv = ['heygem-watch'] + sys.argv[1:]; " \
+           "rc = cli.main(); print([os.environ.get(k) for k in {}])".format(POOL_ENV)
+
+    def run(*args):
+        out = subprocess.run([sys.executable, "-c", show, *args], capture_output=True, text=True, cwd=in_tmp,
+                             env=dict(env, PYTHONPATH=str(ROOT)))
+        return out.stdout.strip().splitlines()[-1]
+
+    assert run("status") == "['1', '0', '0']"
+    assert run("train-speech", "--corpus", str(in_tmp / "none"), "--out", str(in_tmp / "h.npz")) == \
+        "[None, '0', '0']"
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    cli.main(["status"])  # tests call main(argv) inside their own process: nothing is set there
+    assert "OPENBLAS_NUM_THREADS" not in os.environ
+
+
 def test_bad_config_exit_code_names_the_key(in_tmp, capsys):
     os.environ["HEYGEM_ON_DONE"] = "shred"
     assert cli.main(["status"]) == cli.EXIT_CONFIG

@@ -93,7 +93,8 @@ def _side_files() -> dict[str, bytes]:
 def model_files() -> dict[str, bytes | memoryview]:
     """{file name: bytes} of the whole model as CTranslate2 wants it, model.bin joined from the wheels and verified
     (model.bin is a memoryview of one buffer the halves are read straight into). The front end loads less
-    (load_encoder); this is for `heygem-watch check` and whatever needs the whole model."""
+    (load_encoder), `heygem-watch check` only hashes it (verify_installed); this is for whatever needs the whole
+    model (the tests, bench/mouth_phones.py)."""
     halves = _halves()
     sizes = [os.stat(f).st_size for f in halves]
     view, pos = memoryview(np.empty(sum(sizes), np.uint8)), 0
@@ -105,6 +106,26 @@ def model_files() -> dict[str, bytes | memoryview]:
             raise WhisperModelError(f"{f}: cannot read the Whisper model half ({exc.strerror or exc})") from None
     data = view[:pos]  # shorter when a half shrank while being read: the hash check below refuses what is there
     return {"model.bin": verify_model(data, _label(halves)), **_side_files()}
+
+
+def verify_installed() -> None:
+    """The installed halves hash to MODEL_SHA256 and the side files are readable, else WhisperModelError naming them.
+    For `heygem-watch check`: every byte is read through one 1 MB buffer and nothing is kept (model_files would hold
+    all 145 MB to hash it)."""
+    from heygem_watch.engines.builtin.ct2file import FileSource
+
+    halves = _halves()
+    digest = hashlib.sha256()
+    source = FileSource(halves, digest.update)
+    try:
+        source.take(source.left(), keep=0)
+    except OSError as exc:
+        raise WhisperModelError(f"{exc.filename or _label(halves)}: cannot read the Whisper model half "
+                                f"({exc.strerror or exc})") from None
+    finally:
+        source.close()
+    _check_digest(digest.hexdigest(), _label(halves))
+    _side_files()
 
 
 def verify_model(data: bytes | bytearray | memoryview, source: str) -> bytes | bytearray | memoryview:
