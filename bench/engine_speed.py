@@ -8,7 +8,7 @@ about a third of the height, like a presenter shot). Prints, per template:
   template_analysis   load_template (first run only) as the pipeline runs it: every frame decoded, FaceMesh on
                       the frames the output shows and every 3rd after them; ms per template frame
   mouth_analysis      BuiltinEngine.prepare_template (mouth library + mesh), ms per template frame
-  read                Template.frame(), ms per frame (what the pipeline pays per output frame)
+  read                Template.yuv(), ms per frame (what the pipeline pays per output frame)
   render              BuiltinEngine.render, ms per output frame, and how many times real time that is
 """
 from __future__ import annotations
@@ -83,9 +83,9 @@ def bench(path: Path, cache: Path, n_out: int) -> None:
     for i in range(n_out):
         k = pingpong_index(i, tpl.n_frames)
         a = time.perf_counter()
-        img = tpl.frame(k)
+        yuv = tpl.yuv(k)  # as the pipeline hands frames to the engine (yuv420p; it converts only the mouth's box)
         t_read += time.perf_counter() - a
-        jobs.append(FrameJob(i, i / fps, k, img))
+        jobs.append(FrameJob(i, i / fps, k, yuv=yuv))
     t0 = time.perf_counter()
     n = sum(1 for _ in eng.render(tpl, state, _Curve(), iter(jobs)))
     t_render = time.perf_counter() - t0

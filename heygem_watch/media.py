@@ -177,13 +177,17 @@ class VideoWriter:
     def frames_written(self) -> int:
         return self._n
 
-    def write(self, bgr: np.ndarray) -> None:
-        """Queue one (H, W, 3) uint8 BGR frame (cropped to even size if needed)."""
+    def write(self, frame: np.ndarray) -> None:
+        """Queue one frame: (H, W, 3) uint8 BGR (cropped to even size if needed) or yuv420p (H * 3 / 2, W) uint8 at
+        the writer's size (encoded as it is: no colour conversion)."""
         if self._error is not None:
             raise self._error
-        if bgr.shape[0] != self.height or bgr.shape[1] != self.width:
-            bgr = bgr[: self.height, : self.width]
-        self._q.put(bgr)
+        if frame.ndim == 2:
+            if frame.shape != (self.height * 3 // 2, self.width):
+                raise ValueError(f"yuv420p frame of shape {frame.shape}, the output is {self.width}x{self.height}")
+        elif frame.shape[0] != self.height or frame.shape[1] != self.width:
+            frame = frame[: self.height, : self.width]
+        self._q.put(frame)
         self._n += 1
 
     def _encode_loop(self) -> None:
@@ -193,10 +197,11 @@ class VideoWriter:
         try:
             i = 0
             while True:
-                bgr = self._q.get()
-                if bgr is None:
+                item = self._q.get()
+                if item is None:
                     break
-                yuv = cv2.cvtColor(np.ascontiguousarray(bgr), cv2.COLOR_BGR2YUV_I420)
+                yuv = np.ascontiguousarray(item) if item.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(item),
+                                                                                    cv2.COLOR_BGR2YUV_I420)
                 frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
                 frame.pts = i
                 frame.time_base = self._tb

@@ -117,7 +117,7 @@ def _jobs(tpl: Template, n_out: int, fps: Fraction, cancel: threading.Event | No
         if cancel is not None and cancel.is_set():
             raise Cancelled()
         k = pingpong_index(i, tpl.n_frames)  # a tracked prefix only serves outputs no longer than it: i itself
-        yield FrameJob(i, float(i / fps), k, tpl.frame(k))
+        yield FrameJob(i, float(i / fps), k, yuv=tpl.yuv(k))
 
 
 def run_task(job: RecordingJob, template_path: os.PathLike | str, engine: Engine, out_path: os.PathLike | str,

@@ -104,15 +104,16 @@ class Template:
         return cv2.cvtColor(self.yuv(i), cv2.COLOR_YUV2BGR_I420)
 
     def yuv(self, i: int) -> np.ndarray:
-        """Template frame i as the cache stores it: yuv420p (H * 3 / 2, W) uint8."""
+        """Template frame i as the cache stores it: yuv420p (H * 3 / 2, W) uint8, a writable copy of its own."""
         if not 0 <= i < self.n_frames:
             raise IndexError(f"template frame {i} out of range 0..{self.n_frames - 1}")
+        out = np.empty((self.height * 3 // 2, self.width), np.uint8)
         with open(self.cache_dir / FRAMES_NAME, "rb") as f:
             f.seek(i * self.frame_bytes)
-            buf = f.read(self.frame_bytes)
-        if len(buf) != self.frame_bytes:
+            got = f.readinto(memoryview(out).cast("B"))
+        if got != self.frame_bytes:
             raise TemplateError(self.path, f"template cache is damaged (frame {i} missing); delete {self.cache_dir}")
-        return np.frombuffer(buf, np.uint8).reshape(self.height * 3 // 2, self.width)
+        return out
 
 
 def frame_count(duration_s: float, fps: Fraction) -> int:

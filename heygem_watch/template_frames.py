@@ -36,6 +36,45 @@ def from_bgr(bgr: np.ndarray, want_rgb: bool = True):
     return (w0, h0), yuv, cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
 
 
+def planes(yuv: np.ndarray, w: int, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Y (h, w), U (h/2, w/2), V (h/2, w/2)): views of a contiguous yuv420p frame, (h*3/2, w) or flat (writable if
+    it is)."""
+    flat, q = yuv.reshape(-1), w * h // 4
+    return flat[: w * h].reshape(h, w), flat[w * h: w * h + q].reshape(h // 2, w // 2), flat[w * h + q:].reshape(h // 2, w // 2)
+
+
+def even_box(rect: tuple[int, int, int, int], w: int, h: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): rect=(x, y, w, h) clipped to a w x h frame and grown to even edges (chroma is 2x2)."""
+    x0, y0, rw, rh = rect
+    cx0, cy0 = max(0, x0) & ~1, max(0, y0) & ~1
+    cx1, cy1 = min(w, x0 + rw), min(h, y0 + rh)
+    return cx0, cy0, min(w, cx1 + (cx1 - cx0) % 2), min(h, cy1 + (cy1 - cy0) % 2)
+
+
+def crop_bgr(yuv_planes, box: tuple[int, int, int, int]) -> np.ndarray:
+    """BGR (y1-y0, x1-x0, 3) of an even box of a frame's (Y, U, V): only those pixels converted."""
+    import cv2
+
+    y, u, v = yuv_planes
+    x0, y0, x1, y1 = box
+    parts = (y[y0:y1, x0:x1], u[y0 // 2:y1 // 2, x0 // 2:x1 // 2], v[y0 // 2:y1 // 2, x0 // 2:x1 // 2])
+    i420 = np.concatenate([np.asarray(p).reshape(-1) for p in parts]).reshape(-1, x1 - x0)
+    return cv2.cvtColor(i420, cv2.COLOR_YUV2BGR_I420)
+
+
+def paste_bgr(yuv_planes, box: tuple[int, int, int, int], bgr: np.ndarray) -> None:
+    """Write a BGR (y1-y0, x1-x0, 3) image into an even box of a frame's (Y, U, V), in place."""
+    import cv2
+
+    y, u, v = yuv_planes
+    x0, y0, x1, y1 = box
+    i420 = cv2.cvtColor(np.ascontiguousarray(bgr), cv2.COLOR_BGR2YUV_I420).reshape(-1)
+    n, q = (x1 - x0) * (y1 - y0), (x1 - x0) * (y1 - y0) // 4
+    y[y0:y1, x0:x1] = i420[:n].reshape(y1 - y0, x1 - x0)
+    u[y0 // 2:y1 // 2, x0 // 2:x1 // 2] = i420[n:n + q].reshape((y1 - y0) // 2, (x1 - x0) // 2)
+    v[y0 // 2:y1 // 2, x0 // 2:x1 // 2] = i420[n + q:].reshape((y1 - y0) // 2, (x1 - x0) // 2)
+
+
 def rgb_from_yuv(yuv: np.ndarray, w: int, h: int) -> np.ndarray:
     """FaceMesh's RGB copy of a cached yuv420p (h*3/2, w) frame: what decode() makes from the decoded frame."""
     import cv2

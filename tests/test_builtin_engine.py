@@ -1,6 +1,7 @@
 """engines/builtin/engine.py: one frame per job in order, face-less frames untouched, the mouth follows the speech."""
 from fractions import Fraction
 
+import cv2
 import numpy as np
 import pytest
 
@@ -220,3 +221,54 @@ def test_a_short_recording_on_a_longer_template(tmp_path):
     # the old template's library written into the new entry is not taken for the new one
     mouth._save(whole.cache_dir / mouth.CACHE_NAME, lib, int(short.tracked.sum()))
     assert mouth.analyse_mouths(whole).valid.all()
+
+
+def test_yuv_jobs_draw_only_the_mouth_box_and_match_the_bgr_path(tpl):
+    """The pipeline hands yuv420p frames: the engine converts only the mouth's box and returns yuv. Inside the box
+    the mouth equals what the BGR path draws (after the writer's conversion, to a level or two of rounding); outside
+    it every byte is the template's own (the BGR path round-trips the whole frame through BGR, which moves saturated
+    colours by up to ~13 levels); face-less frames come back untouched."""
+    from heygem_watch import template_frames
+    from heygem_watch.engines.builtin.warp import crop_rect
+    from heygem_watch.pipeline import pingpong_index
+
+    eng = BuiltinEngine()
+    state = eng.prepare_template(tpl)
+    curve = _Curve(lambda t: 0.5 + 0.5 * np.sin(7 * t))
+    ks = [pingpong_index(i, tpl.n_frames) for i in range(30)]
+    yjobs = [FrameJob(i, i / 25, k, yuv=tpl.yuv(k)) for i, k in enumerate(ks)]
+    bgr_out = list(eng.render(tpl, state, curve, _jobs(tpl, 30)))
+    yuv_out = list(eng.render(tpl, state, curve, iter(yjobs)))
+    assert len(yuv_out) == 30
+    h, w = tpl.height, tpl.width
+    drawn = 0
+    for k, y, b in zip(ks, yuv_out, bgr_out):
+        assert y.shape == (h * 3 // 2, w) and y.dtype == np.uint8
+        orig = tpl.yuv(k)
+        if k in FACELESS:
+            assert np.array_equal(y, orig)
+            continue
+        x0, y0, x1, y1 = template_frames.even_box(
+            crop_rect(state.rig.box_points(tpl.landmarks[k].astype(np.float64)), w, h), w, h)
+        assert (x1 - x0) * (y1 - y0) < 0.3 * w * h  # a mouth-sized box, not the frame
+        inside = np.zeros((h, w), bool)
+        inside[y0:y1, x0:x1] = True
+        outside_all = np.concatenate([(~inside).reshape(-1), (~inside[::2, ::2]).reshape(-1),
+                                      (~inside[::2, ::2]).reshape(-1)])
+        got, want = y.reshape(-1), orig.reshape(-1)
+        assert np.array_equal(got[outside_all], want[outside_all])
+        drawn += int(not np.array_equal(got, want))
+        err = np.abs(y.astype(int) - cv2.cvtColor(b, cv2.COLOR_BGR2YUV_I420).astype(int)).reshape(-1)
+        box_err = err[~outside_all]
+        assert box_err.mean() < 0.2 and np.percentile(box_err, 99.5) <= 2, (k, box_err.mean(), box_err.max())
+    assert drawn > 20
+
+
+def test_frame_jobs_convert_to_bgr_only_when_asked(tpl):
+    yuv = tpl.yuv(3)
+    job = FrameJob(0, 0.0, 3, yuv=yuv)
+    assert job.yuv is yuv and job.image.shape == (tpl.height, tpl.width, 3)
+    assert np.array_equal(job.image, cv2.cvtColor(yuv, cv2.COLOR_YUV2BGR_I420)) and job.image is job.image
+    assert FrameJob(0, 0.0, 3, tpl.frame(3)).yuv is None
+    with pytest.raises(ValueError, match="needs the template frame"):
+        FrameJob(0, 0.0, 3)

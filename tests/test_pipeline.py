@@ -158,6 +158,51 @@ def test_one_bad_template_does_not_stop_the_others(media, tmp_path):
     assert isinstance(res[1], pipeline.RenderResult) and (tmp_path / "b.mp4").exists()
 
 
+class YuvPassthrough(Passthrough):
+    """Returns the template frames as the pipeline hands them (yuv420p), or, with cut, a malformed one."""
+
+    def __init__(self, cut: int = 0):
+        super().__init__()
+        self.cut = cut
+
+    def render(self, template, state, speech, jobs):
+        for j in jobs:
+            yield j.yuv[: len(j.yuv) - self.cut]
+
+
+def _decoded(path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="yuv420p")[: f.height].astype(np.float32)  # the luma plane as coded
+                         for f in c.decode(c.streams.video[0])])
+
+
+def test_engines_may_return_yuv420p_frames(media, tmp_path):
+    """A yuv420p frame is encoded as it is: losslessly encoded (crf 0), the output is the template's cached frames to
+    the bit, where the BGR path (every frame converted to BGR and back) is not."""
+    from heygem_watch.template import load_template
+
+    d, tpl, rec = media
+    lossless = pipeline.EncoderSettings(preset="ultrafast", crf=0, params="")
+    a, b = tmp_path / "bgr.mp4", tmp_path / "yuv.mp4"
+    pipeline.process_files(rec, [tpl], [a], Passthrough(), var_dir=tmp_path / "v", encoder=lossless)
+    res = pipeline.process_files(rec, [tpl], [b], YuvPassthrough(), var_dir=tmp_path / "v", encoder=lossless)
+    assert isinstance(res[0], pipeline.RenderResult), res
+    cached = load_template(tpl, tmp_path / "v" / "cache" / "templates")
+    fa, fb = _decoded(a), _decoded(b)
+    shown = np.stack([cached.yuv(pipeline.pingpong_index(i, cached.n_frames))[: cached.height]
+                      for i in range(len(fb))]).astype(np.float32)
+    assert fa.shape == fb.shape == shown.shape
+    assert np.array_equal(fb, shown) and not np.array_equal(fa, shown)
+
+
+def test_a_malformed_yuv_frame_fails_the_template_with_its_size_named(media, tmp_path):
+    d, tpl, rec = media
+    out = tmp_path / "o.mp4"
+    res = pipeline.process_files(rec, [tpl], [out], YuvPassthrough(cut=2), var_dir=tmp_path / "v")
+    assert isinstance(res[0], Exception) and "yuv420p frame of shape (238, 192)" in str(res[0])
+    assert "192x160" in str(res[0]) and not out.exists()
+
+
 class Recorder(Passthrough):
     """Notes the tracked frame count of each template state it prepares."""
 

@@ -5,12 +5,11 @@ Data path (see docs/ARCHITECTURE.md):
     AudioTrack --Engine.analyse_speech--> speech (engine-specific, once per recording)
     template file --template.load_template--> Template (frames + face track, cached in var/cache)
     Template --Engine.prepare_template--> state (engine-specific, once per template, may cache on disk)
-    FrameJob stream --Engine.render--> BGR frames --media.VideoWriter--> MP4
+    FrameJob stream --Engine.render--> frames (yuv420p or BGR) --media.VideoWriter--> MP4
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
@@ -20,20 +19,34 @@ if TYPE_CHECKING:  # pragma: no cover
     from heygem_watch.template import Template
 
 
-@dataclass
 class FrameJob:
     """One output frame to render.
 
     index:          output frame number, 0-based
     time:           seconds from the start of the recording's audio (index / fps)
     template_index: template frame shown at this output frame (ping-pong mapped by the pipeline)
-    image:          (H, W, 3) uint8 BGR copy of that template frame; an engine may draw on it in place
+    yuv:            that template frame as the cache stores it, yuv420p (H * 3 / 2, W) uint8, a writable copy an
+                    engine may draw on in place and return (None when the job was made from a BGR image)
+    image:          the same frame as (H, W, 3) uint8 BGR, converted on first use (a 1080p frame costs ~2 ms; an
+                    engine that draws on yuv never pays it); an engine may draw on it in place and return it
     """
 
-    index: int
-    time: float
-    template_index: int
-    image: np.ndarray
+    __slots__ = ("index", "time", "template_index", "yuv", "_image")
+
+    def __init__(self, index: int, time: float, template_index: int, image: np.ndarray | None = None,
+                 yuv: np.ndarray | None = None):
+        if image is None and yuv is None:
+            raise ValueError("a FrameJob needs the template frame: image (BGR) or yuv (yuv420p)")
+        self.index, self.time, self.template_index = index, time, template_index
+        self.yuv, self._image = yuv, image
+
+    @property
+    def image(self) -> np.ndarray:
+        if self._image is None:
+            import cv2
+
+            self._image = cv2.cvtColor(self.yuv, cv2.COLOR_YUV2BGR_I420)
+        return self._image
 
 
 class EngineError(RuntimeError):
@@ -55,7 +68,8 @@ class Engine(ABC):
 
     @abstractmethod
     def render(self, template: "Template", state: Any, speech: Any, jobs: Iterable[FrameJob]) -> Iterator[np.ndarray]:
-        """Yield exactly one (H, W, 3) uint8 BGR frame per job, in job order, streaming (bounded memory).
+        """Yield exactly one frame per job, in job order, streaming (bounded memory): (H, W, 3) uint8 BGR (job.image
+        drawn on) or yuv420p (H * 3 / 2, W) uint8 (job.yuv drawn on, no colour conversion of the whole frame).
 
         Frames whose template frame has no face must come back unchanged.
         """

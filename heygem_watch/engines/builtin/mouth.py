@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from heygem_watch import face
+from heygem_watch import face, template_frames
 
 # v3: the template's tracked frames (a count saved beside) are part of the key: an entry tracked further (a longer
 # output extended its prefix, see template.load_template) gets a new library
@@ -153,14 +153,10 @@ def _planes_reader(template):
                 # long template would show up as gigabytes of RSS (they stay in the page cache; a later read
                 # simply maps them again)
                 mapping.madvise(mmap.MADV_DONTNEED)
-            f = mm[i]
-            return (f[: w * h].reshape(h, w), f[w * h: w * h + w * h // 4].reshape(h // 2, w // 2),
-                    f[w * h + w * h // 4:].reshape(h // 2, w // 2))
+            return template_frames.planes(mm[i], w, h)
         import cv2
 
-        yuv = cv2.cvtColor(template.frame(i), cv2.COLOR_BGR2YUV_I420)
-        rest = yuv[h:].reshape(-1)
-        return yuv[:h], rest[: w * h // 4].reshape(h // 2, w // 2), rest[w * h // 4:].reshape(h // 2, w // 2)
+        return template_frames.planes(cv2.cvtColor(template.frame(i), cv2.COLOR_BGR2YUV_I420), w, h)
 
     return planes
 
@@ -185,17 +181,10 @@ def read_crop(template, i: int, rect: tuple[int, int, int, int]) -> np.ndarray:
     import cv2
 
     x0, y0, w, h = rect
-    cx0, cy0 = max(0, x0) & ~1, max(0, y0) & ~1
-    cx1, cy1 = min(template.width, x0 + w), min(template.height, y0 + h)
-    cx1, cy1 = min(template.width, cx1 + (cx1 - cx0) % 2), min(template.height, cy1 + (cy1 - cy0) % 2)
+    cx0, cy0, cx1, cy1 = template_frames.even_box(rect, template.width, template.height)
     if cx1 - cx0 < 2 or cy1 - cy0 < 2:
         return np.zeros((max(1, h), max(1, w), 3), np.uint8)
-    y, u, v = _frame_planes(template, i)
-    yc = np.asarray(y[cy0:cy1, cx0:cx1])
-    uc = np.asarray(u[cy0 // 2:cy1 // 2, cx0 // 2:cx1 // 2])
-    vc = np.asarray(v[cy0 // 2:cy1 // 2, cx0 // 2:cx1 // 2])
-    i420 = np.concatenate([yc.reshape(-1), uc.reshape(-1), vc.reshape(-1)]).reshape(-1, cx1 - cx0)
-    bgr = cv2.cvtColor(i420, cv2.COLOR_YUV2BGR_I420)
+    bgr = template_frames.crop_bgr(_frame_planes(template, i), (cx0, cy0, cx1, cy1))
     top, left = cy0 - y0, cx0 - x0  # negative when the even-aligned crop starts before rect
     bgr = bgr[max(0, -top):, max(0, -left):]
     top, left = max(0, top), max(0, left)
