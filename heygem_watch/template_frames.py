@@ -39,8 +39,8 @@ def from_bgr(bgr: np.ndarray, want_rgb: bool = True):
 def planes(yuv: np.ndarray, w: int, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(Y (h, w), U (h/2, w/2), V (h/2, w/2)): views of a contiguous yuv420p frame, (h*3/2, w) or flat (writable if
     it is)."""
-    flat, q = yuv.reshape(-1), w * h // 4
-    return flat[: w * h].reshape(h, w), flat[w * h: w * h + q].reshape(h // 2, w // 2), flat[w * h + q:].reshape(h // 2, w // 2)
+    flat, n, q = yuv.reshape(-1), w * h, w * h // 4
+    return flat[:n].reshape(h, w), flat[n: n + q].reshape(h // 2, w // 2), flat[n + q:].reshape(h // 2, w // 2)
 
 
 def even_box(rect: tuple[int, int, int, int], w: int, h: int) -> tuple[int, int, int, int]:
