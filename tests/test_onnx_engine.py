@@ -172,6 +172,43 @@ def test_render_pastes_only_on_faces_and_keeps_order(tpl, models, track):
         assert diff[my - 3:my + 4, mx - 3:mx + 4].mean() > 20  # the checkerboard is on the mouth
 
 
+def test_yuv_jobs_convert_only_the_face_box_and_paste_what_the_bgr_path_pastes(tpl, models, track):
+    """Jobs as the pipeline makes them (yuv420p): only each face box goes to BGR and back. Inside the box the
+    result is the BGR path's (after the writer's conversion) to the rounding; outside it, and on face-less frames,
+    every byte is the template's own."""
+    import cv2
+
+    from heygem_watch import template_frames
+
+    eng = OnnxEngine(models["pattern"], batch_size=3)
+    state = eng.prepare_template(tpl)
+    speech = eng.analyse_speech(track)
+    n = 20
+    bgr_out = list(eng.render(tpl, state, speech, jobs_for(tpl, n)))
+    yjobs = [FrameJob(i, float(i / tpl.fps), pingpong_index(i, tpl.n_frames),
+                      yuv=tpl.yuv(pingpong_index(i, tpl.n_frames))) for i in range(n)]
+    yuv_out = list(eng.render(tpl, state, speech, iter(yjobs)))
+    h, w = tpl.height, tpl.width
+    assert len(yuv_out) == n
+    for i, (y, b) in enumerate(zip(yuv_out, bgr_out)):
+        k = pingpong_index(i, tpl.n_frames)
+        orig = tpl.yuv(k)
+        assert y.shape == (h * 3 // 2, w)
+        if k in FACELESS:
+            assert np.array_equal(y, orig)
+            continue
+        x1, y1, x2, y2 = (int(v) for v in state.boxes[k])
+        ex0, ey0, ex1, ey1 = template_frames.even_box((x1, y1, x2 - x1, y2 - y1), w, h)
+        inside = np.zeros((h, w), bool)
+        inside[ey0:ey1, ex0:ex1] = True
+        out_mask = np.concatenate([(~inside).reshape(-1), (~inside[::2, ::2]).reshape(-1),
+                                   (~inside[::2, ::2]).reshape(-1)])
+        assert np.array_equal(y.reshape(-1)[out_mask], orig.reshape(-1)[out_mask])
+        assert not np.array_equal(y, orig)  # the pattern was pasted
+        err = np.abs(y.astype(int) - cv2.cvtColor(b, cv2.COLOR_BGR2YUV_I420).astype(int)).reshape(-1)[~out_mask]
+        assert err.max() <= 1, (k, err.max())
+
+
 def test_identity_model_leaves_the_face_nearly_intact(tpl, models, track):
     eng = OnnxEngine(models["identity"])
     state = eng.prepare_template(tpl)

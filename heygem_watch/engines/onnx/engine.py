@@ -325,9 +325,10 @@ class OnnxEngine(Engine):
                 for job in jobs:
                     k = job.template_index
                     if state.valid[k]:
-                        group.append((job, crop.crop_input(job.image, state.boxes[k]), mels.window(job.index, fps)))
+                        r = crop.face_region(job, state.boxes[k], template.width, template.height)
+                        group.append((job, crop.crop_input(r.image, r.box), mels.window(job.index, fps), r))
                     else:
-                        group.append((job, None, None))
+                        group.append((job, None, None, None))
                     if len(group) >= batch:
                         if not put(prepped, (seq, group)):
                             return
@@ -370,11 +371,13 @@ class OnnxEngine(Engine):
                     group, idx, preds = pending.pop(next_seq)
                     next_seq += 1
                     for p, j in enumerate(idx):
-                        job = group[j][0]
-                        k = job.template_index
-                        crop.paste(job.image, state.boxes[k], preds[p], template.landmarks[k])
-                    for job, _, _ in group:
-                        yield job.image
+                        job, r = group[j][0], group[j][3]
+                        crop.paste(r.image, r.box, preds[p], template.landmarks[job.template_index] - r.origin)
+                    for job, _, _, r in group:
+                        if r is not None:
+                            yield crop.put_back(job, r, template.width, template.height)
+                        else:  # no face: the frame as it came
+                            yield job.yuv if job.yuv is not None else job.image
                 if ended == workers:
                     break
                 item = done.get()
