@@ -48,6 +48,44 @@ class FrameJob:
             self._image = cv2.cvtColor(self.yuv, cv2.COLOR_YUV2BGR_I420)
         return self._image
 
+    @property
+    def as_given(self) -> np.ndarray:
+        """The frame as the job came (yuv420p when it has it, else BGR): what a frame left unchanged is."""
+        return self.yuv if self.yuv is not None else self.image
+
+    def region(self, rect) -> "FrameRegion":
+        """The part of the frame an engine draws in, as BGR: rect=(x, y, w, h) grown to even edges and clipped to the
+        frame. On a yuv420p job only those pixels are converted (a 1080p frame costs what the box costs); on a BGR
+        job it is the whole image, at origin (0, 0). Draw on region.image, then put_back."""
+        from heygem_watch import template_frames
+
+        if self.yuv is None:
+            h, w = self.image.shape[:2]
+            return FrameRegion(self.image, (0, 0), template_frames.even_box(rect, w, h))
+        h, w = self.yuv.shape[0] * 2 // 3, self.yuv.shape[1]
+        box = template_frames.even_box(rect, w, h)
+        return FrameRegion(template_frames.crop_bgr(template_frames.planes(self.yuv, w, h), box), box[:2], box)
+
+    def put_back(self, region: "FrameRegion") -> np.ndarray:
+        """The frame with region's image (drawn on) in it: yuv420p with the box written back, or the BGR image."""
+        if self.yuv is None:
+            return self.image
+        from heygem_watch import template_frames
+
+        h, w = self.yuv.shape[0] * 2 // 3, self.yuv.shape[1]
+        template_frames.paste_bgr(template_frames.planes(self.yuv, w, h), region.box, region.image)
+        return self.yuv
+
+
+class FrameRegion:
+    """What FrameJob.region gives: image (BGR), origin (x, y) of image in the frame (subtract it from frame
+    coordinates), box (x0, y0, x1, y1) in the frame that put_back writes."""
+
+    __slots__ = ("image", "origin", "box")
+
+    def __init__(self, image: np.ndarray, origin: tuple[int, int], box: tuple[int, int, int, int]):
+        self.image, self.origin, self.box = image, origin, box
+
 
 class EngineError(RuntimeError):
     """An engine cannot work with this input (message names the reason)."""

@@ -21,7 +21,6 @@ from typing import Any, Iterable, Iterator
 import cv2
 import numpy as np
 
-from heygem_watch import template_frames
 from heygem_watch.engines.builtin.compose import MouthRig, compose_mouth
 from heygem_watch.engines.base import Engine, EngineError, FrameJob
 from heygem_watch.engines.builtin.mouth import MouthLibrary, Selector, analyse_mouths, descriptors, read_crop
@@ -131,53 +130,41 @@ class BuiltinEngine(Engine):
         for s in sel.flush():
             yield self._draw(template, state, pending.popleft(), s)
         while pending:  # only when the selector had nothing to decide (cannot happen with a valid library)
-            job = pending.popleft()[0]
-            yield job.yuv if job.yuv is not None else job.image
+            yield pending.popleft()[0].as_given
 
     def _draw(self, template, state: BuiltinState, item, s: int) -> np.ndarray:
-        """The job's frame with the mouth of template frame s drawn in. On a yuv420p job only the box the mouth is
-        drawn in is converted to BGR and back, the rest of the frame stays the template's own bytes: a 1080x1920
-        frame costs what its mouth costs (converting whole frames took ~2.7 ms of CPU each)."""
+        """The job's frame with the mouth of template frame s drawn in, on job.region: on a yuv420p job only the box
+        the mouth is drawn in is converted to BGR and back, the rest stays the template's own bytes (a 1080x1920
+        frame costs what its mouth costs; converting whole frames took ~2.7 ms of CPU each)."""
         job, gap, width = item
         ti = job.template_index
-        unchanged = job.yuv if job.yuv is not None else job.image
         if not template.face_found[ti] or not np.isfinite(template.landmarks[ti]).all():
-            return unchanged
+            return job.as_given
         cur_lm = np.asarray(template.landmarks[ti], np.float64)
+        rect = crop_rect(state.rig.box_points(cur_lm), template.width, template.height)
+        if rect[2] < 8 or rect[3] < 8:
+            return job.as_given  # (compose_mouth draws nothing in a box this small either)
+        region = job.region(rect)
+        # the region's own coordinates: compose_mouth finds the same box in it, and reads and writes nothing outside
+        # it (its warps sample inside the box)
+        shift = np.array(region.origin, np.float64)
+        cur_lm = cur_lm - shift
         raw = state.raw
-        cur_px = None if raw is None else np.asarray(raw[ti], np.float64)
-        box = planes = None
-        if job.yuv is None:
-            frame = job.image
-        else:
-            w, h = template.width, template.height
-            box = template_frames.even_box(crop_rect(state.rig.box_points(cur_lm), w, h), w, h)
-            if box[2] - box[0] < 8 or box[3] - box[1] < 8:
-                return unchanged  # (compose_mouth draws nothing on a mouth this small either)
-            planes = template_frames.planes(job.yuv, w, h)
-            frame = template_frames.crop_bgr(planes, box)
-            # the crop's own coordinates: compose_mouth finds the same box in it, and reads and writes nothing
-            # outside it (its warps sample inside the box)
-            shift = np.array(box[:2], np.float64)
-            cur_lm = cur_lm - shift
-            cur_px = None if cur_px is None else cur_px - shift
+        cur_px = None if raw is None else np.asarray(raw[ti], np.float64) - shift
         if s == ti:
-            src, src_lm, src_px = frame, cur_lm, cur_px
+            src, src_lm, src_px = region.image, cur_lm, cur_px
         else:
             src, src_lm = partial(read_crop, template, s), np.asarray(template.landmarks[s], np.float64)
             src_px = None if raw is None else raw[s]
         try:
-            drawn = compose_mouth(frame, cur_lm, src, src_lm, state.rig, gap, width, state.lib.teeth_bgr,
-                                  cur_px=cur_px, src_px=src_px)
+            compose_mouth(region.image, cur_lm, src, src_lm, state.rig, gap, width, state.lib.teeth_bgr,
+                          cur_px=cur_px, src_px=src_px)
         except (ValueError, IndexError, ArithmeticError, np.linalg.LinAlgError, cv2.error):
             # degenerate landmarks on one frame: show it as it is rather than lose the whole video (compose_mouth
-            # writes into the frame only at its very end, and the crop is pasted back only after it)
+            # writes into the image only at its very end, and the region is put back only after it)
             self.frames_passed_through += 1
-            return unchanged
-        if box is None:
-            return drawn
-        template_frames.paste_bgr(planes, box, drawn)
-        return job.yuv
+            return job.as_given
+        return job.put_back(region)
 
 
 def _raw_landmarks(template) -> np.ndarray | None:

