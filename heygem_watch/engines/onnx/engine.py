@@ -297,6 +297,9 @@ class OnnxEngine(Engine):
         in_flight = 2 * workers + 3  # preparing, queued, in inference (one per worker), queued, being pasted
         batch = max(1, min(self.batch_size, FRAME_BUDGET // (in_flight * template.width * template.height * 3)))
         stop = threading.Event()
+        # batches handed on and not yet yielded: the bound holds however the workers' finishing order scatters them
+        # (one stalled worker used to let the others' later batches pile up in `pending`)
+        slots = threading.Semaphore(in_flight - 1)  # the one more: the batch prep is filling
         prepped: queue.Queue = queue.Queue(maxsize=workers)
         done: queue.Queue = queue.Queue(maxsize=workers)
         end = object()
@@ -308,6 +311,12 @@ class OnnxEngine(Engine):
                     return True
                 except queue.Full:
                     continue
+            return False
+
+        def take_slot() -> bool:
+            while not stop.is_set():
+                if slots.acquire(timeout=0.1):
+                    return True
             return False
 
         def get(q: queue.Queue):
@@ -334,10 +343,10 @@ class OnnxEngine(Engine):
                     else:
                         group.append((job, None, None, None))
                     if len(group) >= batch:
-                        if not put(prepped, (seq, group)):
+                        if not (take_slot() and put(prepped, (seq, group))):
                             return
                         seq, group = seq + 1, []
-                if group and not put(prepped, (seq, group)):
+                if group and not (take_slot() and put(prepped, (seq, group))):
                     return
                 for _ in range(workers):
                     put(prepped, end)
@@ -379,6 +388,7 @@ class OnnxEngine(Engine):
                         crop.paste(r.image, box, preds[p], template.landmarks[job.template_index] - r.origin)
                     for job, _, _, drawn in group:
                         yield job.put_back(drawn[0]) if drawn is not None else job.as_given
+                    slots.release()
                 if ended == workers:
                     break
                 item = done.get()
