@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One command to set everything up: ./setup.sh
 #   - Debian packages the tests and the service use (chromium for the dashboard's browser test, systemd for
-#     systemd-analyze, redis-server for the render farm's tests: they start their own on a free port), when run
+#     systemd-analyze, redis-server for the render farm's tests: they start their own on a free port, espeak-ng
+#     for spoken test speech), when run
 #     as root on Debian/Ubuntu (skip with HEYGEM_SKIP_APT=1); waits while apt is busy;
-#   - a virtual environment in .venv with heygem-watch and its extras (test, web, export).
+#   - a virtual environment in .venv with heygem-watch and its extras (test, web, export), and silero-vad (the
+#     speech detector's model) without its dependencies.
 # Environment: PYTHON (default python3), HEYGEM_EXTRAS (default "test,web,export"), HEYGEM_GPU=1 adds onnxruntime-gpu.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -18,6 +20,7 @@ DEBIAN_PACKAGES=(
   "openssl           openssl"                                        # the farm's TLS test makes its certificates
   "fonts-wqy-zenhei  /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc"   # Chinese names in screenshots
   "jq                jq"                                             # the README's log recipes (and their test)
+  "espeak-ng         espeak-ng"                                      # spoken test speech (the speech detector's tests)
 )
 # apt may be busy (unattended-upgrades runs right after boot): wait for it this long instead of failing at once.
 APT_LOCK_WAIT_S=${HEYGEM_APT_LOCK_WAIT_S:-900}
@@ -65,8 +68,19 @@ if [[ ",$EXTRAS," == *",export,"* ]]; then
   "${PIP[@]}" install "torch==2.13.0"
 fi
 "${PIP[@]}" install -e ".[${EXTRAS}]"
+# The built-in engine's speech detector (engines/builtin/vad.py) reads Silero VAD's ONNX model from this wheel, pinned
+# with its hash there. Without its dependencies: the wheel's own Python helpers need torch, which as a dependency of
+# heygem-watch would pull a multi-GB CUDA build onto every box; heygem-watch never imports them.
+"${PIP[@]}" install --no-deps "silero-vad==6.2.3"
 if [ "${HEYGEM_GPU:-0}" = 1 ]; then
   "${PIP[@]}" install -e ".[gpu]"
 fi
-.venv/bin/python -m pip check
+# pip check, except the one complaint expected without the export extra: silero-vad's torch (see above)
+if ! out=$(.venv/bin/python -m pip check 2>&1); then
+  problems=$(grep -E " requires | has requirement " <<<"$out" | grep -vE "^silero-vad [0-9.]+ requires torch," || true)
+  if [ -n "$problems" ] || ! grep -qE " requires | has requirement " <<<"$out"; then
+    printf '%s\n' "$out" >&2
+    exit 1
+  fi
+fi
 echo "setup: done. Run the tests with: .venv/bin/python -m pytest -q"

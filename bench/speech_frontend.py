@@ -6,7 +6,7 @@
 Writes a synthetic recording (speech-like syllables with pauses of 0.3-3 s, 16 kHz float32, written chunk by chunk
 so the generator never holds it) as the pipeline's on-disk AudioTrack, then, in a fresh process, runs
 speech.analyse_speech on it with the shipped head and prints:
-  load        Whisper model joined from the wheels, hash-checked and loaded (once per process)
+  load        Whisper model joined from the wheels, hash-checked and loaded, and the speech detector (once per process)
   analysis    wall and CPU seconds, seconds of audio per wall second, share of the stages (encoder+head, loudness)
   peak RSS    of the analysing process (ru_maxrss), model included
 Nothing is kept after the run unless --dir is given.
@@ -66,11 +66,12 @@ def write_recording(path: Path, minutes: float, seed: int = 0) -> int:
 def analyse(pcm: str, n_samples: int) -> dict:
     """Runs in the measuring process: model load, then the analysis, with stage timings."""
     from heygem_watch.audio import AudioTrack
-    from heygem_watch.engines.builtin import speech, whisper
+    from heygem_watch.engines.builtin import speech, vad, whisper
     from heygem_watch.engines.builtin.head import load_head
 
     t0, c0 = time.monotonic(), time.process_time()
     enc = whisper.load_encoder()
+    detector = vad.load_detector()
     head = load_head()
     load_s = time.monotonic() - t0
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -78,13 +79,15 @@ def analyse(pcm: str, n_samples: int) -> dict:
     t1, c1 = time.monotonic(), time.process_time()
     pred = speech.head_output(track, head, enc)
     t2 = time.monotonic()
-    vad = speech.voice_activity(speech.open_band_level(track))
+    loud = speech.voice_activity(speech.open_band_level(track))
     t3 = time.monotonic()
-    curve = speech.curves_from_head(pred, head.targets, vad)
+    active = loud & vad.speech_mask(detector.probabilities(track), len(loud), speech.VAD_RATE)  # speech_activity's
+    t3b = time.monotonic()
+    curve = speech.curves_from_head(pred, head.targets, active)
     t4, c4 = time.monotonic(), time.process_time()
     return {"audio_s": n_samples / SR, "frames": len(curve), "load_s": load_s, "load_cpu_s": c1 - c0,
             "analysis_wall_s": t4 - t1, "analysis_cpu_s": c4 - c1, "encoder_head_s": t2 - t1,
-            "loudness_vad_s": t3 - t2, "curves_s": t4 - t3, "rss_after_load_mb": rss_loaded,
+            "loudness_vad_s": t3 - t2, "detector_s": t3b - t3, "curves_s": t4 - t3b, "rss_after_load_mb": rss_loaded,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "speech_fraction": float(curve.speech.mean())}
 
@@ -118,7 +121,8 @@ def main() -> int:
     print(f"analysis    {r['analysis_wall_s']:.1f} s wall, {r['analysis_cpu_s']:.1f} s CPU for {a / 60:.1f} min of "
           f"audio = {a / r['analysis_wall_s']:.0f}x real time ({r['analysis_wall_s'] / a * 60:.2f} s per minute)")
     print(f"  stages    encoder+head {r['encoder_head_s']:.1f} s, loudness/VAD {r['loudness_vad_s']:.1f} s, "
-          f"curves {r['curves_s']:.2f} s; speech in {r['speech_fraction']:.0%} of {r['frames']} frames")
+          f"speech detector {r['detector_s']:.1f} s, curves {r['curves_s']:.2f} s; speech in "
+          f"{r['speech_fraction']:.0%} of {r['frames']} frames")
     print(f"peak RSS    {r['peak_rss_mb']:.0f} MB")
     return 0
 

@@ -169,17 +169,20 @@ def run_checks(settings) -> int:
 
 
 def _check_speech(settings, ok, bad) -> None:
-    """The built-in engine's speech model: the head file and the Whisper model joined from its wheels (hash)."""
+    """The built-in engine's speech model: the head file, the Whisper model joined from its wheels and the speech
+    detector's model (hashes)."""
+    from heygem_watch.engines.builtin import vad
     from heygem_watch.engines.builtin.head import HeadError, load_head
     from heygem_watch.engines.builtin.whisper import WhisperModelError, verify_installed
 
     try:
         head = load_head(settings.speech_model)
         verify_installed()
-    except (HeadError, WhisperModelError) as exc:
+        vad.model_bytes()
+    except (HeadError, WhisperModelError, vad.VadModelError) as exc:
         bad(f"speech model: {exc}", "fix HEYGEM_SPEECH_MODEL (empty = the shipped one) or reinstall heygem-watch's "
             "dependencies (./setup.sh)")
         return
     where = settings.speech_model or "shipped"
     ok(f"speech model {where} ({head.meta.get('clips', '?')} clips, {head.meta.get('speakers', '?')} speakers); "
-       "Whisper base verified")
+       f"Whisper base and {vad.DIST} {vad.VERSION} verified")

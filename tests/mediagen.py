@@ -147,3 +147,52 @@ def speech_like(seconds: float, rate: int = SR, gaps: list[tuple[float, float]] 
     for a, b in gaps or []:
         x[int(a * rate):int(b * rate)] = 0
     return (0.3 * x / (np.abs(x).max() + 1e-9)).astype(np.float32)
+
+
+def vowel(seconds, f0=120.0, formants=(700.0, 1200.0), amp=0.3, seed=0):
+    """Vowel-like signal: a glottal-ish harmonic series shaped by resonances at `formants` (Hz)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    x = np.zeros_like(t)
+    for k in range(1, int(4000 / f0)):
+        f = k * f0
+        gain = sum(1.0 / (1.0 + ((f - fm) / 90.0) ** 2) for fm in formants) / k ** 0.5
+        x += gain * np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi))
+    x *= np.minimum(1.0, np.minimum(t, t[-1] - t) / 0.02)  # 20 ms fades: no clicks
+    return (amp * x / (np.abs(x).max() + 1e-9)).astype(np.float32)
+
+
+def silence(seconds):
+    return np.zeros(int(seconds * SR), np.float32)
+
+
+def syllables(seconds, seed=11):
+    """Speech-like syllables: vowels of random pitch, formants and loudness with short pauses between them."""
+    rng = np.random.default_rng(seed)
+    parts, n = [], 0
+    while n < seconds * SR:
+        parts += [vowel(rng.uniform(0.1, 0.3), f0=rng.uniform(100, 200),
+                        formants=(rng.uniform(400, 900), rng.uniform(1000, 2200)), amp=rng.uniform(0.1, 0.3),
+                        seed=int(rng.integers(1000))), silence(rng.uniform(0.02, 0.12))]
+        n = sum(len(p) for p in parts)
+    return np.concatenate(parts)[: int(seconds * SR)]
+
+
+def spoken(text: str, voice: str = "en", rate: int = SR) -> np.ndarray:
+    """Speech synthesised by Debian's espeak-ng (installed by setup.sh as root), float32 mono at `rate`: a voice the
+    speech detector hears as one, which the synthetic syllables above are only some of the time."""
+    import io
+    import shutil
+    import subprocess
+    import wave
+
+    from scipy.signal import resample_poly
+
+    exe = shutil.which("espeak-ng")
+    assert exe, "needs Debian's espeak-ng: apt-get install -y espeak-ng (setup.sh does, as root)"
+    wav = subprocess.run([exe, "--stdout", "-v", voice, "-s", "150", text], capture_output=True, check=True,
+                         timeout=60).stdout
+    with wave.open(io.BytesIO(wav)) as w:
+        src, x = w.getframerate(), np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
+    g = np.gcd(src, rate)
+    return resample_poly(x, rate // g, src // g).astype(np.float32)

@@ -209,7 +209,20 @@ def test_check_reports_problems_with_fixes(in_tmp, capsys, face_template_file, f
     out = capsys.readouterr().out
     assert "ok       template anchor.png" in out
     assert "PROBLEM  template wall.png: unusable, recordings skip it: no face" in out
-    assert "ok       speech model shipped" in out and "Whisper base verified" in out
+    assert "ok       speech model shipped" in out and "Whisper base and silero-vad 6.2.3 verified" in out
+
+
+def test_check_names_a_missing_speech_detector(in_tmp, monkeypatch, capsys):
+    from heygem_watch.engines.builtin import vad
+
+    def missing():
+        raise vad.VadModelError(f"the {vad.DIST} package (its speech-detection model) is not installed; "
+                                f"{vad.INSTALL_HINT}")
+
+    monkeypatch.setattr(vad, "model_path", missing)
+    assert cli.main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "PROBLEM  speech model: the silero-vad package" in out and "pip install --no-deps silero-vad==6.2.3" in out
 
 
 def test_check_names_a_broken_speech_model(in_tmp, monkeypatch, capsys):

@@ -57,3 +57,14 @@ def test_setup_skips_apt_when_asked(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (tmp_path / "state" / "args").exists()
+
+
+def test_setup_installs_the_speech_detector_version_the_engine_pins():
+    """setup.sh installs silero-vad (without its torch) at exactly the version whose model hash vad.py pins."""
+    import re
+
+    from heygem_watch.engines.builtin import vad
+
+    text = (ROOT / "setup.sh").read_text()
+    pins = re.findall(r'install --no-deps "silero-vad==([0-9.]+)"', text)
+    assert pins == [vad.VERSION]

@@ -1,7 +1,8 @@
 """The built-in lip-sync engine: no model, CPU only, the person's own mouths re-timed to the speech.
 
     analyse_speech(track)      -> speech curve (engines/builtin/speech.py): Whisper encoder features (whisper.py) through
-                                  the learned head (head.py, HEYGEM_SPEECH_MODEL), gated by voice activity:
+                                  the learned head (head.py, HEYGEM_SPEECH_MODEL), gated by voice activity (loud in
+                                  the mouth's band, and speech by the detector in vad.py):
                                   wanted openness / width over time
     prepare_template(template) -> BuiltinState: mouth library (mouth.py, cached on disk) + lower-face mesh
     render(...)                -> per output frame: Selector picks a template frame whose mouth fits (temporally
@@ -55,17 +56,19 @@ class BuiltinEngine(Engine):
             self.head = load_head(self.speech_model)
         except HeadError as exc:
             raise EngineError(str(exc)) from None
-        # The Whisper model (~0.4 s to join, verify, cut and load) loads beside whatever comes next (the recording's audio
-        # extraction, a template's analysis); analyse_speech waits for it.
+        # The Whisper model (~0.4 s to join, verify, cut and load) and the speech detector (vad.py) load beside whatever
+        # comes next (the recording's audio extraction, a template's analysis); analyse_speech waits for them.
         self._encoder: dict = {}
         self._loader = threading.Thread(target=self._load_encoder, name="whisper-load", daemon=True)
         self._loader.start()
 
     def _load_encoder(self) -> None:
+        from heygem_watch.engines.builtin.vad import load_detector
         from heygem_watch.engines.builtin.whisper import load_encoder
 
         try:
             self._encoder["model"] = load_encoder()
+            self._encoder["detector"] = load_detector()
         except Exception as exc:  # noqa: BLE001 - re-raised by analyse_speech, in the caller's thread
             self._encoder["error"] = exc
 
@@ -76,17 +79,18 @@ class BuiltinEngine(Engine):
     def analyse_speech(self, audio) -> Any:
         """Whisper features through the head (the encoder stays loaded for the engine's lifetime)."""
         from heygem_watch.engines.builtin.speech import analyse_speech
+        from heygem_watch.engines.builtin.vad import VadModelError
         from heygem_watch.engines.builtin.whisper import WhisperModelError
         from heygem_watch.logs import get_logger
 
         self._loader.join()
         if "error" in self._encoder:
             exc = self._encoder["error"]
-            if isinstance(exc, WhisperModelError):
+            if isinstance(exc, (WhisperModelError, VadModelError)):
                 raise EngineError(str(exc)) from None
             raise exc
         t0, c0 = time.monotonic(), time.process_time()
-        curve = analyse_speech(audio, self.head, self._encoder["model"])
+        curve = analyse_speech(audio, self.head, self._encoder["model"], detector=self._encoder["detector"])
         get_logger().info("speech_analysed", audio_s=round(audio.n_samples / audio.sample_rate, 2),
                           seconds=round(time.monotonic() - t0, 3), cpu_s=round(time.process_time() - c0, 3),
                           speech_model=self.describe()["speech_model"])

@@ -248,9 +248,10 @@ def head_output(track, head, encoder=None) -> np.ndarray:
     return out
 
 
-def analyse_speech(track, head=None, encoder=None, chunk_s: float = CHUNK_S) -> MouthCurve:
+def analyse_speech(track, head=None, encoder=None, chunk_s: float = CHUNK_S, detector=None) -> MouthCurve:
     """AudioTrack (16 kHz mono float32) -> MouthCurve at RATE frames/s. head: a head.SpeechHead (None = the
-    shipped one); encoder: a whisper.Encoder (None = the process-wide one)."""
+    shipped one); encoder: a whisper.Encoder (None = the process-wide one); detector: a vad.SpeechDetector (None =
+    the process-wide one; False = loudness alone, as before 2026-12-07)."""
     if getattr(track, "sample_rate", SAMPLE_RATE) != SAMPLE_RATE:
         raise ValueError(f"speech analysis needs {SAMPLE_RATE} Hz audio, got {track.sample_rate} Hz "
                          f"({getattr(track, 'path', 'track')})")
@@ -259,4 +260,17 @@ def analyse_speech(track, head=None, encoder=None, chunk_s: float = CHUNK_S) -> 
 
         head = load_head()
     pred = head_output(track, head, encoder)
-    return curves_from_head(pred, head.targets, voice_activity(open_band_level(track, chunk_s)))
+    return curves_from_head(pred, head.targets, speech_activity(track, chunk_s, detector))
+
+
+def speech_activity(track, chunk_s: float = CHUNK_S, detector=None) -> np.ndarray:
+    """bool (n,) per 10 ms frame: the mouth's band is loud (voice_activity) and a voice is speaking there
+    (vad.speech_mask: music, game sound and applause are loud too)."""
+    loud = voice_activity(open_band_level(track, chunk_s))
+    if detector is False:
+        return loud
+    from heygem_watch.engines.builtin import vad
+
+    if detector is None:
+        detector = vad.load_detector()
+    return loud & vad.speech_mask(detector.probabilities(track), len(loud), VAD_RATE)

@@ -1,0 +1,162 @@
+"""engines/builtin/vad.py: the speech detector read from the installed silero-vad wheel (hash-checked, no network),
+streamed in blocks, and what it changes in the speech analysis: music keeps the mouth shut, speech still opens it.
+Signals made here: chords over a drum pattern, synthetic syllables, speech spoken by espeak-ng (English, Mandarin)."""
+import importlib.metadata
+import shutil
+
+import numpy as np
+import pytest
+
+from heygem_watch import audio
+from heygem_watch.engines.base import EngineError
+from heygem_watch.engines.builtin import vad
+from heygem_watch.engines.builtin.speech import GATE_LEAD_S, VAD_RATE, analyse_speech, speech_activity
+from tests.mediagen import SR, silence, spoken, syllables
+
+
+def music(seconds, seed=0):
+    """Piano-like chords (three decaying harmonic notes, two chords a second) over a drum pattern (noise bursts every
+    0.25 s): loud across the mouth's band, no voice in it."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SR)
+    t = np.arange(n) / SR
+    x = np.zeros(n)
+    for start in np.arange(0, seconds, 0.5):
+        root = 220 * 2 ** (rng.integers(0, 12) / 12)
+        i0 = int(start * SR)
+        tt = t[i0:] - start
+        for ratio in (1.0, 1.26, 1.5):
+            f = root * ratio
+            x[i0:] += sum(np.sin(2 * np.pi * k * f * tt) / k ** 1.5 for k in range(1, 8)) * np.exp(-3 * tt)
+    for start in np.arange(0, seconds, 0.25):
+        i0 = int(start * SR)
+        m = min(n - i0, int(0.08 * SR))
+        x[i0:i0 + m] += 2 * rng.standard_normal(m) * np.exp(-np.arange(m) / (0.02 * SR))
+    return (0.3 * x / np.abs(x).max()).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from heygem_watch.engines.builtin.whisper import load_encoder
+
+    return load_encoder()
+
+
+def test_the_model_comes_from_the_installed_wheel_and_is_verified():
+    path = vad.model_path()
+    assert path.is_file() and path.name == "silero_vad_16k_sequence.onnx"
+    assert importlib.metadata.version(vad.DIST) == vad.VERSION
+    import hashlib
+
+    assert hashlib.sha256(vad.model_bytes()).hexdigest() == vad.MODEL_SHA256
+    assert isinstance(vad.load_detector(), vad.SpeechDetector)
+
+
+def test_a_damaged_model_is_refused_naming_the_file(tmp_path, monkeypatch):
+    bad = tmp_path / "silero_vad_16k_sequence.onnx"
+    shutil.copyfile(vad.model_path(), bad)
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    bad.write_bytes(bytes(data))
+    monkeypatch.setattr(vad, "model_path", lambda: bad)
+    with pytest.raises(vad.VadModelError) as e:
+        vad.model_bytes()
+    assert str(bad) in str(e.value) and "refusing to load" in str(e.value) and "setup.sh" in str(e.value)
+
+
+def test_a_missing_or_other_version_of_the_package_is_named_with_the_fix(monkeypatch):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(vad.VadModelError, match=r"silero-vad package .* not installed; run \./setup\.sh"):
+        vad.model_path()
+
+    class Other:
+        version = "5.1.2"
+
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Other())
+    with pytest.raises(vad.VadModelError, match=r"silero-vad 5\.1\.2 is installed, heygem-watch needs 6\.2\.3"):
+        vad.model_path()
+
+
+def test_the_engine_reports_a_missing_detector_as_an_engine_error(monkeypatch):
+    from heygem_watch.engines.builtin.engine import BuiltinEngine
+
+    def broken():
+        raise vad.VadModelError("the silero-vad package (its speech-detection model) is not installed; run ./setup.sh")
+
+    monkeypatch.setattr(vad, "load_detector", broken)
+    eng = BuiltinEngine()
+    with pytest.raises(EngineError, match="silero-vad"):
+        eng.analyse_speech(audio.ArrayTrack(silence(1.0)))
+
+
+def test_blocks_give_the_one_pass_result():
+    x = np.concatenate([silence(0.5), syllables(3.0), music(2.0), syllables(1.5, seed=3)])
+    det = vad.load_detector()
+    whole = det.probabilities(audio.ArrayTrack(x), block_frames=10_000)
+    assert whole.shape == (len(x) // vad.FRAME,) and whole.dtype == np.float32
+    for block in (1, 7, 64):
+        np.testing.assert_allclose(det.probabilities(audio.ArrayTrack(x), block_frames=block), whole, atol=1e-5)
+
+
+def test_speech_mask_hysteresis_and_padding():
+    frame_s = vad.FRAME / vad.SAMPLE_RATE
+    p = np.zeros(100, np.float32)
+    p[20:30] = 0.9  # speech
+    p[30:40] = 0.4  # under ON, over OFF: still speech (it started above ON)
+    p[60:70] = 0.45  # never over ON: not speech
+    m = vad.speech_mask(p, 400, VAD_RATE)
+    t = np.arange(400) / VAD_RATE
+    on_from, on_to = 20 * frame_s - vad.PAD_S, 40 * frame_s + vad.PAD_S
+    inside = (t >= on_from + 0.011) & (t <= on_to - 0.011)
+    outside = (t < on_from - 0.011) | (t > on_to + 0.011)
+    assert m[inside].all() and not m[outside].any()
+    assert not vad.speech_mask(np.zeros(50, np.float32), 200, VAD_RATE).any()
+
+
+ENGLISH = "Good evening everyone, thank you for joining the stream tonight. Let us begin."
+MANDARIN = "大家晚上好，欢迎来到今天的直播。我们现在开始。"
+
+
+@pytest.mark.parametrize("voice, text", [("en", ENGLISH), ("cmn", MANDARIN)])
+def test_spoken_speech_is_speech_from_its_first_word(voice, text):
+    x = spoken(text, voice)
+    p = vad.load_detector().probabilities(audio.ArrayTrack(x))
+    loud = speech_activity(audio.ArrayTrack(x), detector=False)
+    both = speech_activity(audio.ArrayTrack(x))
+    assert (p > vad.ON).mean() > 0.7
+    assert both.sum() >= 0.98 * loud.sum()  # nothing the loudness gate hears in it is taken away
+    first = np.flatnonzero(loud)[0]
+    assert both[first:first + 10].all()  # the first word's first 100 ms
+
+
+def test_music_keeps_the_mouth_shut_and_speech_after_it_opens_it(encoder):
+    """3 s of music, then spoken English, then 1 s of silence. Loudness alone opens the mouth to the music (the
+    test's teeth); with the detector it stays shut until the voice, which still opens it."""
+    sp = spoken(ENGLISH)
+    x = np.concatenate([music(3.0), sp, silence(1.0)])
+    end = 3.0 + len(sp) / SR
+    p = vad.load_detector().probabilities(audio.ArrayTrack(x))
+    assert (p[: int(2.8 * SR) // vad.FRAME] > vad.ON).mean() < 0.05
+    loud_only = analyse_speech(audio.ArrayTrack(x), encoder=encoder, detector=False)
+    gated = analyse_speech(audio.ArrayTrack(x), encoder=encoder)
+    t = np.arange(len(gated.open)) / gated.rate
+    # the voice starts at 3.0 s: loud frames within PAD_S of it count as speech, and the mouth may open GATE_LEAD_S
+    # before those
+    music_only = t < 3.0 - vad.PAD_S - GATE_LEAD_S - 0.04
+    assert loud_only.open[music_only].max() > 0.3  # what the music did before
+    assert gated.open[music_only].max() < 0.01 and not gated.speech[music_only].any()
+    voiced = (t > 3.2) & (t < end - 0.2)
+    assert gated.speech[voiced].mean() > 0.6 and gated.open[voiced].mean() > 0.2 and gated.open[voiced].std() > 0.1
+    assert gated.open[t > end + 0.4].max() < 0.01
+
+
+def test_speech_activity_is_loudness_and_detector_together():
+    x = np.concatenate([music(2.0, seed=1), silence(0.5), syllables(2.0)])
+    both = speech_activity(audio.ArrayTrack(x))
+    loud = speech_activity(audio.ArrayTrack(x), detector=False)
+    assert both.shape == loud.shape and not (both & ~loud).any()  # never speech where it is not loud
+    t = np.arange(len(both)) / VAD_RATE
+    assert loud[t < 2.0].mean() > 0.4 and not both[t < 2.0].any()
