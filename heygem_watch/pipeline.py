@@ -192,9 +192,15 @@ def process_files(recording: os.PathLike | str, templates: Sequence[os.PathLike 
     results: list[RenderResult | BaseException] = []
     if prefetch is None:
         prefetch = Prefetch(recording, templates, cache, log)
+    failed = True
     try:
         job = RecordingJob.prepare(recording, work)
-        job.speech_for(engine)  # while the templates are still being analysed on the other core
+        try:
+            job.speech_for(engine)  # while the templates are still being analysed on the other core
+        except Cancelled:
+            raise
+        except Exception:  # noqa: BLE001 - each template's run_task meets it again and reports it as its failure
+            pass
         for k, (tpl, out) in enumerate(zip(templates, outputs)):
             prefetch.wait(k)
             try:
@@ -211,10 +217,13 @@ def process_files(recording: os.PathLike | str, templates: Sequence[os.PathLike 
             results.append(res)
             if on_result is not None:
                 on_result(str(tpl), res)
+        failed = False
     finally:
         prefetch.stop()
-        if cache_dir is None:
-            prefetch.join()  # a template still being analysed writes into work/cache
+        if cache_dir is None or failed:
+            # a template still being analysed writes into work/cache; and a process leaving on an exception must
+            # not exit under a running FaceMesh (its native threads abort the interpreter's shutdown)
+            prefetch.join()
         shutil.rmtree(work, ignore_errors=True)
     return results
 

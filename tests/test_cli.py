@@ -143,6 +143,27 @@ def test_process_batch_and_single(in_tmp, monkeypatch, capsys, passthrough_engin
     assert "recording unusable" in capsys.readouterr().out
 
 
+def test_process_names_a_missing_speech_detector_per_template(in_tmp, monkeypatch, capsys, face_template_file):
+    """The real built-in engine without its speech detector: each template fails with the reason and the fix, no
+    traceback (it used to escape as an uncaught EngineError and abort the process under a running FaceMesh)."""
+    from heygem_watch.engines.builtin import vad
+
+    def missing():
+        raise vad.VadModelError(f"the {vad.DIST} package (its speech-detection model) is not installed; "
+                                f"{vad.INSTALL_HINT}")
+
+    monkeypatch.setattr(vad, "load_detector", missing)
+    rec = gen_media.write_av(in_tmp / "rec.flv", 0.6)
+    t1 = str(shutil.copy(face_template_file, in_tmp / "a.png"))
+    t2 = str(shutil.copy(face_template_file, in_tmp / "b.png"))
+    rc = cli.main(["process", str(rec), "-t", t1, "-t", t2, "--out-dir", str(in_tmp / "out"), "--engine", "builtin"])
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 1 and len(out) == 2
+    for line, name in zip(out, ("a.png", "b.png")):
+        assert line.startswith(f"FAIL {name}: the silero-vad package") and "pip install --no-deps" in line
+    assert not (in_tmp / "out").exists() or not any((in_tmp / "out").iterdir())
+
+
 def test_process_from_the_command_line_exits_with_its_status(in_tmp):
     """A command-line `process` ends with os._exit (no interpreter teardown): its lines still reach a pipe and its
     exit status is the run's."""
