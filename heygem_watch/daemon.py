@@ -84,7 +84,12 @@ class Daemon(Ingest, Reload, Filing, DiskGuard):
             self.engine = engines.create_engine(self.settings.engine, self.settings.model,
                                                  onnx_options=self.settings.onnx_options,
                                                  speech_model=self.settings.speech_model)
-            self.log.info("engine_ready", **self.engine.describe(), seconds=round(time.monotonic() - t0, 2))
+            try:
+                self.engine.ready()
+            except engines.EngineError as exc:  # recordings still queue; each task fails naming the fix until it is fixed
+                self.log.error("engine_unusable", **self.engine.describe(), error=str(exc))
+            else:
+                self.log.info("engine_ready", **self.engine.describe(), seconds=round(time.monotonic() - t0, 2))
         return self.engine
 
     def _unusable(self, task: Task) -> str | None:

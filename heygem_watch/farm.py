@@ -122,7 +122,12 @@ def _load_engine(**_kw) -> None:
     _log = get_logger()
     t0 = time.monotonic()
     _engine = engines.create_engine(s.engine, s.model, onnx_options=s.onnx_options, speech_model=s.speech_model)
-    _log.info("engine_ready", **_engine.describe(), seconds=round(time.monotonic() - t0, 2), pid=os.getpid())
+    try:
+        _engine.ready()
+    except engines.EngineError as exc:  # its tasks fail naming the fix (and are retried elsewhere or later)
+        _log.error("engine_unusable", **_engine.describe(), error=str(exc), pid=os.getpid())
+    else:
+        _log.info("engine_ready", **_engine.describe(), seconds=round(time.monotonic() - t0, 2), pid=os.getpid())
 
 
 @worker_process_shutdown.connect

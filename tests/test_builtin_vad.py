@@ -89,6 +89,8 @@ def test_the_engine_reports_a_missing_detector_as_an_engine_error(monkeypatch):
     monkeypatch.setattr(vad, "load_detector", broken)
     eng = BuiltinEngine()
     with pytest.raises(EngineError, match="silero-vad"):
+        eng.ready()  # what the daemon asks at start-up
+    with pytest.raises(EngineError, match="silero-vad"):
         eng.analyse_speech(audio.ArrayTrack(silence(1.0)))
 
 

@@ -162,6 +162,42 @@ def test_every_template_failing_moves_the_recording_to_failed(daemon_factory):
     assert d.ledger.recent_recordings(1)[0].state == "failed"
 
 
+def test_an_engine_without_its_models_is_named_at_start_and_each_task_says_why(daemon_factory, monkeypatch, capsys):
+    """A model the engine cannot load (here the speech detector, as after an update without ./setup.sh) is logged
+    as engine_unusable when the daemon starts its engine, not first seen at a recording; tasks then fail naming the
+    fix, and the recording is kept in failed/ for a retry."""
+    from heygem_watch import engines
+    from heygem_watch.engines.base import EngineError
+
+    why = "the silero-vad package (its speech-detection model) is not installed; run ./setup.sh"
+
+    class Unloaded(Engine):
+        name = "unloaded"
+
+        def ready(self):
+            raise EngineError(why)
+
+        def analyse_speech(self, audio):
+            self.ready()
+
+        def render(self, template, state, speech, jobs):
+            raise AssertionError("never reached")
+
+    monkeypatch.setattr(engines, "create_engine", lambda *a, **kw: Unloaded())
+    d = daemon_factory(engine=None)
+    capsys.readouterr()
+    d.ensure_engine()
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    bad = [e for e in events if e["event"] == "engine_unusable"]
+    assert len(bad) == 1 and bad[0]["error"] == why and bad[0]["level"] == "error"
+    assert not any(e["event"] == "engine_ready" for e in events)
+    src = drop(d, "rec.wav", 0.3)
+    ingest_all(d)
+    drain(d)
+    err = json.loads((d.settings.failed_dir / today() / "rec.wav.error.json").read_text())
+    assert why in err["reason"] and not src.exists()
+
+
 def test_no_templates_leaves_the_recording_waiting(daemon_factory, capsys):
     d = daemon_factory(templates=())
     src = drop(d, "early.wav", 0.3)

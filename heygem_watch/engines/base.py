@@ -112,6 +112,10 @@ class Engine(ABC):
         Frames whose template frame has no face must come back unchanged.
         """
 
+    def ready(self) -> None:
+        """Blocks until the engine's models are loaded: EngineError, naming the fix, when they cannot be (the daemon
+        says so at start-up instead of at the first recording)."""
+
     def describe(self) -> dict:
         """What goes into manifests and logs (name, model, provider...)."""
         return {"engine": self.name}

@@ -76,12 +76,10 @@ class BuiltinEngine(Engine):
         return {"engine": self.name, "model": None,
                 "speech_model": self.speech_model.name if self.speech_model else "shipped"}
 
-    def analyse_speech(self, audio) -> Any:
-        """Whisper features through the head (the encoder stays loaded for the engine's lifetime)."""
-        from heygem_watch.engines.builtin.speech import analyse_speech
+    def ready(self) -> None:
+        """Waits for the background loader (Whisper, speech detector); a model it could not load raises here."""
         from heygem_watch.engines.builtin.vad import VadModelError
         from heygem_watch.engines.builtin.whisper import WhisperModelError
-        from heygem_watch.logs import get_logger
 
         self._loader.join()
         if "error" in self._encoder:
@@ -89,6 +87,13 @@ class BuiltinEngine(Engine):
             if isinstance(exc, (WhisperModelError, VadModelError)):
                 raise EngineError(str(exc)) from None
             raise exc
+
+    def analyse_speech(self, audio) -> Any:
+        """Whisper features through the head (the encoder stays loaded for the engine's lifetime)."""
+        from heygem_watch.engines.builtin.speech import analyse_speech
+        from heygem_watch.logs import get_logger
+
+        self.ready()
         t0, c0 = time.monotonic(), time.process_time()
         curve = analyse_speech(audio, self.head, self._encoder["model"], detector=self._encoder["detector"])
         get_logger().info("speech_analysed", audio_s=round(audio.n_samples / audio.sample_rate, 2),
