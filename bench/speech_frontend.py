@@ -3,8 +3,8 @@
 
     python bench/speech_frontend.py [--minutes 120] [--dir DIR]
 
-Writes a synthetic recording (speech-like syllables with pauses of 0.3-3 s, 16 kHz float32, written chunk by chunk
-so the generator never holds it) as the pipeline's on-disk AudioTrack, then, in a fresh process, runs
+Writes a recording (phrases in English and Mandarin spoken by espeak-ng, in random order with pauses of 0.3-3 s,
+16 kHz float32, written chunk by chunk so the generator never holds it) as the pipeline's on-disk AudioTrack, then, in a fresh process, runs
 speech.analyse_speech on it with the shipped head and prints:
   load        Whisper model joined from the wheels, hash-checked and loaded, and the speech detector (once per process)
   analysis    wall and CPU seconds, seconds of audio per wall second, share of the stages (encoder+head, loudness)
@@ -32,33 +32,56 @@ SR = 16000
 CHUNK_S = 60
 
 
+PHRASES = (("en", "Good evening everyone, and welcome back to the stream."),
+           ("en", "Today we are looking at three new products, starting with the smallest one."),
+           ("en", "If you have questions, put them in the chat and I will answer them at the end."),
+           ("cmn", "大家晚上好，欢迎来到今天的直播。"),
+           ("cmn", "我们先看第一款产品，价格非常实惠。"),
+           ("cmn", "有问题的朋友可以在评论区留言。"))
+
+
+def _phrases() -> list[np.ndarray]:
+    """The PHRASES spoken by espeak-ng (Debian; setup.sh installs it), 16 kHz float32: speech the speech detector
+    hears as speech (synthetic syllables it mostly does not, so they would measure a gate that stays shut)."""
+    import io
+    import shutil
+    import wave
+
+    from scipy.signal import resample_poly
+
+    exe = shutil.which("espeak-ng")
+    if not exe:
+        sys.exit("needs Debian's espeak-ng (apt-get install -y espeak-ng; setup.sh installs it as root)")
+    out = []
+    for voice, text in PHRASES:
+        wav = subprocess.run([exe, "--stdout", "-v", voice, "-s", "150", text], capture_output=True, check=True).stdout
+        with wave.open(io.BytesIO(wav)) as w:
+            src = w.getframerate()
+            x = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
+        g = np.gcd(src, SR)
+        out.append(resample_poly(x, SR // g, src // g).astype(np.float32))
+    return out
+
+
 def write_recording(path: Path, minutes: float, seed: int = 0) -> int:
-    """Speech-like audio, CHUNK_S at a time: 120-220 Hz voiced syllables through random formants, pauses."""
+    """Speech, CHUNK_S at a time: the spoken phrases in random order and loudness, pauses of 0.3-3 s between them."""
     rng = np.random.default_rng(seed)
+    phrases = _phrases()
     total = int(minutes * 60 * SR)
     written = 0
+    pending = np.zeros(0, np.float32)
     with open(path, "wb") as f:
         while written < total:
             n = min(CHUNK_S * SR, total - written)
-            out = np.zeros(n, np.float32)
-            i = 0
-            while i < n:
-                if rng.uniform() < 0.1:
-                    i += int(rng.uniform(0.3, 3.0) * SR)
-                    continue
-                m = int(rng.uniform(0.1, 0.3) * SR)
-                t = np.arange(m) / SR
-                f0 = rng.uniform(100, 220)
-                formants = (rng.uniform(400, 900), rng.uniform(1000, 2200))
-                x = np.zeros(m)
-                for k in range(1, int(4000 / f0)):
-                    g = sum(1.0 / (1.0 + ((k * f0 - fm) / 90.0) ** 2) for fm in formants) / k ** 0.5
-                    x += g * np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 6.3))
-                x *= np.minimum(1.0, np.minimum(t, t[-1] - t) / 0.02) * rng.uniform(0.05, 0.3) / (np.abs(x).max() + 1e-9)
-                j = min(n, i + m)
-                out[i:j] = x[: j - i]
-                i = j + int(rng.uniform(0.02, 0.12) * SR)
-            out.astype("<f4").tofile(f)
+            parts, have = [pending], len(pending)
+            while have < n:
+                p = phrases[rng.integers(len(phrases))] * rng.uniform(0.3, 1.0)
+                gap = np.zeros(int(rng.uniform(0.3, 3.0) * SR), np.float32)
+                parts += [p, gap]
+                have += len(p) + len(gap)
+            block = np.concatenate(parts)
+            block[:n].astype("<f4").tofile(f)
+            pending = block[n:]
             written += n
     return total
 
@@ -107,7 +130,7 @@ def main() -> int:
         pcm = d / "audio16k.f32"
         t = time.monotonic()
         n = write_recording(pcm, args.minutes)
-        print(f"generated {args.minutes:g} min of speech-like audio in {time.monotonic() - t:.0f} s ({pcm})")
+        print(f"generated {args.minutes:g} min of spoken phrases and pauses in {time.monotonic() - t:.0f} s ({pcm})")
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         out = subprocess.run([sys.executable, __file__, "--_analyse", str(pcm), str(n)], env=env,
                              capture_output=True, text=True)
