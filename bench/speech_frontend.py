@@ -40,33 +40,12 @@ PHRASES = (("en", "Good evening everyone, and welcome back to the stream."),
            ("cmn", "有问题的朋友可以在评论区留言。"))
 
 
-def _phrases() -> list[np.ndarray]:
-    """The PHRASES spoken by espeak-ng (Debian; setup.sh installs it), 16 kHz float32: speech the speech detector
-    hears as speech (synthetic syllables it mostly does not, so they would measure a gate that stays shut)."""
-    import io
-    import shutil
-    import wave
-
-    from scipy.signal import resample_poly
-
-    exe = shutil.which("espeak-ng")
-    if not exe:
-        sys.exit("needs Debian's espeak-ng (apt-get install -y espeak-ng; setup.sh installs it as root)")
-    out = []
-    for voice, text in PHRASES:
-        wav = subprocess.run([exe, "--stdout", "-v", voice, "-s", "150", text], capture_output=True, check=True).stdout
-        with wave.open(io.BytesIO(wav)) as w:
-            src = w.getframerate()
-            x = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768
-        g = np.gcd(src, SR)
-        out.append(resample_poly(x, SR // g, src // g).astype(np.float32))
-    return out
-
-
 def write_recording(path: Path, minutes: float, seed: int = 0) -> int:
     """Speech, CHUNK_S at a time: the spoken phrases in random order and loudness, pauses of 0.3-3 s between them."""
     rng = np.random.default_rng(seed)
-    phrases = _phrases()
+    from tests.mediagen import spoken  # espeak-ng: speech the speech detector hears as speech (syllables: 0 %)
+
+    phrases = [spoken(text, voice) for voice, text in PHRASES]
     total = int(minutes * 60 * SR)
     written = 0
     pending = np.zeros(0, np.float32)
@@ -102,15 +81,13 @@ def analyse(pcm: str, n_samples: int) -> dict:
     t1, c1 = time.monotonic(), time.process_time()
     pred = speech.head_output(track, head, enc)
     t2 = time.monotonic()
-    loud = speech.voice_activity(speech.open_band_level(track))
+    active = speech.speech_activity(track, detector=detector)
     t3 = time.monotonic()
-    active = loud & vad.speech_mask(detector.probabilities(track), len(loud), speech.VAD_RATE)  # speech_activity's
-    t3b = time.monotonic()
     curve = speech.curves_from_head(pred, head.targets, active)
     t4, c4 = time.monotonic(), time.process_time()
     return {"audio_s": n_samples / SR, "frames": len(curve), "load_s": load_s, "load_cpu_s": c1 - c0,
             "analysis_wall_s": t4 - t1, "analysis_cpu_s": c4 - c1, "encoder_head_s": t2 - t1,
-            "loudness_vad_s": t3 - t2, "detector_s": t3b - t3, "curves_s": t4 - t3b, "rss_after_load_mb": rss_loaded,
+            "voice_activity_s": t3 - t2, "curves_s": t4 - t3, "rss_after_load_mb": rss_loaded,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "speech_fraction": float(curve.speech.mean())}
 
@@ -143,9 +120,9 @@ def main() -> int:
           f"{r['rss_after_load_mb']:.0f} MB")
     print(f"analysis    {r['analysis_wall_s']:.1f} s wall, {r['analysis_cpu_s']:.1f} s CPU for {a / 60:.1f} min of "
           f"audio = {a / r['analysis_wall_s']:.0f}x real time ({r['analysis_wall_s'] / a * 60:.2f} s per minute)")
-    print(f"  stages    encoder+head {r['encoder_head_s']:.1f} s, loudness/VAD {r['loudness_vad_s']:.1f} s, "
-          f"speech detector {r['detector_s']:.1f} s, curves {r['curves_s']:.2f} s; speech in "
-          f"{r['speech_fraction']:.0%} of {r['frames']} frames")
+    print(f"  stages    encoder+head {r['encoder_head_s']:.1f} s, voice activity (loudness + speech detector) "
+          f"{r['voice_activity_s']:.1f} s, curves {r['curves_s']:.2f} s; speech in {r['speech_fraction']:.0%} of "
+          f"{r['frames']} frames")
     print(f"peak RSS    {r['peak_rss_mb']:.0f} MB")
     return 0
 

@@ -82,11 +82,19 @@ class RecordingJob:
         return list(self.track.notes)
 
     def speech_for(self, engine: Engine):
-        """Engine.analyse_speech, once per (recording, engine)."""
+        """Engine.analyse_speech, once per (recording, engine): a failure too (a missing model), raised again to
+        every template that asks instead of analysed again for each."""
         with self._lock:
             key = id(engine)
             if key not in self._speech:
-                self._speech[key] = engine.analyse_speech(self.track)
+                try:
+                    self._speech[key] = engine.analyse_speech(self.track)
+                except Cancelled:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the recording's, handed to each template's run_task
+                    self._speech[key] = exc
+            if isinstance(self._speech[key], Exception):
+                raise self._speech[key]
             return self._speech[key]
 
     def cleanup(self) -> None:
@@ -199,7 +207,7 @@ def process_files(recording: os.PathLike | str, templates: Sequence[os.PathLike 
             job.speech_for(engine)  # while the templates are still being analysed on the other core
         except Cancelled:
             raise
-        except Exception:  # noqa: BLE001 - each template's run_task meets it again and reports it as its failure
+        except Exception:  # noqa: BLE001 - kept by the job: each template's run_task reports it as its failure
             pass
         for k, (tpl, out) in enumerate(zip(templates, outputs)):
             prefetch.wait(k)

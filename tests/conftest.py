@@ -114,6 +114,27 @@ def settings_factory(tmp_path):
 
 
 @pytest.fixture
+def no_speech_detector(monkeypatch):
+    """As if silero-vad were not installed (an update without ./setup.sh): the real lookup fails with its real
+    message, and the detector this process already loaded is forgotten for the test."""
+    import importlib.metadata
+
+    from heygem_watch.engines.builtin import vad
+
+    real = importlib.metadata.distribution
+
+    def distribution(name):
+        if name == vad.DIST:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+    vad.load_detector.cache_clear()
+    yield
+    vad.load_detector.cache_clear()
+
+
+@pytest.fixture
 def passthrough_engine():
     from heygem_watch.engines.base import Engine
 

@@ -184,6 +184,16 @@ def test_a_damaged_whisper_model_is_an_engine_error_naming_it(monkeypatch):
         eng.analyse_speech(object())
 
 
+def test_a_missing_speech_detector_is_an_engine_error_naming_it(no_speech_detector):
+    from heygem_watch.engines.base import EngineError
+
+    eng = BuiltinEngine()
+    with pytest.raises(EngineError, match="silero-vad"):
+        eng.ready()  # what the daemon asks at start-up
+    with pytest.raises(EngineError, match="silero-vad"):
+        eng.analyse_speech(object())
+
+
 def test_a_speech_model_that_is_not_one_is_refused_at_start(tmp_path):
     from heygem_watch.engines.base import EngineError
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from heygem_watch import audio
-from heygem_watch.engines.base import EngineError
 from heygem_watch.engines.builtin import vad
 from heygem_watch.engines.builtin.speech import GATE_LEAD_S, VAD_RATE, analyse_speech, speech_activity
 from tests.mediagen import SR, silence, spoken, syllables
@@ -78,20 +77,6 @@ def test_a_missing_or_other_version_of_the_package_is_named_with_the_fix(monkeyp
     monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Other())
     with pytest.raises(vad.VadModelError, match=r"silero-vad 5\.1\.2 is installed, heygem-watch needs 6\.2\.3"):
         vad.model_path()
-
-
-def test_the_engine_reports_a_missing_detector_as_an_engine_error(monkeypatch):
-    from heygem_watch.engines.builtin.engine import BuiltinEngine
-
-    def broken():
-        raise vad.VadModelError("the silero-vad package (its speech-detection model) is not installed; run ./setup.sh")
-
-    monkeypatch.setattr(vad, "load_detector", broken)
-    eng = BuiltinEngine()
-    with pytest.raises(EngineError, match="silero-vad"):
-        eng.ready()  # what the daemon asks at start-up
-    with pytest.raises(EngineError, match="silero-vad"):
-        eng.analyse_speech(audio.ArrayTrack(silence(1.0)))
 
 
 def test_blocks_give_the_one_pass_result():

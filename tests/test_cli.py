@@ -143,16 +143,10 @@ def test_process_batch_and_single(in_tmp, monkeypatch, capsys, passthrough_engin
     assert "recording unusable" in capsys.readouterr().out
 
 
-def test_process_names_a_missing_speech_detector_per_template(in_tmp, monkeypatch, capsys, face_template_file):
+def test_process_names_a_missing_speech_detector_per_template(in_tmp, capsys, face_template_file,
+                                                              no_speech_detector):
     """The real built-in engine without its speech detector: each template fails with the reason and the fix, no
     traceback (it used to escape as an uncaught EngineError and abort the process under a running FaceMesh)."""
-    from heygem_watch.engines.builtin import vad
-
-    def missing():
-        raise vad.VadModelError(f"the {vad.DIST} package (its speech-detection model) is not installed; "
-                                f"{vad.INSTALL_HINT}")
-
-    monkeypatch.setattr(vad, "load_detector", missing)
     rec = gen_media.write_av(in_tmp / "rec.flv", 0.6)
     t1 = str(shutil.copy(face_template_file, in_tmp / "a.png"))
     t2 = str(shutil.copy(face_template_file, in_tmp / "b.png"))
@@ -233,14 +227,7 @@ def test_check_reports_problems_with_fixes(in_tmp, capsys, face_template_file, f
     assert "ok       speech model shipped" in out and "Whisper base and silero-vad 6.2.3 verified" in out
 
 
-def test_check_names_a_missing_speech_detector(in_tmp, monkeypatch, capsys):
-    from heygem_watch.engines.builtin import vad
-
-    def missing():
-        raise vad.VadModelError(f"the {vad.DIST} package (its speech-detection model) is not installed; "
-                                f"{vad.INSTALL_HINT}")
-
-    monkeypatch.setattr(vad, "model_path", missing)
+def test_check_names_a_missing_speech_detector(in_tmp, capsys, no_speech_detector):
     assert cli.main(["check"]) == 1
     out = capsys.readouterr().out
     assert "PROBLEM  speech model: the silero-vad package" in out and "pip install --no-deps silero-vad==6.2.3" in out

@@ -158,6 +158,22 @@ def test_one_bad_template_does_not_stop_the_others(media, tmp_path):
     assert isinstance(res[1], pipeline.RenderResult) and (tmp_path / "b.mp4").exists()
 
 
+def test_a_failing_speech_analysis_fails_each_template_and_runs_once(media, tmp_path):
+    """The speech analysis is the recording's: when it fails (a missing model), every template reports that failure,
+    and it is not attempted again per template."""
+    d, tpl, rec = media
+
+    class NoSpeech(Passthrough):
+        def analyse_speech(self, audio):
+            self.speech_calls += 1
+            raise RuntimeError("speech model missing")
+
+    eng = NoSpeech()
+    res = pipeline.process_files(rec, [tpl, tpl], [tmp_path / "a.mp4", tmp_path / "b.mp4"], eng, var_dir=tmp_path / "v")
+    assert [str(r) for r in res] == ["speech model missing"] * 2
+    assert eng.speech_calls == 1 and not (tmp_path / "a.mp4").exists()
+
+
 class YuvPassthrough(Passthrough):
     """Returns the template frames as the pipeline hands them (yuv420p), or, with cut, a malformed one."""
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from heygem_watch.engines.builtin import whisper
+from heygem_watch.engines.builtin import vad, whisper
 
 RATE = whisper.FEATURE_RATE  # curve frames per second (one per encoder frame)
 SAMPLE_RATE = 16000  # Hz, what audio.AudioTrack holds
@@ -269,8 +269,6 @@ def speech_activity(track, chunk_s: float = CHUNK_S, detector=None) -> np.ndarra
     loud = voice_activity(open_band_level(track, chunk_s))
     if detector is False:
         return loud
-    from heygem_watch.engines.builtin import vad
-
     if detector is None:
         detector = vad.load_detector()
     return loud & vad.speech_mask(detector.probabilities(track), len(loud), VAD_RATE)
