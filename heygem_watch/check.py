@@ -141,8 +141,7 @@ def run_checks(settings) -> int:
         elif name == "onnx" or settings.model is not None:
             t0 = time.monotonic()
             with _native_quiet():
-                eng = engines.create_engine(settings.engine, settings.model, onnx_options=settings.onnx_options,
-                                            speech_model=settings.speech_model)
+                eng = engines.engine_from_settings(settings)
             ok(f"engine {name}: loaded in {time.monotonic() - t0:.1f} s {eng.describe()}")
             eng.close()
         else:
@@ -169,20 +168,26 @@ def run_checks(settings) -> int:
 
 
 def _check_speech(settings, ok, bad) -> None:
-    """The built-in engine's speech model: the head file, the Whisper model joined from its wheels and the speech
-    detector's model (hashes)."""
+    """The built-in engine's speech model: the head file, the Whisper model joined from its wheels and, unless
+    HEYGEM_SPEECH_DETECTOR is off, the speech detector's model (hashes)."""
     from heygem_watch.engines.builtin import vad
     from heygem_watch.engines.builtin.head import HeadError, load_head
     from heygem_watch.engines.builtin.whisper import WhisperModelError, verify_installed
 
     try:
         head = load_head(settings.speech_model)
+    except HeadError as exc:
+        bad(f"speech model: {exc}", "fix HEYGEM_SPEECH_MODEL (empty = the shipped one)")
+        return
+    try:
         verify_installed()
-        vad.model_bytes()
-    except (HeadError, WhisperModelError, vad.VadModelError) as exc:
-        bad(f"speech model: {exc}", "fix HEYGEM_SPEECH_MODEL (empty = the shipped one) or reinstall heygem-watch's "
-            "dependencies (./setup.sh)")
+        if settings.speech_detector:
+            vad.model_bytes()
+    except (WhisperModelError, vad.VadModelError) as exc:
+        bad(f"speech model: {exc}", "reinstall heygem-watch's dependencies (./setup.sh)")
         return
     where = settings.speech_model or "shipped"
+    detector = (f"{vad.DIST} {vad.VERSION} verified" if settings.speech_detector
+                else "speech detector off (HEYGEM_SPEECH_DETECTOR=false: music moves the mouth too)")
     ok(f"speech model {where} ({head.meta.get('clips', '?')} clips, {head.meta.get('speakers', '?')} speakers); "
-       f"Whisper base and {vad.DIST} {vad.VERSION} verified")
+       f"Whisper base verified; {detector}")

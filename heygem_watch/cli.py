@@ -159,8 +159,7 @@ def cmd_process(args, settings) -> int:
         prefetch = pipeline.Prefetch(args.recording, templates, Path(cache_dir), get_logger())
     model = args.model if args.model is not None else settings.model
     try:
-        engine = engines.create_engine(args.engine or settings.engine, model, onnx_options=settings.onnx_options,
-                                       speech_model=settings.speech_model)
+        engine = engines.engine_from_settings(settings, args.engine, model)
     except Exception as exc:
         print(f"heygem-watch process: engine: {exc}", file=sys.stderr)
         if prefetch is not None:  # no new template; the one being analysed finishes (a cache entry is whole)

@@ -81,9 +81,7 @@ class Daemon(Ingest, Reload, Filing, DiskGuard):
             from heygem_watch import engines
 
             t0 = time.monotonic()
-            self.engine = engines.create_engine(self.settings.engine, self.settings.model,
-                                                 onnx_options=self.settings.onnx_options,
-                                                 speech_model=self.settings.speech_model)
+            self.engine = engines.engine_from_settings(self.settings)
             try:
                 self.engine.ready()
             except engines.EngineError as exc:  # recordings still queue; each task fails naming the fix until it is fixed

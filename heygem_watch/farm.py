@@ -121,7 +121,7 @@ def _load_engine(**_kw) -> None:
     configure_logs(s.log_format, s.log_level)
     _log = get_logger()
     t0 = time.monotonic()
-    _engine = engines.create_engine(s.engine, s.model, onnx_options=s.onnx_options, speech_model=s.speech_model)
+    _engine = engines.engine_from_settings(s)
     try:
         _engine.ready()
     except engines.EngineError as exc:  # its tasks fail naming the fix (and are retried elsewhere or later)

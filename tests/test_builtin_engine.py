@@ -194,6 +194,33 @@ def test_a_missing_speech_detector_is_an_engine_error_naming_it(no_speech_detect
         eng.analyse_speech(object())
 
 
+def test_the_detector_switch_reaches_the_engine_from_the_settings(tmp_path):
+    """HEYGEM_SPEECH_DETECTOR=false (karaoke: the detector hears a song as music): the mouth follows the voice band's
+    loudness again, so music alone opens it; on (the default) music keeps it shut."""
+    from heygem_watch import audio
+    from heygem_watch.config import load_settings
+    from heygem_watch.engines import engine_from_settings
+
+    x = np.concatenate([mediagen.music(3.0, seed=2), mediagen.silence(1.0)])
+    t = np.arange(0, 4.0, 0.04)
+    opened = {}
+    for value in ("", "false"):
+        settings = load_settings(None, environ={"HEYGEM_SPEECH_DETECTOR": value}, cwd=tmp_path, isatty=False)
+        eng = engine_from_settings(settings, "builtin")
+        assert eng.describe()["speech_detector"] is (value == "")
+        opened[value] = eng.analyse_speech(audio.ArrayTrack(x)).sample(t)[0]
+    music = t < 2.7
+    assert opened[""][music].max() < 0.01
+    assert opened["false"][music].max() > 0.3 and opened["false"][music].std() > 0.05
+    assert opened["false"][t > 3.4].max() < 0.01  # silence still shuts it
+
+
+def test_with_the_detector_off_a_missing_detector_does_not_matter(no_speech_detector):
+    eng = BuiltinEngine(speech_detector=False)
+    eng.ready()
+    assert eng.describe()["speech_detector"] is False
+
+
 def test_a_speech_model_that_is_not_one_is_refused_at_start(tmp_path):
     from heygem_watch.engines.base import EngineError
 

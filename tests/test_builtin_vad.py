@@ -10,28 +10,7 @@ import pytest
 from heygem_watch import audio
 from heygem_watch.engines.builtin import vad
 from heygem_watch.engines.builtin.speech import GATE_LEAD_S, VAD_RATE, analyse_speech, speech_activity
-from tests.mediagen import SR, silence, spoken, syllables
-
-
-def music(seconds, seed=0):
-    """Piano-like chords (three decaying harmonic notes, two chords a second) over a drum pattern (noise bursts every
-    0.25 s): loud across the mouth's band, no voice in it."""
-    rng = np.random.default_rng(seed)
-    n = int(seconds * SR)
-    t = np.arange(n) / SR
-    x = np.zeros(n)
-    for start in np.arange(0, seconds, 0.5):
-        root = 220 * 2 ** (rng.integers(0, 12) / 12)
-        i0 = int(start * SR)
-        tt = t[i0:] - start
-        for ratio in (1.0, 1.26, 1.5):
-            f = root * ratio
-            x[i0:] += sum(np.sin(2 * np.pi * k * f * tt) / k ** 1.5 for k in range(1, 8)) * np.exp(-3 * tt)
-    for start in np.arange(0, seconds, 0.25):
-        i0 = int(start * SR)
-        m = min(n - i0, int(0.08 * SR))
-        x[i0:i0 + m] += 2 * rng.standard_normal(m) * np.exp(-np.arange(m) / (0.02 * SR))
-    return (0.3 * x / np.abs(x).max()).astype(np.float32)
+from tests.mediagen import SR, music, silence, spoken, syllables
 
 
 @pytest.fixture(scope="module")

@@ -224,13 +224,22 @@ def test_check_reports_problems_with_fixes(in_tmp, capsys, face_template_file, f
     out = capsys.readouterr().out
     assert "ok       template anchor.png" in out
     assert "PROBLEM  template wall.png: unusable, recordings skip it: no face" in out
-    assert "ok       speech model shipped" in out and "Whisper base and silero-vad 6.2.3 verified" in out
+    assert "ok       speech model shipped" in out and "Whisper base verified; silero-vad 6.2.3 verified" in out
 
 
 def test_check_names_a_missing_speech_detector(in_tmp, capsys, no_speech_detector):
     assert cli.main(["check"]) == 1
     out = capsys.readouterr().out
     assert "PROBLEM  speech model: the silero-vad package" in out and "pip install --no-deps silero-vad==6.2.3" in out
+    assert "fix: reinstall heygem-watch's dependencies (./setup.sh)" in out and "fix HEYGEM_SPEECH_MODEL" not in out
+
+
+def test_check_with_the_speech_detector_off_does_not_need_it(in_tmp, monkeypatch, capsys, no_speech_detector):
+    monkeypatch.setenv("HEYGEM_SPEECH_DETECTOR", "false")
+    cli.main(["check"])
+    out = capsys.readouterr().out
+    assert "ok       speech model shipped" in out and "speech detector off (HEYGEM_SPEECH_DETECTOR=false" in out
+    assert "silero-vad" not in out
 
 
 def test_check_names_a_broken_speech_model(in_tmp, monkeypatch, capsys):

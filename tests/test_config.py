@@ -141,3 +141,10 @@ def test_farm_settings_are_validated_and_the_broker_password_is_never_logged(tmp
     assert "s3cret" not in str(s.as_dict()) and s.as_dict()["broker_url"] == "rediss://:***@head:6380/0"
     d = load_settings(None, environ={}, cwd=tmp_path)
     assert d.dispatch == "local"
+
+
+def test_speech_detector_switch(tmp_path):
+    assert load_settings(None, environ={}, cwd=tmp_path).speech_detector is True
+    assert load_settings(None, environ={"HEYGEM_SPEECH_DETECTOR": "off"}, cwd=tmp_path).speech_detector is False
+    with pytest.raises(ConfigError, match="HEYGEM_SPEECH_DETECTOR: expected true/false, got 'sometimes'"):
+        load_settings(None, environ={"HEYGEM_SPEECH_DETECTOR": "sometimes"}, cwd=tmp_path)

@@ -7,7 +7,8 @@ from heygem_watch.engines.base import Engine, EngineError, FrameJob
 
 ENGINE_NAMES = ("auto", "builtin", "onnx")
 
-__all__ = ["Engine", "EngineError", "FrameJob", "ENGINE_NAMES", "resolve_engine_name", "create_engine"]
+__all__ = ["Engine", "EngineError", "FrameJob", "ENGINE_NAMES", "resolve_engine_name", "create_engine",
+           "engine_from_settings"]
 
 
 def resolve_engine_name(name: str, model: Path | None) -> str:
@@ -20,18 +21,26 @@ def resolve_engine_name(name: str, model: Path | None) -> str:
 
 
 def create_engine(name: str = "auto", model: Path | None = None, onnx_options: dict | None = None,
-                  speech_model: Path | None = None, **options) -> Engine:
+                  speech_model: Path | None = None, speech_detector: bool = True, **options) -> Engine:
     """Build the engine; heavy models load here, once. onnx_options (Settings.onnx_options: provider, batch_size,
     threads; 0/auto = decide) apply to the ONNX engine only; speech_model (HEYGEM_SPEECH_MODEL, None = the shipped
-    one) to the built-in engine only."""
+    one) and speech_detector (HEYGEM_SPEECH_DETECTOR) to the built-in engine only."""
     name = resolve_engine_name(name, model)
     if name == "builtin":
         from heygem_watch.engines.builtin.engine import BuiltinEngine
 
-        return BuiltinEngine(speech_model=speech_model, **options)
+        return BuiltinEngine(speech_model=speech_model, speech_detector=speech_detector, **options)
     if model is None:
         raise EngineError("engine 'onnx' needs a model: pass --model PATH or set HEYGEM_MODEL")
     from heygem_watch.engines.onnx.engine import OnnxEngine
 
     extra = {k: v for k, v in (onnx_options or {}).items() if v not in (None, 0, "", "auto")}
     return OnnxEngine(Path(model), **extra, **options)
+
+
+def engine_from_settings(settings, name: str | None = None, model: Path | None = None) -> Engine:
+    """create_engine with what config.Settings says of engines (the daemon, `process`, `check` and farm workers
+    build theirs alike); name and model override HEYGEM_ENGINE and HEYGEM_MODEL."""
+    return create_engine(name or settings.engine, settings.model if model is None else model,
+                         onnx_options=settings.onnx_options, speech_model=settings.speech_model,
+                         speech_detector=settings.speech_detector)

@@ -45,10 +45,13 @@ class BuiltinState:
 class BuiltinEngine(Engine):
     name = "builtin"
 
-    def __init__(self, speech_model: Path | None = None, **options):
+    def __init__(self, speech_model: Path | None = None, speech_detector: bool = True, **options):
         from heygem_watch.engines.builtin.head import HeadError, load_head
 
         self.options = dict(options)
+        # False (HEYGEM_SPEECH_DETECTOR=false): the mouth follows the voice band's loudness alone, so singing over
+        # music moves it (the detector hears a song as music), and music alone does too
+        self.speech_detector = bool(speech_detector)
         self.open_max = float(options.get("open_max", OPEN_MAX))
         self.frames_passed_through = 0  # frames left unchanged because drawing failed on them
         self.speech_model = Path(speech_model) if speech_model else None
@@ -68,13 +71,14 @@ class BuiltinEngine(Engine):
 
         try:
             self._encoder["model"] = load_encoder()
-            self._encoder["detector"] = load_detector()
+            self._encoder["detector"] = load_detector() if self.speech_detector else False
         except Exception as exc:  # noqa: BLE001 - re-raised by analyse_speech, in the caller's thread
             self._encoder["error"] = exc
 
     def describe(self) -> dict:
         return {"engine": self.name, "model": None,
-                "speech_model": self.speech_model.name if self.speech_model else "shipped"}
+                "speech_model": self.speech_model.name if self.speech_model else "shipped",
+                "speech_detector": self.speech_detector}
 
     def ready(self) -> None:
         """Waits for the background loader (Whisper, speech detector); a model it could not load raises here."""
