@@ -68,7 +68,7 @@ if [[ ",$EXTRAS," == *",export,"* ]]; then
   "${PIP[@]}" install "torch==2.13.0"
 fi
 "${PIP[@]}" install -e ".[${EXTRAS}]"
-# The built-in engine's speech detector (engines/builtin/vad.py) reads Silero VAD's ONNX model from this wheel, pinned
+# The built-in engine's speech detector (vad.py) reads Silero VAD's ONNX model from this wheel, pinned
 # with its hash there. Without its dependencies: the wheel's own Python helpers need torch, which as a dependency of
 # heygem-watch would pull a multi-GB CUDA build onto every box; heygem-watch never imports them.
 "${PIP[@]}" install --no-deps "silero-vad==6.2.3"

@@ -161,6 +161,8 @@ def run_checks(settings) -> int:
         bad(f"engine {settings.engine}: {exc}", "check HEYGEM_ENGINE / HEYGEM_MODEL")
     if name == "builtin":
         _check_speech(settings, ok, bad)
+    elif settings.speech_detector:
+        _check_detector(ok, bad)
     if settings.broker_url:
         _check_broker(settings, ok, bad)
     print(f"{len(problems)} problem(s)" if problems else "all checks passed")
@@ -170,7 +172,7 @@ def run_checks(settings) -> int:
 def _check_speech(settings, ok, bad) -> None:
     """The built-in engine's speech model: the head file, the Whisper model joined from its wheels and, unless
     HEYGEM_SPEECH_DETECTOR is off, the speech detector's model (hashes)."""
-    from heygem_watch.engines.builtin import vad
+    from heygem_watch import vad
     from heygem_watch.engines.builtin.head import HeadError, load_head
     from heygem_watch.engines.builtin.whisper import WhisperModelError, verify_installed
 
@@ -191,3 +193,16 @@ def _check_speech(settings, ok, bad) -> None:
                 else "speech detector off (HEYGEM_SPEECH_DETECTOR=false: music moves the mouth too)")
     ok(f"speech model {where} ({head.meta.get('clips', '?')} clips, {head.meta.get('speakers', '?')} speakers); "
        f"Whisper base verified; {detector}")
+
+
+def _check_detector(ok, bad) -> None:
+    """The speech detector's model alone (the ONNX engine gates its mel with it)."""
+    from heygem_watch import vad
+
+    try:
+        vad.model_bytes()
+    except vad.VadModelError as exc:
+        bad(f"speech detector: {exc}", "reinstall heygem-watch's dependencies (./setup.sh), or set "
+            "HEYGEM_SPEECH_DETECTOR=false")
+        return
+    ok(f"speech detector {vad.DIST} {vad.VERSION} verified")

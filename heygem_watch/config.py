@@ -40,8 +40,8 @@ KEYS: dict[str, tuple[str, str]] = {
     "HEYGEM_MODEL": ("", "ONNX lip-sync model; empty = the only .onnx in HEYGEM_MODEL_DIR, if exactly one"),
     "HEYGEM_ENGINE": ("auto", "auto | builtin | onnx (auto = onnx when a model is set)"),
     "HEYGEM_SPEECH_MODEL": ("", "built-in engine's speech model (`heygem-watch train-speech` output); empty = shipped"),
-    "HEYGEM_SPEECH_DETECTOR": ("true", "built-in engine: the mouth moves only where a voice speaks (false: wherever "
-                               "the voice band is loud: singing over music, but music alone too)"),
+    "HEYGEM_SPEECH_DETECTOR": ("true", "the mouth moves only where a voice speaks (false: karaoke, music streams; "
+                               "music alone then moves it too)"),
     "HEYGEM_EXTENSIONS": (DEFAULT_EXTENSIONS, "recording file types taken from incoming"),
     "HEYGEM_SETTLE_SECONDS": ("10", "a file must be unchanged (and closed) this long before it is taken"),
     "HEYGEM_POLLING": ("false", "poll the folder instead of inotify (network shares)"),
@@ -118,7 +118,7 @@ class Settings:
     broker_url: str = ""  # secret (may hold the Redis password): never logged
     visibility_timeout: float = 7200.0
     speech_model: Path | None = None  # built-in engine's speech head; None = the one shipped in the package
-    speech_detector: bool = True  # built-in engine: gate the mouth with the speech detector (vad.py)
+    speech_detector: bool = True  # both engines: the mouth moves only where vad.py hears speech
     config_file: Path | None = None  # the file read, None when none
 
     # Folders under var/; the daemon creates them.

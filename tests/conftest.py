@@ -119,7 +119,7 @@ def no_speech_detector(monkeypatch):
     message, and the detector this process already loaded is forgotten for the test."""
     import importlib.metadata
 
-    from heygem_watch.engines.builtin import vad
+    from heygem_watch import vad
 
     real = importlib.metadata.distribution
 

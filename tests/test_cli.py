@@ -257,6 +257,23 @@ def test_check_reports_a_missing_model(in_tmp, capsys):
     assert "PROBLEM  model" in capsys.readouterr().out
 
 
+def test_check_verifies_the_speech_detector_for_the_onnx_engine(in_tmp, monkeypatch, capsys):
+    from heygem_watch import vad
+    from tests.test_onnx_engine import tiny_model
+
+    monkeypatch.setenv("HEYGEM_MODEL", str(tiny_model(in_tmp / "w.onnx", "identity")))
+    cli.main(["check"])
+    out = capsys.readouterr().out
+    assert "ok       engine onnx" in out and "ok       speech detector silero-vad 6.2.3 verified" in out
+    monkeypatch.setattr(vad, "model_bytes", lambda: (_ for _ in ()).throw(vad.VadModelError("silero-vad: damaged")))
+    cli.main(["check"])
+    out = capsys.readouterr().out
+    assert "PROBLEM  speech detector: silero-vad: damaged" in out and "HEYGEM_SPEECH_DETECTOR=false" in out
+    monkeypatch.setenv("HEYGEM_SPEECH_DETECTOR", "false")
+    cli.main(["check"])
+    assert "speech detector" not in capsys.readouterr().out
+
+
 def test_check_says_when_several_models_leave_auto_undecided(in_tmp, capsys):
     models = in_tmp / "models"
     models.mkdir(exist_ok=True)

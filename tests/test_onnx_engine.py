@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from heygem_watch.engines.onnx import engine as engine_mod, mel
 from heygem_watch.audio import AudioTrack
 from heygem_watch.engines.base import EngineError, FrameJob
 from heygem_watch.engines.onnx.crop import crop_input, face_boxes, paste_mask
-from heygem_watch.engines.onnx.engine import MelSource, OnnxEngine
+from heygem_watch.engines.onnx.engine import OnnxEngine
 from heygem_watch.engines.onnx.wav2lip import BOX_PADS, FACE_SIZE
 from heygem_watch.pipeline import pingpong_index
 
@@ -220,7 +221,7 @@ def test_identity_model_leaves_the_face_nearly_intact(tpl, models, track):
 
 
 def test_mel_windows_follow_the_output_frame_index(tpl, models, track):
-    eng = OnnxEngine(models["identity"], batch_size=4)
+    eng = OnnxEngine(models["identity"], batch_size=4, speech_detector=False)  # the plain mel (the tone is no voice)
     rec = Recorder(eng.session)
     eng.session = rec
     state = eng.prepare_template(tpl)
@@ -232,6 +233,62 @@ def test_mel_windows_follow_the_output_frame_index(tpl, models, track):
     # CPU workers run batches side by side, so the session may see them in any order: compare as multisets
     assert sorted(g[0].tobytes() for g in rec.audio) == sorted(np.asarray(w, np.float32).tobytes() for w in want)
     assert max(rec.batches) <= 4
+
+
+def test_the_model_hears_silence_where_the_detector_hears_no_speech(tpl, models, tmp_path):
+    """Music, then speech (espeak-ng), then music: every window fed in the music is digital silence (the mouth the
+    model draws in a pause), the speech's windows are the plain mel; with the detector off, the music is fed too."""
+    from tests.mediagen import SR, music, spoken
+
+    sp = spoken("Good evening everyone, thank you for joining the stream tonight.")
+    x = np.concatenate([music(2.5, seed=4), sp, music(2.0, seed=5)])
+    track = AudioTrack.from_array(x, tmp_path)
+    speech_from, speech_to = 2.5, 2.5 + len(sp) / SR
+    fps = tpl.fps
+    n = int(float(len(x) / SR) * fps)
+    plain = mel.MelSpectrogram(track)
+    fed = {}
+    for on in (True, False):
+        eng = OnnxEngine(models["identity"], batch_size=4, speech_detector=on)
+        assert eng.describe()["speech_detector"] is on
+        eng.session = rec = Recorder(eng.session)
+        eng.ready()
+        state = eng.prepare_template(tpl)
+        list(eng.render(tpl, state, eng.analyse_speech(track), jobs_for(tpl, n)))
+        fed[on] = Counter(g[0].tobytes() for g in rec.audio)  # CPU workers may feed batches in any order
+    t_mid = (np.array([mel.window_start(i, fps, plain.n_cols) for i in range(n)]) + mel.WINDOW / 2) / 80
+    # a window reaching within the detector's padding (vad.PAD_S) of the voice may hold some of it
+    fed_frames = [i for i in range(n) if state.valid[pingpong_index(i, tpl.n_frames)]]  # frames with a face
+    music_only = [i for i in fed_frames if t_mid[i] < speech_from - 0.45 or t_mid[i] > speech_to + 0.45]
+    voiced = [i for i in fed_frames if speech_from + 0.3 < t_mid[i] < speech_to - 0.3]
+    silent = np.full((1, mel.N_MELS, mel.WINDOW), mel.SILENT, np.float32).tobytes()
+    assert len(music_only) > 40 and len(voiced) > 40
+    assert fed[True][silent] >= len(music_only) > fed[False][silent]  # (the spoken clip has silent ends)
+    for i in music_only:
+        assert plain.window(i, fps)[None].tobytes() in fed[False]
+        assert plain.window(i, fps)[None].tobytes() not in fed[True]
+    kept = sum(plain.window(i, fps)[None].tobytes() in fed[True] for i in voiced)
+    assert kept >= 0.9 * len(voiced)  # the speech is fed as it is
+
+
+def test_the_speech_mask_silences_its_columns_only(track):
+    spec = mel.MelSpectrogram(track)
+    mask = np.ones(spec.n_cols, bool)
+    mask[10:30] = False
+    gated = mel.MelSpectrogram(track, speech=mask)
+    assert (gated.columns(0, spec.n_cols)[:, 10:30] == mel.SILENT).all()
+    np.testing.assert_array_equal(gated.columns(30, spec.n_cols), spec.columns(30, spec.n_cols))
+    np.testing.assert_array_equal(gated.columns(0, 10), spec.columns(0, 10))
+    # what digital silence gives
+    assert (mel.mel_of_array(np.zeros(4000, np.float32)) == mel.SILENT).all()
+    with pytest.raises(ValueError, match="speech mask of shape"):
+        mel.MelSpectrogram(track, speech=mask[:-1])
+
+
+def test_a_missing_speech_detector_is_named_unless_it_is_off(models, no_speech_detector):
+    with pytest.raises(EngineError, match="silero-vad"):
+        OnnxEngine(models["identity"]).ready()
+    OnnxEngine(models["identity"], speech_detector=False).ready()
 
 
 def test_out_of_memory_halves_the_batch_and_output_is_identical(tpl, models, track):
@@ -376,7 +433,7 @@ def test_frame_rate_is_exact_for_ntsc(models, track):
     fps = Fraction(30000, 1001)
     starts = [mel.window_start(i, fps, spec.n_cols) for i in range(20)]
     assert starts == [min(i * 80 * 1001 // 30000, spec.n_cols - 16) for i in range(20)]
-    assert isinstance(MelSource(track).cursor(), mel.MelSpectrogram)
+    assert isinstance(mel.MelSource(track).cursor(), mel.MelSpectrogram)
 
 
 def test_gpu_path_pads_partial_batches_to_one_shape(tpl, models, track):

@@ -63,7 +63,7 @@ def test_setup_installs_the_speech_detector_version_the_engine_pins():
     """setup.sh installs silero-vad (without its torch) at exactly the version whose model hash vad.py pins."""
     import re
 
-    from heygem_watch.engines.builtin import vad
+    from heygem_watch import vad
 
     text = (ROOT / "setup.sh").read_text()
     pins = re.findall(r'install --no-deps "silero-vad==([0-9.]+)"', text)

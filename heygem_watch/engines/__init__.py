@@ -23,8 +23,8 @@ def resolve_engine_name(name: str, model: Path | None) -> str:
 def create_engine(name: str = "auto", model: Path | None = None, onnx_options: dict | None = None,
                   speech_model: Path | None = None, speech_detector: bool = True, **options) -> Engine:
     """Build the engine; heavy models load here, once. onnx_options (Settings.onnx_options: provider, batch_size,
-    threads; 0/auto = decide) apply to the ONNX engine only; speech_model (HEYGEM_SPEECH_MODEL, None = the shipped
-    one) and speech_detector (HEYGEM_SPEECH_DETECTOR) to the built-in engine only."""
+    threads; 0/auto = decide) apply to the ONNX engine only, speech_model (HEYGEM_SPEECH_MODEL, None = the shipped
+    one) to the built-in engine only; speech_detector (HEYGEM_SPEECH_DETECTOR) to both."""
     name = resolve_engine_name(name, model)
     if name == "builtin":
         from heygem_watch.engines.builtin.engine import BuiltinEngine
@@ -35,7 +35,7 @@ def create_engine(name: str = "auto", model: Path | None = None, onnx_options: d
     from heygem_watch.engines.onnx.engine import OnnxEngine
 
     extra = {k: v for k, v in (onnx_options or {}).items() if v not in (None, 0, "", "auto")}
-    return OnnxEngine(Path(model), **extra, **options)
+    return OnnxEngine(Path(model), **extra, speech_detector=speech_detector, **options)
 
 
 def engine_from_settings(settings, name: str | None = None, model: Path | None = None) -> Engine:

@@ -66,7 +66,7 @@ class BuiltinEngine(Engine):
         self._loader.start()
 
     def _load_encoder(self) -> None:
-        from heygem_watch.engines.builtin.vad import load_detector
+        from heygem_watch.vad import load_detector
         from heygem_watch.engines.builtin.whisper import load_encoder
 
         try:
@@ -82,7 +82,7 @@ class BuiltinEngine(Engine):
 
     def ready(self) -> None:
         """Waits for the background loader (Whisper, speech detector); a model it could not load raises here."""
-        from heygem_watch.engines.builtin.vad import VadModelError
+        from heygem_watch.vad import VadModelError
         from heygem_watch.engines.builtin.whisper import WhisperModelError
 
         self._loader.join()

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from heygem_watch.engines.builtin import vad, whisper
+from heygem_watch import vad
+from heygem_watch.engines.builtin import whisper
 
 RATE = whisper.FEATURE_RATE  # curve frames per second (one per encoder frame)
 SAMPLE_RATE = 16000  # Hz, what audio.AudioTrack holds

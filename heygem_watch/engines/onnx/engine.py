@@ -1,6 +1,7 @@
 """The ONNX engine: a user's Wav2Lip-format model (exported by `heygem-watch export-model`) on onnxruntime.
 
-    analyse_speech(track)      -> MelSource: the Wav2Lip mel, computed lazily in chunks (engines/onnx/mel.py)
+    analyse_speech(track)      -> mel.MelSource: the Wav2Lip mel, computed lazily in chunks (engines/onnx/mel.py),
+                                  silent where the speech detector hears no voice (HEYGEM_SPEECH_DETECTOR)
     prepare_template(template) -> OnnxState: per template frame a face box from the face tracker, padded
                                   (0, 10, 0, 0) and smoothed over 5 frames (the conventions of the weights).
                                   Tracker: MediaPipe (the template's landmark track) by default; SCRFD
@@ -50,16 +51,6 @@ class OnnxState:
     valid: np.ndarray  # (n_frames,) bool: a usable face box
 
 
-class MelSource:
-    """What analyse_speech returns: the recording's track; each render opens its own chunked mel cursor."""
-
-    def __init__(self, track):
-        self.track = track
-
-    def cursor(self) -> mel.MelSpectrogram:
-        return mel.MelSpectrogram(self.track)
-
-
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
@@ -92,6 +83,7 @@ class OnnxEngine(Engine):
         from heygem_watch.logs import get_logger
 
         self.log = options.pop("log", None) or get_logger(engine="onnx")
+        self.speech_detector = bool(options.pop("speech_detector", True))
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise EngineError(f"{self.model_path}: model file not found")
@@ -246,12 +238,28 @@ class OnnxEngine(Engine):
         return {"engine": self.name, "model": self.model_path.name, "precision": self.meta.get("precision", "?"),
                 "provider": self.provider, "provider_reason": self.provider_reason, "batch_size": self.batch_size,
                 "workers": self.workers, "oom_halvings": self.oom_halvings, "face_tracker": self.face_tracker,
-                "detector": self.detector.path.name if self.detector else None}
+                "detector": self.detector.path.name if self.detector else None,
+                "speech_detector": self.speech_detector}
 
-    def analyse_speech(self, audio) -> MelSource:
+    def ready(self) -> None:
+        """The speech detector's model, when it is on (the ONNX model itself loaded in __init__)."""
+        if self.speech_detector:
+            self._detector()
+
+    def _detector(self):
+        from heygem_watch import vad
+
+        try:
+            return vad.load_detector()
+        except vad.VadModelError as exc:
+            raise EngineError(str(exc)) from None
+
+    def analyse_speech(self, audio) -> mel.MelSource:
         if getattr(audio, "sample_rate", mel.SAMPLE_RATE) != mel.SAMPLE_RATE:
             raise EngineError(f"the onnx engine needs {mel.SAMPLE_RATE} Hz audio, got {audio.sample_rate}")
-        return MelSource(audio)
+        if not self.speech_detector:
+            return mel.MelSource(audio)
+        return mel.MelSource(audio, mel.speech_columns(audio, self._detector()))
 
     def prepare_template(self, template) -> OnnxState:
         return OnnxState(*crop.template_boxes(template, self.pads, self.smooth, self.detector, self.detector_fp,
@@ -288,7 +296,7 @@ class OnnxEngine(Engine):
         return np.concatenate(outs) if outs else np.zeros((0, FACE_SIZE, FACE_SIZE, 3), np.float32)
 
     def render(self, template, state: OnnxState, speech: Any, jobs: Iterable[FrameJob]) -> Iterator[np.ndarray]:
-        if not isinstance(speech, MelSource):
+        if not isinstance(speech, mel.MelSource):
             speech = self.analyse_speech(speech)
         mels = speech.cursor()
         fps = template.fps

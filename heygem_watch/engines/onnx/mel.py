@@ -9,6 +9,10 @@ column t is centred on sample t*200 and there are 1 + n_samples // 200 of them.
     mel = MelSpectrogram(track)          # track: audio.AudioTrack (or anything with .n_samples and .read)
     mel.window(i, fps)                   # (80, 16) float32 for video frame i at fps (a Fraction is exact)
     mel.columns(a, b)                    # (80, b - a) float32, any range
+
+Speech gate (MelSource, the engine's analyse_speech): columns the speech detector (vad.py) does
+not call speech are given as digital silence, so music, game sound and applause draw the mouth the model draws in a
+pause instead of mouthing along (HEYGEM_SPEECH_DETECTOR=false: the plain mel).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ REF_LEVEL_DB = 20.0
 MIN_LEVEL_DB = -100.0
 MAX_ABS = 4.0  # symmetric normalisation range [-4, 4]
 AMP_FLOOR = 1e-5
+SILENT = -MAX_ABS  # every value of a column of digital silence: AMP_FLOOR is -120 dB, clipped to -4
 COLUMNS_PER_SECOND = SAMPLE_RATE // HOP  # 80
 WINDOW = 16  # columns per video frame (0.2 s)
 CHUNK_COLUMNS = 80 * 20  # columns computed at once: 20 s of audio, ~0.5 MB of mel
@@ -78,13 +83,17 @@ def mel_of_array(samples: np.ndarray) -> np.ndarray:
 class MelSpectrogram:
     """Chunked Wav2Lip mel over a 16 kHz track; keeps one chunk of columns (CHUNK_COLUMNS) in memory."""
 
-    def __init__(self, track, chunk_columns: int = CHUNK_COLUMNS):
+    def __init__(self, track, chunk_columns: int = CHUNK_COLUMNS, speech: np.ndarray | None = None):
+        """speech: bool (n_cols,), False where a column is given as silence (SILENT); None: every column as it is."""
         sr = getattr(track, "sample_rate", SAMPLE_RATE)
         if sr != SAMPLE_RATE:
             raise ValueError(f"the Wav2Lip mel needs {SAMPLE_RATE} Hz audio, got {sr} Hz")
         self.track = track
         self.n_samples = int(track.n_samples)
         self.n_cols = n_columns(self.n_samples)
+        if speech is not None and np.shape(speech) != (self.n_cols,):
+            raise ValueError(f"speech mask of shape {np.shape(speech)} for {self.n_cols} mel columns")
+        self.speech = speech
         self.chunk_columns = max(WINDOW, int(chunk_columns))
         self._lo, self._cache = 0, np.zeros((N_MELS, 0), np.float32)
 
@@ -114,7 +123,28 @@ class MelSpectrogram:
         seg = y[src - lo]
         frames = np.lib.stride_tricks.sliding_window_view(seg, N_FFT)[::HOP]  # (b - a, 800)
         spec = np.abs(np.fft.rfft(frames * hann(), axis=1)).astype(np.float32)  # (b - a, 401)
-        return normalise(mel_basis() @ spec.T)
+        out = normalise(mel_basis() @ spec.T)
+        if self.speech is not None:
+            out[:, ~self.speech[a:b]] = SILENT
+        return out
+
+
+class MelSource:
+    """What the engine's analyse_speech returns: the recording's track and its speech mask (or None); each render
+    opens its own chunked mel cursor."""
+
+    def __init__(self, track, speech: np.ndarray | None = None):
+        self.track, self.speech = track, speech
+
+    def cursor(self) -> MelSpectrogram:
+        return MelSpectrogram(self.track, speech=self.speech)
+
+
+def speech_columns(track, detector) -> np.ndarray:
+    """bool (n_columns,): the columns within vad.PAD_S of what the detector (vad.SpeechDetector) calls speech."""
+    from heygem_watch import vad
+
+    return vad.speech_mask(detector.probabilities(track), n_columns(int(track.n_samples)), COLUMNS_PER_SECOND)
 
 
 def _reflect(k: np.ndarray, n: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""engines/builtin/vad.py: the speech detector read from the installed silero-vad wheel (hash-checked, no network),
+"""vad.py: the speech detector read from the installed silero-vad wheel (hash-checked, no network),
 streamed in blocks, and what it changes in the speech analysis: music keeps the mouth shut, speech still opens it.
 Signals made here: chords over a drum pattern, synthetic syllables, speech spoken by espeak-ng (English, Mandarin)."""
 import importlib.metadata
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from heygem_watch import audio
-from heygem_watch.engines.builtin import vad
+from heygem_watch import vad
 from heygem_watch.engines.builtin.speech import GATE_LEAD_S, VAD_RATE, analyse_speech, speech_activity
 from tests.mediagen import SR, music, silence, spoken, syllables
 
