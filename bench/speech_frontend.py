@@ -68,7 +68,8 @@ def write_recording(path: Path, minutes: float, seed: int = 0) -> int:
 def analyse(pcm: str, n_samples: int) -> dict:
     """Runs in the measuring process: model load, then the analysis, with stage timings."""
     from heygem_watch.audio import AudioTrack
-    from heygem_watch.engines.builtin import speech, vad, whisper
+    from heygem_watch import vad
+    from heygem_watch.engines.builtin import speech, whisper
     from heygem_watch.engines.builtin.head import load_head
 
     t0, c0 = time.monotonic(), time.process_time()

@@ -77,17 +77,10 @@ class Daemon(Ingest, Reload, Filing, DiskGuard):
 
     # -- tasks ------------------------------------------------------------------------------------------------
     def ensure_engine(self):
-        if self.engine is None:
+        if self.engine is None:  # an unusable one: recordings still queue; each task fails naming the fix
             from heygem_watch import engines
 
-            t0 = time.monotonic()
-            self.engine = engines.engine_from_settings(self.settings)
-            try:
-                self.engine.ready()
-            except engines.EngineError as exc:  # recordings still queue; each task fails naming the fix until it is fixed
-                self.log.error("engine_unusable", **self.engine.describe(), error=str(exc))
-            else:
-                self.log.info("engine_ready", **self.engine.describe(), seconds=round(time.monotonic() - t0, 2))
+            self.engine = engines.start_engine(self.settings, self.log)
         return self.engine
 
     def _unusable(self, task: Task) -> str | None:

@@ -120,14 +120,8 @@ def _load_engine(**_kw) -> None:
         return
     configure_logs(s.log_format, s.log_level)
     _log = get_logger()
-    t0 = time.monotonic()
-    _engine = engines.engine_from_settings(s)
-    try:
-        _engine.ready()
-    except engines.EngineError as exc:  # its tasks fail naming the fix (and are retried elsewhere or later)
-        _log.error("engine_unusable", **_engine.describe(), error=str(exc), pid=os.getpid())
-    else:
-        _log.info("engine_ready", **_engine.describe(), seconds=round(time.monotonic() - t0, 2), pid=os.getpid())
+    # an unusable engine's tasks fail naming the fix (and are retried elsewhere or later)
+    _engine = engines.start_engine(s, _log, pid=os.getpid())
 
 
 @worker_process_shutdown.connect

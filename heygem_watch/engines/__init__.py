@@ -8,7 +8,7 @@ from heygem_watch.engines.base import Engine, EngineError, FrameJob
 ENGINE_NAMES = ("auto", "builtin", "onnx")
 
 __all__ = ["Engine", "EngineError", "FrameJob", "ENGINE_NAMES", "resolve_engine_name", "create_engine",
-           "engine_from_settings"]
+           "engine_from_settings", "start_engine"]
 
 
 def resolve_engine_name(name: str, model: Path | None) -> str:
@@ -44,3 +44,20 @@ def engine_from_settings(settings, name: str | None = None, model: Path | None =
     return create_engine(name or settings.engine, settings.model if model is None else model,
                          onnx_options=settings.onnx_options, speech_model=settings.speech_model,
                          speech_detector=settings.speech_detector)
+
+
+def start_engine(settings, log, **fields) -> Engine:
+    """engine_from_settings, then wait until its models are loaded and log engine_ready, or engine_unusable with the
+    reason when one cannot be: the engine is returned either way (its tasks then fail naming the fix, and the
+    operator sees why at start-up rather than at the first recording). fields: added to both log lines."""
+    import time
+
+    t0 = time.monotonic()
+    engine = engine_from_settings(settings)
+    try:
+        engine.ready()
+    except EngineError as exc:
+        log.error("engine_unusable", **engine.describe(), error=str(exc), **fields)
+    else:
+        log.info("engine_ready", **engine.describe(), seconds=round(time.monotonic() - t0, 2), **fields)
+    return engine
