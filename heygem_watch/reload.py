@@ -15,6 +15,7 @@ RELOAD_KEYS = {"var_dir": "HEYGEM_VAR_DIR", "incoming_dir": "HEYGEM_INCOMING_DIR
                "log_format": "HEYGEM_LOG_FORMAT", "log_level": "HEYGEM_LOG_LEVEL",
                "encoder": "HEYGEM_X264_PRESET/HEYGEM_X264_CRF/HEYGEM_ENCODER_THREADS",
                "onnx_options": "HEYGEM_ONNX_PROVIDER/HEYGEM_ONNX_BATCH/HEYGEM_ONNX_THREADS",
+               "speech_model": "HEYGEM_SPEECH_MODEL", "speech_detector": "HEYGEM_SPEECH_DETECTOR",
                "web_host": "HEYGEM_WEB_HOST", "web_port": "HEYGEM_WEB_PORT", "web_token": "HEYGEM_WEB_TOKEN",
                "web_max_upload_mb": "HEYGEM_WEB_MAX_UPLOAD_MB", "process_cache_dir": "HEYGEM_CACHE_DIR",
                "dispatch": "HEYGEM_DISPATCH", "broker_url": "HEYGEM_BROKER_URL",
@@ -49,7 +50,9 @@ class Reload:
         restart = {RELOAD_KEYS.get(f, f"HEYGEM_{f.upper()}"): RESTART_KEYS.get(f, _START) for f in changed
                    if f in RESTART_KEYS or f in later}
         new = dataclasses.replace(new, **{f: getattr(old, f) for f in changed if f in RESTART_KEYS or f in later})
-        engine_changed = (new.engine, new.model, new.onnx_options) != (old.engine, old.model, old.onnx_options)
+        # what the engine is built from (engines.engine_from_settings): a new one before the next task
+        engine_keys = ("engine", "model", "onnx_options", "speech_model", "speech_detector")
+        engine_changed = any(getattr(new, k) != getattr(old, k) for k in engine_keys)
         self.settings = new
         self._tpl_fp.clear()
         for d in (new.incoming_dir, new.template_dir):

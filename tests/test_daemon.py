@@ -316,6 +316,30 @@ def test_sighup_reload_rereads_config(daemon_factory, tmp_path, env_clean):
     assert d.settings.settle_seconds == 42
 
 
+def test_reload_builds_a_new_engine_for_a_new_speech_setting(daemon_factory, tmp_path, env_clean, capsys):
+    """HEYGEM_SPEECH_DETECTOR (karaoke tonight) and HEYGEM_SPEECH_MODEL take effect on SIGHUP: the engine the
+    daemon built is closed and the next task builds one from the new settings."""
+    import json
+
+    class Built:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    d = daemon_factory(engine=None)
+    d.engine = built = Built()
+    cfg = tmp_path / "config.env"
+    cfg.write_text(f"HEYGEM_VAR_DIR={d.settings.var_dir}\nHEYGEM_MIN_FREE_MB=0\nHEYGEM_SPEECH_DETECTOR=false\n")
+    d.config_path = str(cfg)
+    capsys.readouterr()
+    d.reload()
+    assert d.settings.speech_detector is False and d.engine is None and built.closed
+    events = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    done = [e for e in events if e["event"] == "reloaded"][-1]
+    assert done["engine_changed"] and "HEYGEM_SPEECH_DETECTOR" in done["applied"] and not done["restart_needed"]
+
+
 def test_sd_notify_writes_to_the_socket(tmp_path, env_clean):
     path = str(tmp_path / "notify")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
