@@ -91,10 +91,18 @@ def test_missing_config_file_is_an_error(tmp_path):
         load_settings(tmp_path / "nope.env", environ={}, cwd=tmp_path)
 
 
-def test_example_config_documents_every_key():
+def test_example_config_documents_every_key_in_order():
+    import re
+
     example = (Path(__file__).resolve().parents[1] / "config.env.example").read_text()
-    for key in KEYS:
-        assert f"{key}=" in example, key
+    assert re.findall(r"^(HEYGEM_[A-Z0-9_]+)=", example, re.M) == list(KEYS)
+
+
+def test_readme_table_lists_every_key_in_order():
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert re.findall(r"^\| `(HEYGEM_[A-Z0-9_]+)` \|", readme, re.M) == list(KEYS)
 
 
 def test_example_config_loads_cleanly(tmp_path):
