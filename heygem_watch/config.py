@@ -66,6 +66,9 @@ KEYS: dict[str, tuple[str, str]] = {
     "HEYGEM_WEB_TOKEN": ("", "web dashboard access token; empty = no login (only safe on 127.0.0.1)"),
     "HEYGEM_WEB_MAX_UPLOAD_MB": ("4096", "largest upload accepted by the dashboard"),
 }
+# Settings fields the engine is built from (engines.engine_from_settings): a SIGHUP that changes one of them makes
+# the daemon build a new engine before its next task (reload.py)
+ENGINE_FIELDS = ("engine", "model", "onnx_options", "speech_model", "speech_detector")
 # HEYGEM_* variables read by setup.sh, not by the service: present in an operator's shell, not a mistake
 NON_RUNTIME_KEYS = ("HEYGEM_SKIP_APT", "HEYGEM_EXTRAS", "HEYGEM_GPU")
 

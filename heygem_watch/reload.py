@@ -4,7 +4,7 @@ value until a restart and are named in the `reloaded` event. A mixin of daemon.D
 """
 from __future__ import annotations
 
-from heygem_watch.config import load_settings
+from heygem_watch.config import ENGINE_FIELDS, load_settings
 
 # Settings field -> its key, for SIGHUP. Keys in RESTART_KEYS keep their old value until a restart, with the reason.
 RELOAD_KEYS = {"var_dir": "HEYGEM_VAR_DIR", "incoming_dir": "HEYGEM_INCOMING_DIR",
@@ -50,9 +50,7 @@ class Reload:
         restart = {RELOAD_KEYS.get(f, f"HEYGEM_{f.upper()}"): RESTART_KEYS.get(f, _START) for f in changed
                    if f in RESTART_KEYS or f in later}
         new = dataclasses.replace(new, **{f: getattr(old, f) for f in changed if f in RESTART_KEYS or f in later})
-        # what the engine is built from (engines.engine_from_settings): a new one before the next task
-        engine_keys = ("engine", "model", "onnx_options", "speech_model", "speech_detector")
-        engine_changed = any(getattr(new, k) != getattr(old, k) for k in engine_keys)
+        engine_changed = any(getattr(new, k) != getattr(old, k) for k in ENGINE_FIELDS)
         self.settings = new
         self._tpl_fp.clear()
         for d in (new.incoming_dir, new.template_dir):

@@ -4,6 +4,7 @@
     p = detector.probabilities(track)               float32 (n,), speech probability of frame i = samples
                                                     i*FRAME .. (i+1)*FRAME (32 ms)
     mask = speech_mask(p, n_vad, vad_rate)          bool (n_vad,) at vad_rate: frames near detected speech
+    mask = speech_frames(track, n, rate)            the two above in one (what both engines' gates ask)
 
 The loudness gate (speech.voice_activity) says when the mouth's band is loud; loud is not speech. Between a
 streamer's sentences there is music, game sound, applause, and the gate opened the mouth for all of it (76 % of a
@@ -133,6 +134,12 @@ def speech_mask(prob: np.ndarray, n: int, rate: int) -> np.ndarray:
     prev_end = np.where(k > 0, starts[np.maximum(k - 1, 0)] + FRAME / SAMPLE_RATE, -np.inf)
     next_start = np.where(k < len(starts), starts[np.minimum(k, len(starts) - 1)], np.inf)
     return (t - prev_end <= PAD_S) | (next_start - t <= PAD_S)
+
+
+def speech_frames(track, n: int, rate: int, detector: "SpeechDetector | None" = None) -> np.ndarray:
+    """bool (n,) at `rate` frames/s over the track: within PAD_S of what the detector (None: the process-wide one)
+    calls speech."""
+    return speech_mask((detector or load_detector()).probabilities(track), n, rate)
 
 
 @lru_cache(maxsize=1)

@@ -39,8 +39,8 @@ def create_engine(name: str = "auto", model: Path | None = None, onnx_options: d
 
 
 def engine_from_settings(settings, name: str | None = None, model: Path | None = None) -> Engine:
-    """create_engine with what config.Settings says of engines (the daemon, `process`, `check` and farm workers
-    build theirs alike); name and model override HEYGEM_ENGINE and HEYGEM_MODEL."""
+    """create_engine with what config.Settings says of engines (config.ENGINE_FIELDS; the daemon, `process`, `check`
+    and farm workers build theirs alike); name and model override HEYGEM_ENGINE and HEYGEM_MODEL."""
     return create_engine(name or settings.engine, settings.model if model is None else model,
                          onnx_options=settings.onnx_options, speech_model=settings.speech_model,
                          speech_detector=settings.speech_detector)

@@ -266,10 +266,8 @@ def analyse_speech(track, head=None, encoder=None, chunk_s: float = CHUNK_S, det
 
 def speech_activity(track, chunk_s: float = CHUNK_S, detector=None) -> np.ndarray:
     """bool (n,) per 10 ms frame: the mouth's band is loud (voice_activity) and a voice is speaking there
-    (vad.speech_mask: music, game sound and applause are loud too)."""
+    (vad.speech_frames: music, game sound and applause are loud too)."""
     loud = voice_activity(open_band_level(track, chunk_s))
     if detector is False:
         return loud
-    if detector is None:
-        detector = vad.load_detector()
-    return loud & vad.speech_mask(detector.probabilities(track), len(loud), VAD_RATE)
+    return loud & vad.speech_frames(track, len(loud), VAD_RATE, detector)

@@ -144,7 +144,7 @@ def speech_columns(track, detector) -> np.ndarray:
     """bool (n_columns,): the columns within vad.PAD_S of what the detector (vad.SpeechDetector) calls speech."""
     from heygem_watch import vad
 
-    return vad.speech_mask(detector.probabilities(track), n_columns(int(track.n_samples)), COLUMNS_PER_SECOND)
+    return vad.speech_frames(track, n_columns(int(track.n_samples)), COLUMNS_PER_SECOND, detector)
 
 
 def _reflect(k: np.ndarray, n: int) -> np.ndarray:
