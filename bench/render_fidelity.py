@@ -132,18 +132,46 @@ def figures(target: np.ndarray, rendered: np.ndarray, chosen_open: np.ndarray) -
             "r_range": (round(float(np.nanpercentile(r, 3)), 3), round(float(np.nanpercentile(r, 97)), 3))}
 
 
+def loudness_db(samples: np.ndarray, rate: int) -> np.ndarray:
+    """RMS level (dB) per 10 ms frame."""
+    hop = rate // 100
+    n = len(samples) // hop
+    return 20 * np.log10(np.sqrt((samples[: n * hop].reshape(n, hop).astype(np.float64) ** 2).mean(1)) + 1e-9)
+
+
+def syllable_rate(db: np.ndarray) -> tuple[float, np.ndarray]:
+    """(loudness peaks per second of speech: syllable nuclei of prominence >= SYL_PROM_DB, speech mask per 10 ms
+    frame: the smoothed level within SPEECH_DB of the loud 5 %) from loudness_db's levels."""
+    from scipy.signal import find_peaks
+
+    smooth = np.convolve(db, np.hanning(5) / np.hanning(5).sum(), "same")
+    speech = smooth > np.percentile(db, 95) - SPEECH_DB
+    pk, _ = find_peaks(smooth, prominence=SYL_PROM_DB, distance=8)
+    return float(speech[pk].sum() / max(speech.sum() / 100, 1e-3)), speech
+
+
+def opening_rate(curve: np.ndarray, speech: np.ndarray, speech_s: float) -> float:
+    """Openness peaks (prominence >= a quarter of the curve's p5-p95 range) inside speech (a mask at the curve's
+    own frames) per speech_s seconds of speech. The same count on a real mouth, a target curve or a rendered one
+    (openness >= 0; frames without a face, NaN, count as shut)."""
+    from scipy.signal import find_peaks
+
+    curve = np.asarray(curve, np.float64)
+    span = np.nanpercentile(curve, 95) - np.nanpercentile(curve, 5)
+    mk, _ = find_peaks(np.where(np.isfinite(curve), curve, 0.0), prominence=max(0.25 * span, 1e-3))
+    return float(speech[mk[mk < len(speech)]].sum() / max(speech_s, 1e-3))
+
+
 def audio_figures(samples: np.ndarray, rate: int, rendered: np.ndarray, fps: float, target: np.ndarray) -> dict:
     """What the mouth does against the recording's own sound, language-independent:
       pause     mean rendered openness in pauses (>= PAUSE_MIN_S, RMS PAUSE_DB below the loud 5 %) over that in
                 speech (within SPEECH_DB): 0 = shut in every pause (the judge's silence measure, on any audio)
       syl_hz    loudness peaks per second of speech (syllable nuclei, prominence >= SYL_PROM_DB)
       open_hz   rendered openness peaks per second of speech (prominence >= a quarter of its p5-p95 range)
-      target_hz the same count on the target curve (what the engine asked for)"""
-    from scipy.signal import find_peaks
-
-    hop = rate // 100
-    n = len(samples) // hop
-    db = 20 * np.log10(np.sqrt((samples[: n * hop].reshape(n, hop).astype(np.float64) ** 2).mean(1)) + 1e-9)
+      target_hz the same count on the target curve (what the engine asked for)
+    Real talking faces open at about 0.45 of syl_hz by these counts (bench/speech_corpus_eval.py, section 4)."""
+    db = loudness_db(samples, rate)
+    n = len(db)
     ref = np.percentile(db, 95)
     t_out = np.arange(len(rendered)) / fps
     db_out = np.interp(t_out, (np.arange(n) + 0.5) / 100, db)
@@ -155,15 +183,10 @@ def audio_figures(samples: np.ndarray, rate: int, rendered: np.ndarray, fps: flo
     out = {"pause_s": round(float(pause.sum() / fps), 2)}
     if (pause & ok).sum() >= 3 and (speech & ok).sum() >= 3:
         out["pause"] = round(float(rendered[pause & ok].mean() / (rendered[speech & ok].mean() + 1e-9)), 3)
-    smooth = np.convolve(db, np.hanning(5) / np.hanning(5).sum(), "same")
-    sp100 = smooth > ref - SPEECH_DB
-    pk, _ = find_peaks(smooth, prominence=SYL_PROM_DB, distance=8)
-    speech_s = max(sp100.sum() / 100, 1e-3)
-    out["syl_hz"] = round(float(sp100[pk].sum() / speech_s), 2)
+    syl_hz, speech100 = syllable_rate(db)
+    out["syl_hz"] = round(syl_hz, 2)
     for key, curve in (("open_hz", rendered), ("target_hz", target[: len(rendered)])):
-        span = np.nanpercentile(curve, 95) - np.nanpercentile(curve, 5)
-        mk, _ = find_peaks(np.where(np.isfinite(curve), curve, 0.0), prominence=max(0.25 * span, 1e-3))
-        out[key] = round(float(speech[mk[mk < len(speech)]].sum() / speech_s), 2)
+        out[key] = round(opening_rate(curve, speech, speech100.sum() / 100), 2)
     return out
 
 

@@ -13,6 +13,9 @@ Prints:
      (after a 1 s gap) is predicted by the shipped head, the own-footage head, a head started from the shipped one
      and fitted on the own footage (`train-speech --from shipped`, what an operator can run), and a head on
      train + own footage (needs our corpus: an operator cannot run it).
+  4. openings per syllable: how often a real mouth opens per second of speech, against the syllables (loudness
+     peaks) in its audio, and the same count on the shipped head's full analysis of that audio (bench/
+     render_fidelity.py's counts: what it reports for a rendered output, e.g. Mandarin, reads against these).
 """
 from __future__ import annotations
 
@@ -67,6 +70,24 @@ def lso_on(extra: list[T.Clip], train: list[T.Clip]) -> float:
     return T.pooled_corr(pairs)
 
 
+def rates(head, clips: list[T.Clip], encoder) -> tuple[float, float, float, float]:
+    """(syllables, real openings, analysed openings per second of speech, seconds of speech), pooled over clips."""
+    from render_fidelity import loudness_db, opening_rate, syllable_rate
+
+    syl = real = pred = speech_s = 0.0
+    for c in clips:
+        audio, _ = T.decode_audio(c.path)
+        syl_hz, speech100 = syllable_rate(loudness_db(audio, S.SAMPLE_RATE))
+        secs = speech100.sum() / 100
+        at_frames = np.interp(c.times, (np.arange(len(speech100)) + 0.5) / 100, speech100.astype(float)) > 0.5
+        curve = S.analyse_speech(T.ArrayTrack(audio), head, encoder).sample(c.times)[0]
+        syl += syl_hz * secs
+        real += opening_rate(c.raw_open, at_frames, secs) * secs
+        pred += opening_rate(curve, at_frames, secs) * secs
+        speech_s += secs
+    return syl / speech_s, real / speech_s, pred / speech_s, speech_s
+
+
 def split(clip: T.Clip, t0: float, t1: float) -> T.Clip:
     """The frames of clip in [t0, t1) (features stay whole: the encoder saw the whole clip, the fit does not)."""
     keep = (clip.times >= t0) & (clip.times < t1)
@@ -110,6 +131,14 @@ def main() -> int:
         report("head on own footage only", T.fit([fit_part]), [test_part], enc, full=False)
         report("head from shipped + own footage", T.fit_from(shipped, [fit_part]), [test_part], enc, full=False)
         report("head on train + own footage", T.fit(train + [fit_part] * 10), [test_part], enc, full=False)
+    print("4. openings per second of speech (peaks >= a quarter of the curve's p5-p95 range) against syllables")
+    groups = (("train/grid", [c for c in train if "/grid/" in str(c.path)]),
+              ("train/pd", [c for c in train if "/pd/" in str(c.path)]), ("research", research), ("dev drivers", dev))
+    for name, clips in groups:
+        syl, real, pred, secs = rates(shipped, clips, enc)
+        print(f"  {name:12s} syllables {syl:.2f}/s  real mouth {real:.2f}/s ({real / syl:.2f} per syllable)  "
+              f"shipped head, full analysis {pred:.2f}/s ({pred / syl:.2f})  ({len(clips)} clips, {secs:.0f} s of speech)",
+              flush=True)
     return 0
 
 
