@@ -28,6 +28,9 @@ class Farm:
         self.var = root / "var"
         (self.var / "templates").mkdir(parents=True)
         (self.var / "incoming").mkdir(parents=True)
+        # the processes' temporary files (billiard's pymp-* folders, which a worker killed with -9 leaves behind)
+        # stay under the test's own folder, not in the machine's /tmp
+        (root / "tmp").mkdir()
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, list[Path]] = {}  # every run of a process name (a restarted head keeps its old log)
 
@@ -36,7 +39,8 @@ class Farm:
         env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                    HEYGEM_VAR_DIR=str(self.var), HEYGEM_BROKER_URL=self.redis.url, HEYGEM_SETTLE_SECONDS="0.3",
                    HEYGEM_MIN_FREE_MB="0", HEYGEM_X264_PRESET="ultrafast", HEYGEM_LOG_FORMAT="json",
-                   HEYGEM_VISIBILITY_TIMEOUT=str(self.visibility_s), HEYGEM_ENGINE="builtin", PYTHONUNBUFFERED="1")
+                   HEYGEM_VISIBILITY_TIMEOUT=str(self.visibility_s), HEYGEM_ENGINE="builtin", PYTHONUNBUFFERED="1",
+                   TMPDIR=str(self.root / "tmp"))
         env.update(extra)
         return env
 
