@@ -16,6 +16,9 @@ Prints:
   4. openings per syllable: how often a real mouth opens per second of speech, against the syllables (loudness
      peaks) in its audio, and the same count on the shipped head's full analysis of that audio (bench/
      render_fidelity.py's counts: what it reports for a rendered output, e.g. Mandarin, reads against these).
+  5. inside a long stream: the clips' audio joined into one track (in a shuffled order, back to back or with 0.5 s
+     of silence between), its features streamed as the engine streams a 2-hour recording's, each clip's stretch
+     predicted by the shipped head and scored against its own mouth, beside the same clips analysed one by one.
 """
 from __future__ import annotations
 
@@ -88,6 +91,26 @@ def rates(head, clips: list[T.Clip], encoder) -> tuple[float, float, float, floa
     return syl / speech_s, real / speech_s, pred / speech_s, speech_s
 
 
+def in_stream(clips: list[T.Clip], encoder, gap_s: float, seed: int) -> list[T.Clip]:
+    """The clips with the features of their stretch of one joined track (each clip's audio padded to whole encoder
+    frames, so every clip starts on one; gap_s of silence after each; order shuffled by seed)."""
+    hop = W.SAMPLE_RATE // W.FEATURE_RATE
+    parts, start, pos = [], {}, 0
+    for k in np.random.default_rng(seed).permutation(len(clips)):
+        audio, _ = T.decode_audio(clips[k].path)
+        audio = np.concatenate([audio, np.zeros((-len(audio)) % hop + int(gap_s * W.FEATURE_RATE) * hop, np.float32)])
+        start[k] = pos // hop
+        parts.append(audio)
+        pos += len(audio)
+    feats = W.encode_all(T.ArrayTrack(np.concatenate(parts)), encoder)
+    out = []
+    for k, c in enumerate(clips):
+        c = copy.copy(c)
+        c.feats = feats[start[k]:start[k] + len(c.feats)]
+        out.append(c)
+    return out
+
+
 def split(clip: T.Clip, t0: float, t1: float) -> T.Clip:
     """The frames of clip in [t0, t1) (features stay whole: the encoder saw the whole clip, the fit does not)."""
     keep = (clip.times >= t0) & (clip.times < t1)
@@ -139,6 +162,13 @@ def main() -> int:
         print(f"  {name:12s} syllables {syl:.2f}/s  real mouth {real:.2f}/s ({real / syl:.2f} per syllable)  "
               f"shipped head, full analysis {pred:.2f}/s ({pred / syl:.2f})  ({len(clips)} clips, {secs:.0f} s of speech)",
               flush=True)
+    print("5. inside a long stream (shipped head): each clip alone, then in one joined track")
+    for name, clips in (("research", research), ("dev drivers", dev)):
+        alone = T.evaluate(shipped, clips)["open"]
+        joined = [T.evaluate(shipped, in_stream(clips, enc, gap, seed))["open"] for gap, seed in ((0.0, 0), (0.0, 1),
+                                                                                               (0.5, 0), (0.5, 1))]
+        print(f"  {name:12s} alone {alone:.3f}  joined back to back {joined[0]:.3f} / {joined[1]:.3f}  "
+              f"with 0.5 s between {joined[2]:.3f} / {joined[3]:.3f}  (two orders each)", flush=True)
     return 0
 
 
