@@ -5,10 +5,11 @@ Starts `heygem-watch run` on a fresh var/ under --work with --templates template
 talking clips from ../shared/media scaled to 1280x720, else the tests' public-domain photo) and drops --recordings
 distinct WAV recordings into incoming/, one at a time: each a 3-8 s slice of the speech in ../shared/media/audio
 (else synthetic speech) at a random offset and gain (seeded: the same files every run). After each recording's
-manifest says it is finished it reads the daemon's resident memory (VmRSS). Prints the RSS every tenth
-recording, then: recordings done / failed, the RSS after the first 10 %, at the half and at the end, the largest
+manifest says it is finished it reads the daemon's resident memory (VmRSS) and counts its open file descriptors
+and threads. Prints them every tenth recording, then: recordings done / failed, the RSS after the first 10 %, at the half and at the end, the largest
 RSS, and the growth over the second half as a least-squares slope in MB per 100 recordings (a leak shows there;
-the first recordings fill caches and allocator pools). Nothing is committed; the work folder is left for a look.
+the first recordings fill caches and allocator pools), and the open files and threads at the start and at the
+end (each must stay flat: a daemon that keeps one file open per recording runs out after ~1000). Nothing is committed; the work folder is left for a look.
 
     .venv/bin/python bench/soak.py [--recordings 200] [--templates 2] [--work /tmp/heygem-soak]
 """
@@ -71,6 +72,14 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
 def finished(var: Path, name: str) -> dict | None:
     """The recording's manifest once it is in a final state (done, partial or failed), else None."""
     for m in var.glob(f"outputs/*/{name}/manifest.json"):
@@ -106,7 +115,8 @@ def main() -> int:
     log = open(a.work / "daemon.log", "w")
     daemon = subprocess.Popen([sys.executable, "-m", "heygem_watch", "run"], env=env, stdout=log,
                               stderr=subprocess.STDOUT, cwd=a.work)
-    rss, states, t0 = [], {"done": 0, "partial": 0, "failed": 0}, time.monotonic()
+    rss, fds, tasks = [], [], []
+    states, t0 = {"done": 0, "partial": 0, "failed": 0}, time.monotonic()
     try:
         deadline = time.monotonic() + 180
         while '"event": "ready"' not in (a.work / "daemon.log").read_text(errors="replace"):
@@ -126,9 +136,11 @@ def main() -> int:
                 time.sleep(0.1)
             states[doc["state"]] += 1
             rss.append(rss_mb(daemon.pid))
+            fds.append(open_files(daemon.pid))
+            tasks.append(threads(daemon.pid))
             if i % 10 == 0 or i == a.recordings - 1:
-                print(f"recording {i + 1:4d}  {doc['state']:8s} RSS {rss[-1]:7.1f} MB  "
-                      f"({time.monotonic() - t0:6.0f} s)", flush=True)
+                print(f"recording {i + 1:4d}  {doc['state']:8s} RSS {rss[-1]:7.1f} MB  open files {fds[-1]:3d}  "
+                      f"threads {tasks[-1]:3d}  ({time.monotonic() - t0:6.0f} s)", flush=True)
     finally:
         daemon.send_signal(signal.SIGINT)
         try:
@@ -143,6 +155,8 @@ def main() -> int:
           f"partial {states['partial']}, failed {states['failed']}")
     print(f"RSS MB: after {max(1, len(r) // 10)} {r[max(1, len(r) // 10) - 1]:.0f}, after {half} {r[half - 1]:.0f}, "
           f"end {r[-1]:.0f}, largest {r.max():.0f}; second half {slope:+.1f} MB per 100 recordings")
+    print(f"open files: after the first {fds[0]}, at the end {fds[-1]}, at most {max(fds)}; "
+          f"threads: {tasks[0]}, {tasks[-1]}, at most {max(tasks)}")
     return 0 if states["done"] == len(r) else 1
 
 
