@@ -23,46 +23,20 @@ import signal
 import subprocess
 import sys
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import SHARED, SPEECH_SOURCES, make_template  # noqa: E402
+from throughput import make_template, speech  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+from tests.gen_media import write_wav  # noqa: E402
 
 RATE = 16000
 SLICE_S = (3.0, 8.0)
 WAIT_S = 120.0  # longest a recording may take before the bench gives up
-
-
-def speech(rate: int = RATE) -> np.ndarray:
-    """The shared speech clips joined (16 kHz mono float32), or the tests' synthetic speech without them."""
-    import av
-
-    clips = []
-    for rel in SPEECH_SOURCES:
-        p = SHARED / rel
-        if p.exists():
-            with av.open(str(p)) as c:
-                rs = av.AudioResampler(format="flt", layout="mono", rate=rate)
-                clips += [r.to_ndarray().reshape(-1) for fr in c.decode(c.streams.audio[0]) for r in rs.resample(fr)]
-    if clips:
-        return np.concatenate(clips)
-    sys.path.insert(0, str(ROOT))
-    from tests import mediagen
-
-    return mediagen.speech_like(60, rate).astype(np.float32)
-
-
-def write_wav(path: Path, x: np.ndarray, rate: int = RATE) -> None:
-    pcm = (np.clip(x, -1.0, 1.0) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
 
 
 def rss_mb(pid: int) -> float:
@@ -109,7 +83,7 @@ def main() -> int:
     staging.mkdir(parents=True, exist_ok=True)
     for i in range(a.templates):
         shutil.copy(make_template(i, a.work / f"template_{i}.mp4"), var / "templates" / f"template_{i}.mp4")
-    voice, rng = speech(), np.random.default_rng(a.seed)
+    voice, rng = speech(RATE), np.random.default_rng(a.seed)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HEYGEM_")}
     env.update(HEYGEM_VAR_DIR=str(var), HEYGEM_SETTLE_SECONDS="0.5", HEYGEM_LOG_FORMAT="json", PYTHONPATH=str(ROOT))
     log = open(a.work / "daemon.log", "w")

@@ -68,6 +68,27 @@ def make_template(i: int, path: Path) -> Path:
     return path
 
 
+def speech(rate: int) -> np.ndarray:
+    """The speech of SPEECH_SOURCES joined, 0.5 s of silence after each (mono float32 at rate), or the tests'
+    synthetic speech (30 s) when ../shared/media is not there."""
+    import av
+
+    clips = []
+    for rel in SPEECH_SOURCES:
+        p = SHARED / rel
+        if p.exists():
+            with av.open(str(p)) as c:
+                rs = av.AudioResampler(format="flt", layout="mono", rate=rate)
+                clips += [r.to_ndarray().reshape(-1) for fr in c.decode(c.streams.audio[0]) for r in rs.resample(fr)]
+            clips.append(np.zeros(rate // 2, np.float32))
+    if clips:
+        return np.concatenate(clips)
+    sys.path.insert(0, str(ROOT))
+    from tests import mediagen
+
+    return mediagen.speech_like(30, rate)
+
+
 def make_recording(seconds: int, path: Path) -> Path:
     """FLV like OBS writes: H.264 (small picture) + AAC 44.1 kHz, speech for `seconds`."""
     import av
@@ -75,20 +96,7 @@ def make_recording(seconds: int, path: Path) -> Path:
     if path.exists():
         return path
     rate = 44100
-    clips = []
-    for rel in SPEECH_SOURCES:
-        p = SHARED / rel
-        if p.exists():
-            with av.open(str(p)) as c:
-                rs = av.AudioResampler(format="flt", layout="mono", rate=rate)
-                for fr in c.decode(c.streams.audio[0]):
-                    for r in rs.resample(fr):
-                        clips.append(r.to_ndarray().reshape(-1))
-            clips.append(np.zeros(rate // 2, np.float32))
-    sys.path.insert(0, str(ROOT))
-    from tests import mediagen
-
-    speech = np.concatenate(clips) if clips else mediagen.speech_like(30, rate)
+    voice = speech(rate)
     total = seconds * rate
     with av.open(str(path), "w", format="flv") as out:
         vs = out.add_stream("libx264", rate=25)
@@ -102,8 +110,8 @@ def make_recording(seconds: int, path: Path) -> Path:
             for p in vs.encode(av.VideoFrame.from_ndarray(frame, format="bgr24")):
                 out.mux(p)
             while s < min(total, (k + 1) * rate // 25):  # FLV wants the streams interleaved in time
-                idx = np.arange(s, min(s + 1024, total)) % len(speech)
-                af = av.AudioFrame.from_ndarray(speech[idx][None].astype(np.float32), format="flt", layout="mono")
+                idx = np.arange(s, min(s + 1024, total)) % len(voice)
+                af = av.AudioFrame.from_ndarray(voice[idx][None].astype(np.float32), format="flt", layout="mono")
                 af.sample_rate, af.pts = rate, s
                 for p in as_.encode(af):
                     out.mux(p)
