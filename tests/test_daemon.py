@@ -462,7 +462,9 @@ def test_kill_9_then_restart_gives_exactly_one_output(tmp_path, face_template_fi
         out = var / "outputs" / today() / "crash"
         assert wait_for(lambda: (out / "manifest.json").exists(), 60)
         assert [x.name for x in out.glob("*.mp4")] == ["anchor.mp4"]
-        assert (var / "archive" / today() / "crash.wav").exists()
+        # the manifest is written before the source is moved (filing.finalise): on a busy box the move may not
+        # have happened yet when the manifest appears
+        assert wait_for(lambda: (var / "archive" / today() / "crash.wav").exists(), 10)
         with Ledger(var / "ledger.sqlite3") as led:
             tasks = led.tasks_for(led.recent_recordings(1)[0].id)
             assert [(t.state, t.attempts, t.crashes, t.stops) for t in tasks] == [("done", 2, 1, 0)]
