@@ -117,13 +117,7 @@ class SpeechDetector:
 
 def speech_mask(prob: np.ndarray, n: int, rate: int) -> np.ndarray:
     """bool (n,) at `rate` frames/s: True within PAD_S of a frame the model calls speech (hysteresis ON / OFF)."""
-    prob = np.asarray(prob, np.float32)
-    on = np.zeros(len(prob), bool)
-    state = False
-    # hysteresis needs the previous decision; a Python loop over 32 ms frames costs ~0.1 s per recorded hour
-    for i, p in enumerate(prob.tolist()):
-        state = p > ON if not state else p >= OFF
-        on[i] = state
+    on = hysteresis(prob)
     t = np.arange(n) / rate
     hit = np.flatnonzero(on)
     if len(hit) == 0:
@@ -134,6 +128,16 @@ def speech_mask(prob: np.ndarray, n: int, rate: int) -> np.ndarray:
     prev_end = np.where(k > 0, starts[np.maximum(k - 1, 0)] + FRAME / SAMPLE_RATE, -np.inf)
     next_start = np.where(k < len(starts), starts[np.minimum(k, len(starts) - 1)], np.inf)
     return (t - prev_end <= PAD_S) | (next_start - t <= PAD_S)
+
+
+def hysteresis(prob: np.ndarray) -> np.ndarray:
+    """bool (len(prob),): speech from a probability over ON until one under OFF (starting as not speech). Over ON
+    always means speech and under OFF never does; in between a frame keeps the last decision made outside that band,
+    so the decisions are those marks carried forward. Compared in float64, as the thresholds are written."""
+    prob = np.asarray(prob, np.float64)
+    decided = (prob > ON) | (prob < OFF)
+    last = np.maximum.accumulate(np.where(decided, np.arange(len(prob)), -1))
+    return np.where(last >= 0, prob[np.maximum(last, 0)] > ON, False)
 
 
 def speech_frames(track, n: int, rate: int, detector: "SpeechDetector | None" = None) -> np.ndarray:

@@ -82,6 +82,20 @@ def test_speech_mask_hysteresis_and_padding():
     assert not vad.speech_mask(np.zeros(50, np.float32), 200, VAD_RATE).any()
 
 
+def test_hysteresis_matches_frame_by_frame_decisions():
+    rng = np.random.default_rng(0)
+    # values on both thresholds exactly, in the band between them, and runs that cross them
+    p = np.concatenate([rng.choice([0.0, vad.OFF, 0.4, vad.ON, 0.9], 500), rng.uniform(0, 1, 500),
+                        np.full(5, 0.4)]).astype(np.float32)
+    want, state = [], False
+    for x in p.tolist():
+        state = x > vad.ON if not state else x >= vad.OFF
+        want.append(state)
+    np.testing.assert_array_equal(vad.hysteresis(p), np.array(want))
+    assert not vad.hysteresis(np.full(10, 0.4, np.float32)).any()  # the band alone never starts speech
+    assert vad.hysteresis(np.zeros(0, np.float32)).shape == (0,)
+
+
 ENGLISH = "Good evening everyone, thank you for joining the stream tonight. Let us begin."
 MANDARIN = "大家晚上好，欢迎来到今天的直播。我们现在开始。"
 
