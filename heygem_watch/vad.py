@@ -4,12 +4,14 @@
     p = detector.probabilities(track)               float32 (n,), speech probability of frame i = samples
                                                     i*FRAME .. (i+1)*FRAME (32 ms)
     mask = speech_mask(p, n_vad, vad_rate)          bool (n_vad,) at vad_rate: frames near detected speech
-    mask = speech_frames(track, n, rate)            the two above in one (what both engines' gates ask)
+    mask = speech_frames(track, n, rate)            the two above in one (what the ONNX engine's gate asks)
+    heard, near = speech_decisions(track, n, rate)  the model's own decisions, and those padded (the built-in's)
 
 The loudness gate (speech.voice_activity) says when the mouth's band is loud; loud is not speech. Between a
 streamer's sentences there is music, game sound, applause, and the gate opened the mouth for all of it (76 % of a
 33 s film soundtrack with no voice in it). The learned head then moved the mouth with whatever it heard. This model
-tells speech from the rest; the mouth moves only where both agree.
+tells speech from the rest: the mouth moves only near speech it hears, and where it hears speech, quieter speech than
+the loudness gate lets through moves it too (speech.speech_activity).
 
 The model is Silero VAD (MIT) in its "sequence" ONNX form (MODEL_FILE), read from the installed `silero-vad` wheel,
 which setup.sh installs without its dependencies: its own Python helpers need torch, which a plain dependency would
@@ -138,6 +140,24 @@ def hysteresis(prob: np.ndarray) -> np.ndarray:
     decided = (prob > ON) | (prob < OFF)
     last = np.maximum.accumulate(np.where(decided, np.arange(len(prob)), -1))
     return np.where(last >= 0, prob[np.maximum(last, 0)] > ON, False)
+
+
+def at_rate(decisions: np.ndarray, n: int, rate: int) -> np.ndarray:
+    """bool (n,) at `rate` frames/s from per-FRAME decisions: frame i takes the decision of the 32 ms frame its time
+    falls in (False past the last)."""
+    k = np.floor(np.arange(n) / rate * SAMPLE_RATE / FRAME).astype(np.int64)
+    inside = k < len(decisions)
+    out = np.zeros(n, bool)
+    out[inside] = np.asarray(decisions, bool)[k[inside]]
+    return out
+
+
+def speech_decisions(track, n: int, rate: int,
+                     detector: "SpeechDetector | None" = None) -> tuple[np.ndarray, np.ndarray]:
+    """(heard, near): bool (n,) each at `rate` frames/s over the track. heard: inside a stretch the detector (None:
+    the process-wide one) calls speech (hysteresis, no padding); near: within PAD_S of one (speech_frames)."""
+    prob = (detector or load_detector()).probabilities(track)
+    return at_rate(hysteresis(prob), n, rate), speech_mask(prob, n, rate)
 
 
 def speech_frames(track, n: int, rate: int, detector: "SpeechDetector | None" = None) -> np.ndarray:

@@ -137,6 +137,44 @@ def test_speech_activity_is_loudness_and_detector_together():
     x = np.concatenate([music(2.0, seed=1), silence(0.5), syllables(2.0)])
     both = speech_activity(audio.ArrayTrack(x))
     loud = speech_activity(audio.ArrayTrack(x), detector=False)
-    assert both.shape == loud.shape and not (both & ~loud).any()  # never speech where it is not loud
+    heard, near = vad.speech_decisions(audio.ArrayTrack(x), len(loud), VAD_RATE)
+    assert both.shape == loud.shape == heard.shape == near.shape
+    assert not (both & ~near).any()  # never away from speech the detector hears
+    assert not (both & ~loud & ~heard).any()  # never where it is neither loud nor heard as speech
     t = np.arange(len(both)) / VAD_RATE
     assert loud[t < 2.0].mean() > 0.4 and not both[t < 2.0].any()
+
+
+QUIET = "The quiet part of the show starts now, and it keeps going for a while."
+
+
+def test_quiet_speech_the_detector_hears_moves_the_mouth_and_pauses_stay_shut(encoder):
+    """A sentence 36 dB under the one before it: the loudness gate (30 dB under the loud level) shuts the mouth
+    for all of it; where the detector hears it as speech, the mouth moves. The pause between the two stays shut."""
+    loud_s, quiet_s = spoken(ENGLISH), spoken(QUIET) * 10 ** (-36 / 20)
+    x = np.concatenate([silence(0.5), loud_s, silence(0.4), quiet_s, silence(0.5)])
+    q0 = 0.5 + len(loud_s) / SR + 0.4
+    track = audio.ArrayTrack(x)
+    loud = speech_activity(track, detector=False)
+    both = speech_activity(track)
+    t = np.arange(len(both)) / VAD_RATE
+    quiet = (t > q0 + 0.3) & (t < q0 + len(quiet_s) / SR - 0.3)
+    pause = (t > q0 - 0.35) & (t < q0 - 0.05)
+    assert loud[quiet].mean() < 0.1  # the test's teeth: loudness alone calls the quiet sentence a pause
+    assert both[quiet].mean() > 0.5 and not both[pause].any() and not both[t < 0.3].any()
+    gated = analyse_speech(track, encoder=encoder)
+    loud_only = analyse_speech(track, encoder=encoder, detector=False)
+    tc = np.arange(len(gated.open)) / gated.rate
+    quiet_c = (tc > q0 + 0.3) & (tc < q0 + len(quiet_s) / SR - 0.3)
+    assert loud_only.open[quiet_c].mean() < 0.02
+    assert gated.open[quiet_c].mean() > 0.1 and gated.open[quiet_c].std() > 0.05
+    assert gated.open[(tc > q0 - 0.3) & (tc < q0 - 0.15)].max() < 0.01  # the pause's middle: lips met
+
+
+def test_at_rate_takes_the_32ms_frame_each_time_falls_in():
+    dec = np.array([False, True, True, False, True])
+    got = vad.at_rate(dec, 20, 100)  # 10 ms frames over 0.2 s; the decisions cover 0.16 s
+    frame = np.floor(np.arange(20) / 100 * vad.SAMPLE_RATE / vad.FRAME).astype(int)
+    want = np.array([dec[k] if k < len(dec) else False for k in frame])
+    np.testing.assert_array_equal(got, want)
+    assert got[4] and got[9] and not got[3] and not got[11] and got[13] and not got[19]

@@ -265,9 +265,15 @@ def analyse_speech(track, head=None, encoder=None, chunk_s: float = CHUNK_S, det
 
 
 def speech_activity(track, chunk_s: float = CHUNK_S, detector=None) -> np.ndarray:
-    """bool (n,) per 10 ms frame: the mouth's band is loud (voice_activity) and a voice is speaking there
-    (vad.speech_frames: music, game sound and applause are loud too)."""
+    """bool (n,) per 10 ms frame: near speech the detector hears (vad.speech_decisions: music, game sound and
+    applause are loud too), and either loud (voice_activity) or inside that speech itself.
+
+    Loudness decides in the detector's padding around speech: that is what shuts the mouth in pauses too short for
+    the detector (its 32 ms decisions, padded by vad.PAD_S). Inside speech the detector hears, it does not: speech's
+    1-8 kHz level spans ~40 dB, and 12-14 % of the detector's speech frames in corpus/train/ lie more than DYN_DB
+    under the loud level (more with some voices and microphones), so loudness alone shut mouths that were talking."""
     loud = voice_activity(open_band_level(track, chunk_s))
     if detector is False:
         return loud
-    return loud & vad.speech_frames(track, len(loud), VAD_RATE, detector)
+    heard, near = vad.speech_decisions(track, len(loud), VAD_RATE, detector)
+    return near & (loud | heard)
