@@ -1,8 +1,8 @@
 """The built-in lip-sync engine: no model, CPU only, the person's own mouths re-timed to the speech.
 
     analyse_speech(track)      -> speech curve (engines/builtin/speech.py): Whisper encoder features (whisper.py) through
-                                  the learned head (head.py, HEYGEM_SPEECH_MODEL), gated by voice activity (loud in
-                                  the mouth's band, and speech by the detector in vad.py):
+                                  the learned head (head.py, HEYGEM_SPEECH_MODEL), gated by voice activity (near
+                                  speech the detector in vad.py hears: inside it, or loud in the mouth's band):
                                   wanted openness / width over time
     prepare_template(template) -> BuiltinState: mouth library (mouth.py, cached on disk) + lower-face mesh
     render(...)                -> per output frame: Selector picks a template frame whose mouth fits (temporally
