@@ -18,7 +18,8 @@ Prints:
      render_fidelity.py's counts: what it reports for a rendered output, e.g. Mandarin, reads against these).
   5. inside a long stream: the clips' audio joined into one track (in a shuffled order, back to back or with 0.5 s
      of silence between), its features streamed as the engine streams a 2-hour recording's, each clip's stretch
-     predicted by the shipped head and scored against its own mouth, beside the same clips analysed one by one.
+     predicted by the shipped head and scored against its own mouth, beside the same clips analysed one by one;
+     then the full analysis of the joined track (what the renderer is asked for in a long recording).
 """
 from __future__ import annotations
 
@@ -91,9 +92,9 @@ def rates(head, clips: list[T.Clip], encoder) -> tuple[float, float, float, floa
     return syl / speech_s, real / speech_s, pred / speech_s, speech_s
 
 
-def in_stream(clips: list[T.Clip], encoder, gap_s: float, seed: int) -> list[T.Clip]:
-    """The clips with the features of their stretch of one joined track (each clip's audio padded to whole encoder
-    frames, so every clip starts on one; gap_s of silence after each; order shuffled by seed)."""
+def joined(clips: list[T.Clip], gap_s: float, seed: int) -> tuple[np.ndarray, dict[int, int]]:
+    """(one track of all the clips' audio, {clip index: encoder frame it starts on}): each clip's audio padded to
+    whole encoder frames, so every clip starts on one; gap_s of silence after each; order shuffled by seed."""
     hop = W.SAMPLE_RATE // W.FEATURE_RATE
     parts, start, pos = [], {}, 0
     for k in np.random.default_rng(seed).permutation(len(clips)):
@@ -102,13 +103,28 @@ def in_stream(clips: list[T.Clip], encoder, gap_s: float, seed: int) -> list[T.C
         start[k] = pos // hop
         parts.append(audio)
         pos += len(audio)
-    feats = W.encode_all(T.ArrayTrack(np.concatenate(parts)), encoder)
+    return np.concatenate(parts), start
+
+
+def in_stream(clips: list[T.Clip], encoder, gap_s: float, seed: int) -> list[T.Clip]:
+    """The clips with the features of their stretch of one joined track (see joined)."""
+    audio, start = joined(clips, gap_s, seed)
+    feats = W.encode_all(T.ArrayTrack(audio), encoder)
     out = []
     for k, c in enumerate(clips):
         c = copy.copy(c)
         c.feats = feats[start[k]:start[k] + len(c.feats)]
         out.append(c)
     return out
+
+
+def full_in_stream(head, clips: list[T.Clip], encoder, gap_s: float, seed: int) -> float:
+    """Pooled correlation of the full analysis of one joined track (see joined), each clip's stretch against its
+    own mouth: what the renderer is asked for when the clips are one long recording."""
+    audio, start = joined(clips, gap_s, seed)
+    curve = S.analyse_speech(T.ArrayTrack(audio), head, encoder)
+    return T.pooled_corr([(curve.sample(c.times + start[k] / W.FEATURE_RATE)[0], c.raw_open)
+                          for k, c in enumerate(clips)])
 
 
 def split(clip: T.Clip, t0: float, t1: float) -> T.Clip:
@@ -165,10 +181,13 @@ def main() -> int:
     print("5. inside a long stream (shipped head): each clip alone, then in one joined track")
     for name, clips in (("research", research), ("dev drivers", dev)):
         alone = T.evaluate(shipped, clips)["open"]
-        joined = [T.evaluate(shipped, in_stream(clips, enc, gap, seed))["open"] for gap, seed in ((0.0, 0), (0.0, 1),
+        heads = [T.evaluate(shipped, in_stream(clips, enc, gap, seed))["open"] for gap, seed in ((0.0, 0), (0.0, 1),
                                                                                                (0.5, 0), (0.5, 1))]
-        print(f"  {name:12s} alone {alone:.3f}  joined back to back {joined[0]:.3f} / {joined[1]:.3f}  "
-              f"with 0.5 s between {joined[2]:.3f} / {joined[3]:.3f}  (two orders each)", flush=True)
+        print(f"  {name:12s} alone {alone:.3f}  joined back to back {heads[0]:.3f} / {heads[1]:.3f}  "
+              f"with 0.5 s between {heads[2]:.3f} / {heads[3]:.3f}  (two orders each)", flush=True)
+        full = [full_in_stream(shipped, clips, enc, gap, seed) for gap, seed in ((0.0, 0), (0.0, 1), (0.5, 0), (0.5, 1))]
+        print(f"  {'':12s} full analysis: joined back to back {full[0]:.3f} / {full[1]:.3f}  "
+              f"with 0.5 s between {full[2]:.3f} / {full[3]:.3f}", flush=True)
     return 0
 
 
