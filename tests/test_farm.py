@@ -61,8 +61,12 @@ def test_two_workers_render_every_task_once_and_a_killed_workers_task_is_redeliv
         for key in r.scan_iter("heygem:lease:*"):
             owner = (r.get(key) or b"").decode()
             cid = key.decode().rsplit(":", 1)[1]
-            partial = list((farm.var / "tmp" / "farm" / cid).glob(".partial-*"))
-            if owner.startswith("w1@") and partial and partial[0].stat().st_size > 0:
+            try:  # polled every 10 ms: a task may finish, and its work folder go, between listing and reading
+                partial = list((farm.var / "tmp" / "farm" / cid).glob(".partial-*"))
+                started = bool(partial) and partial[0].stat().st_size > 0
+            except FileNotFoundError:
+                continue
+            if owner.startswith("w1@") and started:
                 farm.kill9("w1")
                 victim.append(cid)
                 return True
