@@ -119,7 +119,11 @@ class SpeechDetector:
 
 def speech_mask(prob: np.ndarray, n: int, rate: int) -> np.ndarray:
     """bool (n,) at `rate` frames/s: True within PAD_S of a frame the model calls speech (hysteresis ON / OFF)."""
-    on = hysteresis(prob)
+    return padded(hysteresis(prob), n, rate)
+
+
+def padded(on: np.ndarray, n: int, rate: int) -> np.ndarray:
+    """bool (n,) at `rate` frames/s: True within PAD_S of a 32 ms frame whose decision (hysteresis's) is speech."""
     t = np.arange(n) / rate
     hit = np.flatnonzero(on)
     if len(hit) == 0:
@@ -156,8 +160,8 @@ def speech_decisions(track, n: int, rate: int,
                      detector: "SpeechDetector | None" = None) -> tuple[np.ndarray, np.ndarray]:
     """(heard, near): bool (n,) each at `rate` frames/s over the track. heard: inside a stretch the detector (None:
     the process-wide one) calls speech (hysteresis, no padding); near: within PAD_S of one (speech_frames)."""
-    prob = (detector or load_detector()).probabilities(track)
-    return at_rate(hysteresis(prob), n, rate), speech_mask(prob, n, rate)
+    on = hysteresis((detector or load_detector()).probabilities(track))
+    return at_rate(on, n, rate), padded(on, n, rate)
 
 
 def speech_frames(track, n: int, rate: int, detector: "SpeechDetector | None" = None) -> np.ndarray:
