@@ -106,9 +106,8 @@ def joined(clips: list[T.Clip], gap_s: float, seed: int) -> tuple[np.ndarray, di
     return np.concatenate(parts), start
 
 
-def in_stream(clips: list[T.Clip], encoder, gap_s: float, seed: int) -> list[T.Clip]:
-    """The clips with the features of their stretch of one joined track (see joined)."""
-    audio, start = joined(clips, gap_s, seed)
+def in_stream(clips: list[T.Clip], encoder, audio: np.ndarray, start: dict[int, int]) -> list[T.Clip]:
+    """The clips with the features of their stretch of one joined track (joined's audio and starts)."""
     feats = W.encode_all(T.ArrayTrack(audio), encoder)
     out = []
     for k, c in enumerate(clips):
@@ -118,10 +117,9 @@ def in_stream(clips: list[T.Clip], encoder, gap_s: float, seed: int) -> list[T.C
     return out
 
 
-def full_in_stream(head, clips: list[T.Clip], encoder, gap_s: float, seed: int) -> float:
-    """Pooled correlation of the full analysis of one joined track (see joined), each clip's stretch against its
-    own mouth: what the renderer is asked for when the clips are one long recording."""
-    audio, start = joined(clips, gap_s, seed)
+def full_in_stream(head, clips: list[T.Clip], encoder, audio: np.ndarray, start: dict[int, int]) -> float:
+    """Pooled correlation of the full analysis of one joined track (joined's audio and starts), each clip's stretch
+    against its own mouth: what the renderer is asked for when the clips are one long recording."""
     curve = S.analyse_speech(T.ArrayTrack(audio), head, encoder)
     return T.pooled_corr([(curve.sample(c.times + start[k] / W.FEATURE_RATE)[0], c.raw_open)
                           for k, c in enumerate(clips)])
@@ -181,11 +179,11 @@ def main() -> int:
     print("5. inside a long stream (shipped head): each clip alone, then in one joined track")
     for name, clips in (("research", research), ("dev drivers", dev)):
         alone = T.evaluate(shipped, clips)["open"]
-        heads = [T.evaluate(shipped, in_stream(clips, enc, gap, seed))["open"] for gap, seed in ((0.0, 0), (0.0, 1),
-                                                                                               (0.5, 0), (0.5, 1))]
+        tracks = [joined(clips, gap, seed) for gap, seed in ((0.0, 0), (0.0, 1), (0.5, 0), (0.5, 1))]
+        heads = [T.evaluate(shipped, in_stream(clips, enc, *tr))["open"] for tr in tracks]
         print(f"  {name:12s} alone {alone:.3f}  joined back to back {heads[0]:.3f} / {heads[1]:.3f}  "
               f"with 0.5 s between {heads[2]:.3f} / {heads[3]:.3f}  (two orders each)", flush=True)
-        full = [full_in_stream(shipped, clips, enc, gap, seed) for gap, seed in ((0.0, 0), (0.0, 1), (0.5, 0), (0.5, 1))]
+        full = [full_in_stream(shipped, clips, enc, *tr) for tr in tracks]
         print(f"  {'':12s} full analysis: joined back to back {full[0]:.3f} / {full[1]:.3f}  "
               f"with 0.5 s between {full[2]:.3f} / {full[3]:.3f}", flush=True)
     return 0
