@@ -371,7 +371,7 @@ def completeness_notes(path: Path, decoded_s: float, stated_s: float | None = No
         stated = stated_s
         if stated is None:
             try:
-                stated = probe(path).duration
+                stated = probe(path, shown_size=False).duration
             except Exception:  # noqa: BLE001 - only a hint; decoding already succeeded
                 stated = 0.0
         if stated > decoded_s + max(1.0, 0.05 * stated):

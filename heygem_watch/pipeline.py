@@ -251,7 +251,7 @@ class Prefetch:
 
         def run():
             try:
-                duration = probe(recording).duration
+                duration = probe(recording, shown_size=False).duration
             except Exception:  # nothing prefetched; the audio extraction on the caller's thread reports the reason
                 duration = 0.0
             for k, (ev, tpl) in enumerate(zip(self._done, templates)):

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from heygem_watch import face
-from heygem_watch.media import even_size, open_container
+from heygem_watch.media import UPRIGHT, Orientation, even_size, frame_orientation, open_container, upright
 
 
 def detect_size(w: int, h: int) -> tuple[int, int]:
@@ -89,7 +89,8 @@ def rgb_from_yuv(yuv: np.ndarray, w: int, h: int) -> np.ndarray:
 
 
 def decode(path: Path, notes: list[str], limit: int, spare=None, want: Callable[[int], bool] | None = None):
-    """Frames 0..limit-1 as from_bgr's triples, straight from the decoder's yuv420p (no BGR round trip).
+    """Frames 0..limit-1 as from_bgr's triples, straight from the decoder's yuv420p (no BGR round trip), turned
+    upright as players show them (media.frame_orientation; its note, if any, goes to `notes`).
     spare: a queue of yuv arrays the consumer is done with, refilled instead of allocating (see yuv420p).
     want(i): False when frame i is only stored, not tracked: its RGB copy is skipped (None)."""
     import av
@@ -98,22 +99,30 @@ def decode(path: Path, notes: list[str], limit: int, spare=None, want: Callable[
         vs = c.streams.video[0]
         vs.thread_type = "AUTO"
         i = 0
+        o = None
         try:
             for frame in c.decode(vs):
                 if i >= limit:
                     break
+                if o is None:  # one display matrix per stream: the first frame's
+                    o, note = frame_orientation(frame)
+                    if note:
+                        notes.append(note)
                 rgb_wanted = want is None or want(i)
                 i += 1
                 w0, h0 = frame.width, frame.height
                 if w0 % 2 or h0 % 2:  # odd sizes are cropped (not scaled) to even, as H.264 needs
-                    yield from_bgr(frame.to_ndarray(format="bgr24"), rgb_wanted)
+                    yield from_bgr(upright(frame.to_ndarray(format="bgr24"), o), rgb_wanted)
                     continue
                 yuv = yuv420p(frame, spare)
+                if o != UPRIGHT:  # a copy turned upright (the consumer's spare arrays then mostly go unused)
+                    yuv = upright_yuv(yuv, w0, h0, o)
+                    w0, h0 = (h0, w0) if o[0] else (w0, h0)
                 if not rgb_wanted:
                     yield (w0, h0), yuv, None
                     continue
                 dw, dh = detect_size(w0, h0)
-                if (dw, dh) == (w0, h0) or (dw % 2 == 0 and dh % 2 == 0):
+                if (dw, dh) == (w0, h0) or (dw % 2 == 0 and dh % 2 == 0) or o != UPRIGHT:
                     rgb = rgb_from_yuv(yuv, w0, h0)
                 else:
                     rgb = frame.reformat(width=dw, height=dh, format="rgb24",
@@ -121,6 +130,12 @@ def decode(path: Path, notes: list[str], limit: int, spare=None, want: Callable[
                 yield (w0, h0), yuv, rgb
         except av.error.FFmpegError as exc:
             notes.append(f"video decoding stopped early: {exc.strerror or exc}")
+
+
+def upright_yuv(yuv: np.ndarray, w: int, h: int, o: Orientation) -> np.ndarray:
+    """A yuv420p (h*3/2, w) frame turned upright plane by plane: (h'*3/2, w'), w' x h' as players show it."""
+    y, u, v = (upright(p, o) for p in planes(yuv, w, h))
+    return np.concatenate([y.reshape(-1), u.reshape(-1), v.reshape(-1)]).reshape(-1, y.shape[1])
 
 
 def yuv420p(frame, spare=None) -> np.ndarray:

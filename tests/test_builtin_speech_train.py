@@ -65,6 +65,16 @@ def test_targets_follow_the_drawn_mouth(corpus, tmp_path):
     assert abs(len(clip.feats) - SECONDS * 50) <= 2 and clip.feats.shape[1] == 512  # AAC pads a few ms
 
 
+def test_footage_a_phone_stored_sideways_is_tracked_upright(tmp_path):
+    shown = list(mediagen.face_frames(8))
+    plain = mediagen.write_video(tmp_path / "plain.mp4", shown, fps=FPS)
+    phone = mediagen.write_video(tmp_path / "phone.mp4", [np.ascontiguousarray(np.rot90(f, 1)) for f in shown],
+                                 fps=FPS, display=(-90, False))
+    (_, want), (_, got) = T.track_video(plain, 0.0), T.track_video(phone, 0.0)
+    assert np.isfinite(want).all() and np.isfinite(got).all()
+    assert np.abs(got - want).max() < 4  # pixels, in the picture as shown
+
+
 def test_train_speech_end_to_end_and_deterministic(corpus, tmp_path, capsys):
     cache = tmp_path / "cache"
     out1, out2 = tmp_path / "one.npz", tmp_path / "two.npz"

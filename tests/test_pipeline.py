@@ -73,6 +73,23 @@ def test_output_has_template_geometry_and_audio_length(media, tmp_path):
     assert not list((tmp_path / "var" / "tmp").glob("**/*.mp4"))
 
 
+def test_a_phone_template_stored_sideways_gives_an_upright_output(media, tmp_path):
+    from heygem_watch.media import UPRIGHT, frame_orientation
+
+    d, tpl, rec = media
+    shown = list(mediagen.face_frames(12, size=(160, 192)))
+    phone = mediagen.write_video(tmp_path / "phone.mp4", [np.ascontiguousarray(np.rot90(f, -1)) for f in shown],
+                                 Fraction(1350, 61), display=(90, False))
+    out = tmp_path / "o.mp4"
+    res = pipeline.process_files(rec, [phone], [out], Passthrough(), var_dir=tmp_path / "var")
+    assert isinstance(res[0], pipeline.RenderResult), res
+    with av.open(str(out)) as c:
+        first = next(c.decode(video=0))
+        assert (first.width, first.height) == (192, 160) and frame_orientation(first) == (UPRIGHT, None)
+        img = first.to_ndarray(format="bgr24").astype(int)  # two lossy encodings from the picture shown
+        assert np.abs(img - shown[0]).mean() < 8 < np.abs(img - shown[0][::-1, ::-1]).mean()
+
+
 def _x264_options(path) -> str:
     """The settings line x264 writes into the stream (an SEI message): what the encoder really ran with."""
     data = path.read_bytes()

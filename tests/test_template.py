@@ -221,3 +221,38 @@ def test_decoded_yuv_is_what_to_ndarray_gives_and_refills_a_spare_array():
     assert np.array_equal(_yuv420p(frame), src)  # nothing spare: a new array
     full = av.VideoFrame.from_ndarray(src, format="yuv420p").reformat(format="yuvj420p")
     assert np.array_equal(_yuv420p(full), full.to_ndarray(format="yuv420p"))  # converted as before
+
+
+@pytest.fixture(scope="module")
+def phone_file(tmp_path_factory, tpl_file):
+    """tpl_file's frames as a phone stores a portrait video: turned a quarter clockwise, with a display matrix
+    that turns them back on playback."""
+    d = tmp_path_factory.mktemp("phone")
+    stored = [np.ascontiguousarray(np.rot90(f, -1)) for f in mediagen.face_frames(20, faceless={7, 8})]
+    return mediagen.write_video(d / "phone.mp4", stored, 25, display=(90, False))
+
+
+def test_a_turned_template_is_cached_and_tracked_upright(tpl_file, phone_file, tmp_path):
+    plain = load_template(tpl_file, tmp_path / "a")
+    t = load_template(phone_file, tmp_path / "b")
+    assert (t.width, t.height, t.n_frames) == (plain.width, plain.height, 20)  # 384 x 320 as shown, not as stored
+    assert t.face_found.tolist() == plain.face_found.tolist()
+    assert any("turned 90°" in n for n in t.notes)
+    for i in (0, 12):
+        assert np.abs(t.frame(i).astype(int) - plain.frame(i).astype(int)).mean() < 4
+        # the face tracked where it is shown: within a few pixels of the plain file's
+        ok = ~np.isnan(plain.landmarks[i, :, 0])
+        assert np.abs(t.landmarks[i][ok] - plain.landmarks[i][ok]).max() < 4
+
+
+def test_a_version_3_entry_is_kept_for_an_upright_template_and_rebuilt_for_a_turned_one(tpl_file, phone_file,
+                                                                                        tmp_path):
+    for path, kept in ((tpl_file, True), (phone_file, False)):
+        t = load_template(path, tmp_path)
+        meta_path = t.cache_dir / META_NAME
+        meta = json.loads(meta_path.read_text())
+        meta["version"] = 3  # what the code before upright frames wrote
+        meta_path.write_text(json.dumps(meta))
+        again = load_template(path, tmp_path)
+        assert again.cache_hit is kept
+        assert json.loads(meta_path.read_text())["version"] == 4

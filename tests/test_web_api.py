@@ -522,3 +522,17 @@ def test_status_shows_farm_tasks_with_their_worker_and_the_workers_seen(env):
     assert ws["gpu0@box1"]["state"] == "online" and ws["gpu0@box1"]["task"]["id"] == a
     assert ws["gpu0@box1"]["processed"] == 7
     assert ws["gpu1@box2"]["state"] == "lost" and ws["gpu1@box2"]["task"] is None
+
+
+def test_a_thumbnail_shows_a_phone_video_upright(tmp_path):
+    import cv2
+
+    from heygem_watch.web.files import thumbnail
+
+    shown = list(face_frames(3))  # 320 high, 384 wide as shown
+    phone = write_video(tmp_path / "phone.mp4", [np.ascontiguousarray(np.rot90(f, -1)) for f in shown], 25,
+                        display=(90, False))
+    jpg = cv2.imread(str(thumbnail(phone, tmp_path / "thumbs")))
+    assert jpg.shape[0] < jpg.shape[1]  # landscape as shown, not portrait as stored
+    small = cv2.resize(shown[1], (jpg.shape[1], jpg.shape[0]), interpolation=cv2.INTER_AREA)
+    assert np.abs(jpg.astype(int) - small).mean() < 8

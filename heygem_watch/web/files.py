@@ -203,6 +203,8 @@ def _middle_frame(path: Path):
     import av
     import cv2
 
+    from heygem_watch.media import frame_orientation, upright
+
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return cv2.imread(str(path), cv2.IMREAD_COLOR)
     try:
@@ -212,11 +214,9 @@ def _middle_frame(path: Path):
             vs = c.streams.video[0]
             if c.duration and c.duration > 0:
                 c.seek(int(c.duration // 2), any_frame=False)  # lands on the keyframe before the middle
-            first = None
             for frame in c.decode(vs):
-                first = frame.to_ndarray(format="bgr24")
-                break
-            return first
+                return upright(frame.to_ndarray(format="bgr24"), frame_orientation(frame)[0])
+            return None
     except (av.error.FFmpegError, OSError, ValueError):
         return None
 
