@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
+from heygem_watch import display
 from heygem_watch.config import EncoderSettings  # noqa: F401  (one definition; config.py stays import-light)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -22,14 +23,6 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".flv", ".m4v", ".t
 DEFAULT_FPS = Fraction(25)  # stills and streams that do not state a rate
 AUDIO_BITRATE = 160_000  # only used when audio has to be re-encoded
 WRITER_QUEUE = 8  # frames buffered between the renderer and the encoder thread
-# A display matrix (ISO/IEC 14496-12 tkhd; FFmpeg's DISPLAYMATRIX side data) holds 16.16 fixed-point numbers
-MATRIX_ONE = 1 << 16
-# What turns a decoded picture upright: (transpose, flip rows, flip columns), applied in that order
-Orientation = tuple[bool, bool, bool]
-UPRIGHT: Orientation = (False, False, False)
-_TURNS = {(False, True, True): "turned 180°", (False, False, True): "mirrored", (False, True, False): "flipped",
-          (True, True, False): "turned 90° counter-clockwise", (True, False, True): "turned 90° clockwise",
-          (True, False, False): "turned 90° and mirrored", (True, True, True): "turned 90° and mirrored"}
 SIZE_PROBE_PACKETS = 64  # probe() reads at most this many video packets for a first frame (a damaged stream)
 
 
@@ -115,7 +108,7 @@ def _shown_size(container, vs) -> tuple[int, int]:
     try:
         for n, packet in enumerate(container.demux(vs)):
             for frame in packet.decode():
-                return (h, w) if frame_orientation(frame)[0][0] else (w, h)
+                return (h, w) if display.frame_orientation(frame)[0][0] else (w, h)
             if n >= SIZE_PROBE_PACKETS:
                 break
     except (av.error.FFmpegError, ValueError):
@@ -131,50 +124,10 @@ def stream_fps(stream) -> Fraction:
     return DEFAULT_FPS
 
 
-def frame_orientation(frame) -> tuple[Orientation, str | None]:
-    """What turns a decoded frame upright, as its display matrix asks, and a note for the operator (None when the
-    frame is stored upright).
-
-    Phones store a portrait video as landscape frames plus a matrix that players apply; decoders hand out the
-    stored frames. A matrix that is not a quarter turn or a mirror (a free angle, a scale) is left alone: UPRIGHT
-    and a note that says so."""
-    for sd in frame.side_data:
-        if getattr(sd.type, "name", "") != "DISPLAYMATRIX":
-            continue
-        m = np.frombuffer(bytes(sd), np.int32, count=9)  # a b u / c d v / x y w, native byte order
-        a, b, c, d = (int(v) for v in (m[0], m[1], m[3], m[4]))
-        # the picture's point (p, q) (column, row) is shown at (a p + c q, b p + d q), up to a shift
-        if b == c == 0 and abs(a) == abs(d) == MATRIX_ONE:
-            o: Orientation = (False, d < 0, a < 0)
-        elif a == d == 0 and abs(b) == abs(c) == MATRIX_ONE:
-            o = (True, b < 0, c < 0)
-        else:
-            return UPRIGHT, (f"display matrix {[int(v) for v in m[:2]] + [int(v) for v in m[3:5]]} is not a quarter "
-                             f"turn or a mirror: frames used as stored")
-        if o == UPRIGHT:
-            return UPRIGHT, None
-        return o, f"stored {frame.width}x{frame.height}, {_TURNS[o]} on display: used upright as players show it"
-    return UPRIGHT, None
-
-
-def upright(img: np.ndarray, o: Orientation) -> np.ndarray:
-    """An (H, W) or (H, W, C) picture turned upright as `o` says (img itself when o is UPRIGHT)."""
-    if o == UPRIGHT:
-        return img
-    import cv2
-
-    transpose, rows, cols = o
-    if transpose:
-        img = cv2.transpose(img)
-    if rows or cols:
-        img = cv2.flip(img, -1 if rows and cols else 0 if rows else 1)
-    return img
-
-
 def iter_video_frames(path: os.PathLike | str, fmt: str = "bgr24", errors: list | None = None) -> Iterator[np.ndarray]:
     """Decode every video frame in order as (H, W, C) arrays of a packed format (bgr24, rgb24, gray), streaming,
-    upright as players show it (frame_orientation). Corrupt packets (a truncated file) end the stream early; the
-    reason is appended to `errors` when given, so callers can say what happened."""
+    as players show it (display.py: upright, HDR made SDR). Corrupt packets (a truncated file) end the stream early;
+    the reason is appended to `errors` when given, so callers can say what happened."""
     import av
 
     path = Path(path)
@@ -183,12 +136,12 @@ def iter_video_frames(path: os.PathLike | str, fmt: str = "bgr24", errors: list 
             raise MediaError(path, "has no video stream")
         vs = c.streams.video[0]
         vs.thread_type = "AUTO"
-        o = None
+        look = None
         try:
             for frame in c.decode(vs):
-                if o is None:  # one matrix per stream: the first frame's
-                    o = frame_orientation(frame)[0]
-                yield upright(frame.to_ndarray(format=fmt), o)
+                if look is None:  # one per stream: the first frame's
+                    look = display.look_of(frame)
+                yield display.picture(frame, look, fmt)
         except av.error.FFmpegError as exc:
             if errors is not None:
                 errors.append(f"video decoding stopped early: {exc.strerror or exc}")

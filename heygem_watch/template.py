@@ -1,8 +1,8 @@
 """Templates: an avatar video (or still photo), analysed once and cached under var/cache/templates/<fingerprint>/.
 
 The cache holds the decoded frames as raw yuv420p (so later renders read frames instead of decoding them, and can
-play the template backwards for ping-pong at no cost), upright as players show them (a phone's portrait video is
-stored sideways with a display matrix that turns it), and the face track (MediaPipe landmarks per frame). Its key is
+play the template backwards for ping-pong at no cost) as players show them (display.py: a phone's portrait video
+turned upright, HDR made SDR), and the face track (MediaPipe landmarks per frame). Its key is
 the file's content fingerprint: an edited template gets a new entry, an unchanged one is never analysed again,
 across recordings and restarts. A damaged entry is rebuilt. The entry folders themselves (where one lives, moving
 a finished analysis into place, pruning) are template_cache.py's.
@@ -26,19 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
-from heygem_watch import face, template_frames
+from heygem_watch import display, face, template_frames
 from heygem_watch.ledger import fingerprint_file
-from heygem_watch.media import (DEFAULT_FPS, IMAGE_EXTENSIONS, UPRIGHT, MediaError, even_size, frame_orientation,
-                                open_container, stream_fps)
+from heygem_watch.media import DEFAULT_FPS, IMAGE_EXTENSIONS, MediaError, even_size, open_container, stream_fps
 from heygem_watch.template_cache import entry_dir, install_entry, work_dir
 
 # bump when the cached layout or the face analysis changes (2: prefix caches, "complete"; 3: every frame decoded,
-# the prefix and every LIBRARY_STRIDE-th frame after it tracked, "tracked" in track.npz; 4: frames turned upright
-# as players show them, media.frame_orientation)
+# the prefix and every LIBRARY_STRIDE-th frame after it tracked, "tracked" in track.npz; 4: frames as players show
+# them, display.py: turned upright, HDR made SDR)
 CACHE_VERSION = 4
-# Entries of these versions hold the same bytes for a template stored upright (no display matrix to apply): such an
-# entry has its meta.json rewritten to CACHE_VERSION on first use instead of the template being analysed again
-SAME_WHEN_UPRIGHT = (3,)
+# Entries of these versions hold the same bytes for a template whose frames players show as stored (no display
+# matrix to apply, not HDR): such an entry has its meta.json rewritten to CACHE_VERSION on first use instead of the
+# template being analysed again
+SAME_WHEN_AS_STORED = (3,)
 FRAMES_NAME = "frames.yuv"
 META_NAME = "meta.json"
 TRACK_NAME = "track.npz"
@@ -228,7 +228,7 @@ def _read_cache(path: Path, fp: str, cache_dir: Path) -> Template | None:
         meta = json.loads((cache_dir / META_NAME).read_text())
         if meta.get("fingerprint") != fp:
             return None
-        if meta.get("version") in SAME_WHEN_UPRIGHT and _stored_upright(path, meta):
+        if meta.get("version") in SAME_WHEN_AS_STORED and _shown_as_stored(path, meta):
             meta["version"] = CACHE_VERSION
             _rewrite_meta(cache_dir, meta)
         if meta.get("version") != CACHE_VERSION:
@@ -247,15 +247,15 @@ def _read_cache(path: Path, fp: str, cache_dir: Path) -> Template | None:
                     found & tracked, tracked, notes=list(meta.get("notes", [])))
 
 
-def _stored_upright(path: Path, meta: dict) -> bool:
-    """Whether the template's frames need no turning (see SAME_WHEN_UPRIGHT): a still, or a video whose first frame
-    carries no display matrix that turns it. False when that cannot be read (the entry is then rebuilt)."""
+def _shown_as_stored(path: Path, meta: dict) -> bool:
+    """Whether players show the template's frames as stored (see SAME_WHEN_AS_STORED): a still, or a video whose
+    first frame has no display matrix to apply and is not HDR. False when that cannot be read (then rebuilt)."""
     if meta.get("is_image"):
         return True
     try:
         with open_container(path) as c:
             for frame in c.decode(c.streams.video[0]):
-                return frame_orientation(frame)[0] == UPRIGHT
+                return display.look_of(frame).as_stored
     except Exception:  # noqa: BLE001 - unreadable now: analysing it again reports why, naming the file
         return False
     return False

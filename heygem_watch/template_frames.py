@@ -11,8 +11,9 @@ from typing import Callable
 
 import numpy as np
 
-from heygem_watch import face
-from heygem_watch.media import UPRIGHT, Orientation, even_size, frame_orientation, open_container, upright
+from heygem_watch import display, face, hdr
+from heygem_watch.display import Orientation, upright
+from heygem_watch.media import even_size, open_container
 
 
 def detect_size(w: int, h: int) -> tuple[int, int]:
@@ -89,8 +90,8 @@ def rgb_from_yuv(yuv: np.ndarray, w: int, h: int) -> np.ndarray:
 
 
 def decode(path: Path, notes: list[str], limit: int, spare=None, want: Callable[[int], bool] | None = None):
-    """Frames 0..limit-1 as from_bgr's triples, straight from the decoder's yuv420p (no BGR round trip), turned
-    upright as players show them (media.frame_orientation; its note, if any, goes to `notes`).
+    """Frames 0..limit-1 as from_bgr's triples, straight from the decoder's yuv420p (no BGR round trip), as players
+    show them (display.look_of: turned upright, HDR made SDR; its notes go to `notes`).
     spare: a queue of yuv arrays the consumer is done with, refilled instead of allocating (see yuv420p).
     want(i): False when frame i is only stored, not tracked: its RGB copy is skipped (None)."""
     import av
@@ -99,30 +100,32 @@ def decode(path: Path, notes: list[str], limit: int, spare=None, want: Callable[
         vs = c.streams.video[0]
         vs.thread_type = "AUTO"
         i = 0
-        o = None
+        look = None
         try:
             for frame in c.decode(vs):
                 if i >= limit:
                     break
-                if o is None:  # one display matrix per stream: the first frame's
-                    o, note = frame_orientation(frame)
-                    if note:
-                        notes.append(note)
+                if look is None:  # one per stream: the first frame's
+                    look = display.look_of(frame)
+                    notes.extend(look.notes)
                 rgb_wanted = want is None or want(i)
                 i += 1
                 w0, h0 = frame.width, frame.height
                 if w0 % 2 or h0 % 2:  # odd sizes are cropped (not scaled) to even, as H.264 needs
-                    yield from_bgr(upright(frame.to_ndarray(format="bgr24"), o), rgb_wanted)
+                    yield from_bgr(display.picture(frame, look), rgb_wanted)
                     continue
-                yuv = yuv420p(frame, spare)
-                if o != UPRIGHT:  # a copy turned upright (the consumer's spare arrays then mostly go unused)
-                    yuv = upright_yuv(yuv, w0, h0, o)
-                    w0, h0 = (h0, w0) if o[0] else (w0, h0)
+                if look.transfer is not None:
+                    yuv = hdr.to_sdr_yuv420p(frame, look.transfer)
+                else:
+                    yuv = yuv420p(frame, spare)
+                if look.orientation != display.UPRIGHT:  # a turned copy (the consumer's spares then mostly go unused)
+                    yuv = upright_yuv(yuv, w0, h0, look.orientation)
+                    w0, h0 = (h0, w0) if look.orientation[0] else (w0, h0)
                 if not rgb_wanted:
                     yield (w0, h0), yuv, None
                     continue
                 dw, dh = detect_size(w0, h0)
-                if (dw, dh) == (w0, h0) or (dw % 2 == 0 and dh % 2 == 0) or o != UPRIGHT:
+                if (dw, dh) == (w0, h0) or (dw % 2 == 0 and dh % 2 == 0) or not look.as_stored:
                     rgb = rgb_from_yuv(yuv, w0, h0)
                 else:
                     rgb = frame.reformat(width=dw, height=dh, format="rgb24",

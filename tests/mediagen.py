@@ -109,6 +109,61 @@ def write_video(path: Path, frames, fps: Fraction | float = 25, audio: np.ndarra
     return path
 
 
+def quadrants(h: int = 96, w: int = 160) -> np.ndarray:
+    """BGR blocks no turn or mirror maps onto themselves: four coloured quadrants and a white block top left."""
+    img = np.zeros((h, w, 3), np.uint8)
+    img[: h // 2, : w // 2] = (40, 40, 200)
+    img[: h // 2, w // 2:] = (40, 200, 40)
+    img[h // 2:, : w // 2] = (200, 40, 40)
+    img[h // 2:, w // 2:] = (200, 200, 40)
+    img[: h // 4, : w // 8] = 250
+    return img
+
+
+def sdr_to_hdr_signal(bgr: np.ndarray, transfer: str) -> np.ndarray:
+    """An SDR BT.709 picture (gamma 2.4) placed in HDR as ITU-R BT.2408 places SDR content: SDR white at the HDR
+    reference white, 203 cd/m2; BT.2020 primaries; the HLG (BT.2100 inverse OOTF for a 1000 cd/m2 display, then
+    OETF) or PQ (ST 2084 inverse EOTF) signal, (H, W, 3) float64 R'G'B' 0..1. Written from the standards' formulas
+    independently of heygem_watch/hdr.py, which goes the other way."""
+    rgb = (bgr[..., ::-1] / 255.0) ** 2.4 * 203.0  # display light, cd/m2, BT.709 primaries
+    to2020 = np.array([[0.6274, 0.3293, 0.0433], [0.0691, 0.9195, 0.0114], [0.0164, 0.0880, 0.8956]])  # BT.2087
+    rgb = rgb @ to2020.T
+    if transfer == "PQ":
+        y = np.clip(rgb / 10000.0, 0, 1) ** (2610 / 16384)
+        return ((3424 / 4096 + 2413 / 128 * y) / (1 + 2392 / 128 * y)) ** (2523 / 32)
+    yd = rgb @ np.array([0.2627, 0.6780, 0.0593])  # display luminance
+    scene = rgb / 1000.0 * (np.maximum(yd, 1e-9) / 1000.0)[..., None] ** ((1 - 1.2) / 1.2)  # inverse OOTF
+    a, b, c = 0.17883277, 0.28466892, 0.55991073
+    return np.where(scene <= 1 / 12, np.sqrt(3 * scene), a * np.log(np.maximum(12 * scene - b, 1e-12)) + c)
+
+
+def write_hdr_video(path: Path, frames, transfer: str, fps: float = 25) -> Path:
+    """10-bit H.264 (High 10) tagged BT.2020 + HLG or PQ, as a phone records HDR, of SDR BGR frames placed in HDR
+    (sdr_to_hdr_signal)."""
+    import av
+    from av.video.reformatter import ColorRange, Colorspace
+
+    with av.open(str(path), "w") as out:
+        vs = None
+        for img in frames:
+            if vs is None:
+                vs = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+                vs.height, vs.width = img.shape[:2]
+                vs.pix_fmt = "yuv420p10le"
+                cc = vs.codec_context
+                cc.color_primaries, cc.colorspace, cc.color_range = 9, 9, 1  # BT.2020, BT.2020 NCL, limited
+                cc.color_trc = {"HLG": 18, "PQ": 16}[transfer]
+                cc.options = {"preset": "ultrafast"}
+            sig = np.round(sdr_to_hdr_signal(img, transfer) * 65535).astype(np.uint16)
+            fr = av.VideoFrame.from_ndarray(np.ascontiguousarray(sig), format="rgb48le").reformat(
+                format="yuv420p10le", dst_colorspace=Colorspace.BT2020, dst_color_range=ColorRange.MPEG)
+            for p in vs.encode(fr):
+                out.mux(p)
+        for p in vs.encode(None):
+            out.mux(p)
+    return path
+
+
 def write_audio(path: Path, audio: np.ndarray, rate: int = SR) -> Path:
     """Audio-only file (WAV/M4A/MP3... by extension)."""
     import av

@@ -74,7 +74,7 @@ def test_output_has_template_geometry_and_audio_length(media, tmp_path):
 
 
 def test_a_phone_template_stored_sideways_gives_an_upright_output(media, tmp_path):
-    from heygem_watch.media import UPRIGHT, frame_orientation
+    from heygem_watch.display import UPRIGHT, frame_orientation
 
     d, tpl, rec = media
     shown = list(mediagen.face_frames(12, size=(160, 192)))

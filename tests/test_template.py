@@ -245,9 +245,28 @@ def test_a_turned_template_is_cached_and_tracked_upright(tpl_file, phone_file, t
         assert np.abs(t.landmarks[i][ok] - plain.landmarks[i][ok]).max() < 4
 
 
-def test_a_version_3_entry_is_kept_for_an_upright_template_and_rebuilt_for_a_turned_one(tpl_file, phone_file,
-                                                                                        tmp_path):
-    for path, kept in ((tpl_file, True), (phone_file, False)):
+@pytest.fixture(scope="module")
+def hlg_file(tmp_path_factory):
+    """tpl_file's frames as a phone records HDR: 10-bit, BT.2020, HLG."""
+    return mediagen.write_hdr_video(tmp_path_factory.mktemp("hdr") / "hlg.mp4",
+                                    mediagen.face_frames(20, faceless={7, 8}), "HLG")
+
+
+def test_an_hdr_template_is_cached_as_sdr(tpl_file, hlg_file, tmp_path):
+    plain = load_template(tpl_file, tmp_path / "a")
+    t = load_template(hlg_file, tmp_path / "b")
+    assert (t.width, t.height) == (plain.width, plain.height)
+    assert t.face_found.tolist() == plain.face_found.tolist()
+    assert any("HDR (HLG)" in n for n in t.notes)
+    shown = list(mediagen.face_frames(20, faceless={7, 8}))
+    for i in (0, 12):
+        mid = shown[i].max(axis=2) < 200  # highlights above the knee are rolled off
+        assert np.abs(t.frame(i).astype(int) - shown[i])[mid].mean() < 5
+
+
+def test_a_version_3_entry_is_kept_when_shown_as_stored_and_rebuilt_for_a_turned_or_hdr_one(
+        tpl_file, phone_file, hlg_file, tmp_path):
+    for path, kept in ((tpl_file, True), (phone_file, False), (hlg_file, False)):
         t = load_template(path, tmp_path)
         meta_path = t.cache_dir / META_NAME
         meta = json.loads(meta_path.read_text())

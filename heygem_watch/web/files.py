@@ -203,7 +203,7 @@ def _middle_frame(path: Path):
     import av
     import cv2
 
-    from heygem_watch.media import frame_orientation, upright
+    from heygem_watch import display
 
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -215,7 +215,7 @@ def _middle_frame(path: Path):
             if c.duration and c.duration > 0:
                 c.seek(int(c.duration // 2), any_frame=False)  # lands on the keyframe before the middle
             for frame in c.decode(vs):
-                return upright(frame.to_ndarray(format="bgr24"), frame_orientation(frame)[0])
+                return display.picture(frame, display.look_of(frame))
             return None
     except (av.error.FFmpegError, OSError, ValueError):
         return None

@@ -38,7 +38,7 @@ RIDGE = 3000.0  # L2 penalty on standardised components (times the number of fra
 TARGETS = ("open", "width")
 MIN_FACE = 0.8  # clips whose face is found in fewer frames are skipped
 MIN_FRAMES = 10
-CACHE_VERSION = "3"  # 3: footage a display matrix turns (a phone's portrait video) is tracked upright
+CACHE_VERSION = "3"  # 3: a phone's footage is tracked as players show it (display.py: upright, HDR made SDR)
 
 
 class TrainError(RuntimeError):
@@ -116,18 +116,18 @@ def track_video(path: Path, t0: float) -> tuple[np.ndarray, np.ndarray]:
     import av
 
     from heygem_watch import face
-    from heygem_watch.media import frame_orientation, upright
+    from heygem_watch import display
 
     times = []
     with av.open(str(path)) as c, face.TrackPool() as pool:
         vst = c.streams.video[0]
         vst.thread_type = "AUTO"
-        o = None
+        look = None
         for i, fr in enumerate(c.decode(vst)):
             times.append(float(fr.pts * vst.time_base) - t0 if fr.pts is not None else i / float(vst.average_rate))
-            if o is None:  # a phone's portrait footage is stored sideways: track the face upright
-                o = frame_orientation(fr)[0]
-            rgb = upright(fr.to_ndarray(format="rgb24"), o)
+            if look is None:  # a phone's footage: stored sideways, HDR; the face is tracked as players show it
+                look = display.look_of(fr)
+            rgb = display.picture(fr, look, "rgb24")
             pool.submit(i, rgb, rgb.shape[1], rgb.shape[0])
         found = pool.finish()
     lms = np.full((len(times), face.N_LANDMARKS, 2), np.nan, np.float32)

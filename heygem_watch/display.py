@@ -1,0 +1,94 @@
+"""Frames as players show them. Decoders hand out frames as stored; two things players apply are applied here, once
+per stream, to every frame a template, thumbnail or training clip is made of:
+  - the display matrix: phones store a portrait video as landscape frames and a matrix that turns them upright;
+  - HDR: an HLG or PQ frame (phones record HDR by default) is made SDR BT.709, as every output is (hdr.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from heygem_watch import hdr
+
+# A display matrix (ISO/IEC 14496-12 tkhd; FFmpeg's DISPLAYMATRIX side data) holds 16.16 fixed-point numbers
+MATRIX_ONE = 1 << 16
+# What turns a decoded picture upright: (transpose, flip rows, flip columns), applied in that order
+Orientation = tuple[bool, bool, bool]
+UPRIGHT: Orientation = (False, False, False)
+_TURNS = {(False, True, True): "turned 180°", (False, False, True): "mirrored", (False, True, False): "flipped",
+          (True, True, False): "turned 90° counter-clockwise", (True, False, True): "turned 90° clockwise",
+          (True, False, False): "turned 90° and mirrored", (True, True, True): "turned 90° and mirrored"}
+
+
+def frame_orientation(frame) -> tuple[Orientation, str | None]:
+    """What turns a decoded frame upright, as its display matrix asks, and a note for the operator (None when the
+    frame is stored upright).
+
+    Phones store a portrait video as landscape frames plus a matrix that players apply; decoders hand out the
+    stored frames. A matrix that is not a quarter turn or a mirror (a free angle, a scale) is left alone: UPRIGHT
+    and a note that says so."""
+    for sd in frame.side_data:
+        if getattr(sd.type, "name", "") != "DISPLAYMATRIX":
+            continue
+        m = np.frombuffer(bytes(sd), np.int32, count=9)  # a b u / c d v / x y w, native byte order
+        a, b, c, d = (int(v) for v in (m[0], m[1], m[3], m[4]))
+        # the picture's point (p, q) (column, row) is shown at (a p + c q, b p + d q), up to a shift
+        if b == c == 0 and abs(a) == abs(d) == MATRIX_ONE:
+            o: Orientation = (False, d < 0, a < 0)
+        elif a == d == 0 and abs(b) == abs(c) == MATRIX_ONE:
+            o = (True, b < 0, c < 0)
+        else:
+            return UPRIGHT, (f"display matrix {[int(v) for v in m[:2]] + [int(v) for v in m[3:5]]} is not a quarter "
+                             f"turn or a mirror: frames used as stored")
+        if o == UPRIGHT:
+            return UPRIGHT, None
+        return o, f"stored {frame.width}x{frame.height}, {_TURNS[o]} on display: used upright as players show it"
+    return UPRIGHT, None
+
+
+def upright(img: np.ndarray, o: Orientation) -> np.ndarray:
+    """An (H, W) or (H, W, C) picture turned upright as `o` says (img itself when o is UPRIGHT)."""
+    if o == UPRIGHT:
+        return img
+    import cv2
+
+    transpose, rows, cols = o
+    if transpose:
+        img = cv2.transpose(img)
+    if rows or cols:
+        img = cv2.flip(img, -1 if rows and cols else 0 if rows else 1)
+    return img
+
+
+@dataclass(frozen=True)
+class Look:
+    """How a stream's frames are shown: the turn that makes them upright, their HDR transfer ("HLG", "PQ"; None for
+    SDR) and what an operator should be told about either."""
+    orientation: Orientation = UPRIGHT
+    transfer: str | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def as_stored(self) -> bool:
+        """Nothing to do: the decoded frame is what players show."""
+        return self.orientation == UPRIGHT and self.transfer is None
+
+
+def look_of(frame) -> Look:
+    """The Look of a stream, from its first decoded frame (the matrix and the transfer travel with every frame)."""
+    o, note = frame_orientation(frame)
+    transfer = hdr.transfer_of(frame)
+    notes = ([note] if note else []) + ([f"HDR ({transfer}) video: made SDR (BT.709) for the outputs"]
+                                        if transfer else [])
+    return Look(o, transfer, tuple(notes))
+
+
+def picture(frame, look: Look, fmt: str = "bgr24") -> np.ndarray:
+    """A decoded frame as players show it, (H, W, C) in a packed format (bgr24, rgb24, gray)."""
+    if look.transfer is None:
+        return upright(frame.to_ndarray(format=fmt), look.orientation)
+    import av
+
+    sdr = av.VideoFrame.from_ndarray(hdr.to_sdr_rgb(frame, look.transfer), format="rgb24")
+    return upright(sdr.to_ndarray(format=fmt), look.orientation)
