@@ -62,6 +62,23 @@ def upright(img: np.ndarray, o: Orientation) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Colour:
+    """How stored yuv420p bytes are read, in FFmpeg's numbers (AVColorSpace, AVColorPrimaries,
+    AVColorTransferCharacteristic, AVColorRange); 2 (range: 0) is unspecified: players guess from the size. The
+    writer tags each output with its template's (the output carries the template's bytes)."""
+    matrix: int = 2
+    primaries: int = 2
+    trc: int = 2
+    range: int = 0
+
+
+# what a picture made through OpenCV's BGR -> I420 (BT.601, limited range) is: a still photo (sRGB) or an odd-sized
+# video frame (which keeps its primaries and transfer)
+BT601_MATRIX, BT709, SRGB_TRC, LIMITED, FULL = 6, 1, 13, 1, 2
+STILL_COLOUR = Colour(BT601_MATRIX, BT709, SRGB_TRC, LIMITED)
+
+
+@dataclass(frozen=True)
 class Look:
     """How a stream's frames are shown: the turn that makes them upright, their HDR transfer ("HLG", "PQ"; None for
     SDR) and what an operator should be told about either."""
@@ -92,3 +109,21 @@ def picture(frame, look: Look, fmt: str = "bgr24") -> np.ndarray:
 
     sdr = av.VideoFrame.from_ndarray(hdr.to_sdr_rgb(frame, look.transfer), format="rgb24")
     return upright(sdr.to_ndarray(format=fmt), look.orientation)
+
+
+def stored_colour(frame, look: Look) -> Colour:
+    """The Colour of the yuv420p a template's cache stores for this stream (template_frames.decode)."""
+    if look.transfer is not None:  # made SDR in the matrix players assume for its size (hdr.to_sdr_yuv420p)
+        return Colour(BT709 if hdr.is_hd(frame.width, frame.height) else BT601_MATRIX, BT709, BT709, LIMITED)
+    source = Colour(int(frame.colorspace or 2), int(frame.color_primaries or 2), int(frame.color_trc or 2),
+                    int(frame.color_range or 0))
+    if frame.width % 2 or frame.height % 2:  # through BGR and OpenCV's BT.601
+        return Colour(BT601_MATRIX, source.primaries, source.trc, LIMITED)
+    if full_range(frame):  # made limited range (template_frames.yuv420p)
+        return Colour(source.matrix, source.primaries, source.trc, LIMITED)
+    return source
+
+
+def full_range(frame) -> bool:
+    """Whether a frame's Y'CbCr is full range (0-255): tagged so, or a yuvj format (full range by definition)."""
+    return int(frame.color_range or 0) == FULL or frame.format.name.startswith("yuvj")

@@ -132,14 +132,19 @@ def _gamma_table() -> np.ndarray:
     return _TABLES["gamma"]
 
 
+def is_hd(width: int, height: int) -> bool:
+    """Whether players take an untagged video of this size for BT.709 (else BT.601), as mpv and FFmpeg's tools do."""
+    return width >= 1280 or height > 576
+
+
 def to_sdr_yuv420p(frame, transfer: str) -> np.ndarray:
     """An HDR frame as the cache stores frames: yuv420p (H * 3 / 2, W) uint8, limited range, in the matrix players
-    assume for an untagged video of its size (outputs carry no colour tags): BT.709 when HD (wider than 1279 or
-    taller than 576, as mpv and FFmpeg's tools guess), else BT.601."""
+    assume for an untagged video of its size (BT.709 when is_hd, else BT.601); outputs are tagged with it too
+    (display.stored_colour)."""
     import av
     from av.video.reformatter import ColorRange, Colorspace
 
-    hd = frame.width >= 1280 or frame.height > 576
+    hd = is_hd(frame.width, frame.height)
     out = av.VideoFrame.from_ndarray(to_sdr_rgb(frame, transfer), format="rgb24")
     return out.reformat(format="yuv420p", dst_colorspace=Colorspace.ITU709 if hd else Colorspace.ITU601,
                         dst_color_range=ColorRange.MPEG).to_ndarray()

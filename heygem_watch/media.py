@@ -161,14 +161,16 @@ class _AudioSource:
 
 
 class VideoWriter:
-    """MP4 writer: H.264 yuv420p video from BGR frames + AAC audio copied (not re-encoded) from an .m4a file.
+    """MP4 writer: H.264 yuv420p video from BGR frames + AAC audio copied (not re-encoded) from an .m4a file,
+    tagged with `colour` (how its yuv420p is read: the template's, display.Colour) when given.
 
     Encoding runs on its own thread behind a bounded queue, so the renderer and x264 overlap. The file is
     written with +faststart. Call close() to finish; abort() to stop and delete the partial file.
     """
 
     def __init__(self, path: os.PathLike | str, width: int, height: int, fps: Fraction,
-                 audio_m4a: os.PathLike | str | None = None, encoder: EncoderSettings | None = None):
+                 audio_m4a: os.PathLike | str | None = None, encoder: EncoderSettings | None = None,
+                 colour: display.Colour | None = None):
         import av
 
         self.path = Path(path)
@@ -185,6 +187,10 @@ class VideoWriter:
             options["x264-params"] = enc.params
         vs.codec_context.options = options
         vs.codec_context.thread_count = enc.threads
+        if colour is not None:  # said in the stream (x264's VUI) and the MP4 (colr): players need not guess
+            cc = vs.codec_context
+            cc.colorspace, cc.color_primaries, cc.color_trc, cc.color_range = (
+                colour.matrix, colour.primaries, colour.trc, colour.range)
         self._vs = vs
         self._audio: _AudioSource | None = None
         if audio_m4a is not None:

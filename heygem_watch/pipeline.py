@@ -145,7 +145,7 @@ def run_task(job: RecordingJob, template_path: os.PathLike | str, engine: Engine
     n_out = frame_count(job.track.duration, fps)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = tmp_dir / f"{TMP_PREFIX}{uuid.uuid4().hex}.mp4"
-    writer = VideoWriter(tmp, tpl.width, tpl.height, fps, job.track.m4a_path, encoder)
+    writer = VideoWriter(tmp, tpl.width, tpl.height, fps, job.track.m4a_path, encoder, colour=tpl.colour)
     last = t_start = time.monotonic()
     try:
         for frame in engine.render(tpl, state, speech, _jobs(tpl, n_out, fps, cancel)):

@@ -20,7 +20,7 @@ import queue
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -33,10 +33,10 @@ from heygem_watch.template_cache import entry_dir, install_entry, work_dir
 
 # bump when the cached layout or the face analysis changes (2: prefix caches, "complete"; 3: every frame decoded,
 # the prefix and every LIBRARY_STRIDE-th frame after it tracked, "tracked" in track.npz; 4: frames as players show
-# them, display.py: turned upright, HDR made SDR)
+# them, display.py: turned upright, HDR made SDR; full range made limited; "colour" in meta.json)
 CACHE_VERSION = 4
 # Entries of these versions hold the same bytes for a template whose frames players show as stored (no display
-# matrix to apply, not HDR): such an entry has its meta.json rewritten to CACHE_VERSION on first use instead of the
+# matrix to apply, not HDR, limited range): such an entry has its meta.json rewritten to CACHE_VERSION on first use instead of the
 # template being analysed again
 SAME_WHEN_AS_STORED = (3,)
 FRAMES_NAME = "frames.yuv"
@@ -75,6 +75,7 @@ class Template:
     analysis_s: float = 0.0  # seconds spent analysing (0 on a cache hit)
     cache_hit: bool = False
     notes: list[str] = field(default_factory=list)
+    colour: display.Colour = field(default_factory=display.Colour)  # how the cached yuv420p is read; outputs say it
 
     def __post_init__(self):
         if self.tracked is None:
@@ -228,9 +229,11 @@ def _read_cache(path: Path, fp: str, cache_dir: Path) -> Template | None:
         meta = json.loads((cache_dir / META_NAME).read_text())
         if meta.get("fingerprint") != fp:
             return None
-        if meta.get("version") in SAME_WHEN_AS_STORED and _shown_as_stored(path, meta):
-            meta["version"] = CACHE_VERSION
-            _rewrite_meta(cache_dir, meta)
+        if meta.get("version") in SAME_WHEN_AS_STORED:
+            colour = _colour_if_shown_as_stored(path, meta)
+            if colour is not None:
+                meta.update(version=CACHE_VERSION, colour=list(astuple(colour)))
+                _rewrite_meta(cache_dir, meta)
         if meta.get("version") != CACHE_VERSION:
             return None
         w, h, n = int(meta["width"]), int(meta["height"]), int(meta["n_frames"])
@@ -244,21 +247,25 @@ def _read_cache(path: Path, fp: str, cache_dir: Path) -> Template | None:
     except (OSError, ValueError, KeyError, EOFError):
         return None
     return Template(path, fp, cache_dir, w, h, Fraction(meta["fps"]), n, bool(meta["is_image"]), lms,
-                    found & tracked, tracked, notes=list(meta.get("notes", [])))
+                    found & tracked, tracked, notes=list(meta.get("notes", [])),
+                    colour=display.Colour(*meta["colour"]) if meta.get("colour") else display.Colour())
 
 
-def _shown_as_stored(path: Path, meta: dict) -> bool:
-    """Whether players show the template's frames as stored (see SAME_WHEN_AS_STORED): a still, or a video whose
-    first frame has no display matrix to apply and is not HDR. False when that cannot be read (then rebuilt)."""
+def _colour_if_shown_as_stored(path: Path, meta: dict) -> display.Colour | None:
+    """The cached frames' Colour when players show the template's frames as stored (see SAME_WHEN_AS_STORED): a
+    still, or a video whose first frame has no display matrix to apply, is not HDR and is limited range. None
+    otherwise, or when that cannot be read (the entry is then rebuilt)."""
     if meta.get("is_image"):
-        return True
+        return display.STILL_COLOUR
     try:
         with open_container(path) as c:
             for frame in c.decode(c.streams.video[0]):
-                return display.look_of(frame).as_stored
+                look = display.look_of(frame)  # version 3 kept full-range bytes as they were: those are redone
+                same = look.as_stored and not display.full_range(frame)
+                return display.stored_colour(frame, look) if same else None
     except Exception:  # noqa: BLE001 - unreadable now: analysing it again reports why, naming the file
-        return False
-    return False
+        return None
+    return None
 
 
 def _rewrite_meta(cache_dir: Path, meta: dict) -> None:
@@ -278,6 +285,7 @@ def _analyse(path: Path, out_dir: Path, prefix: int) -> tuple[dict, np.ndarray, 
     import cv2
 
     notes: list[str] = []
+    colour: list[display.Colour] = []  # the stream's, from its first frame
     spare: queue.SimpleQueue = queue.SimpleQueue()  # written yuv arrays, handed back to the decode thread to refill
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -285,10 +293,11 @@ def _analyse(path: Path, out_dir: Path, prefix: int) -> tuple[dict, np.ndarray, 
             raise TemplateError(path, "not a readable image")
         frames_iter = iter([template_frames.from_bgr(img)])
         fps, is_image = DEFAULT_FPS, True
+        colour.append(display.STILL_COLOUR)
     else:
         fps = _probe_fps(path)
         frames_iter = template_frames.threaded(template_frames.decode(
-            path, notes, MAX_TEMPLATE_FRAMES, spare, want=lambda i: first_tracked(i, prefix)))
+            path, notes, MAX_TEMPLATE_FRAMES, spare, want=lambda i: first_tracked(i, prefix), colour=colour))
         is_image = False
     w = h = n = 0
     with open(out_dir / FRAMES_NAME, "ab") as raw, face.TrackPool(static_image=is_image) as pool:
@@ -318,7 +327,7 @@ def _analyse(path: Path, out_dir: Path, prefix: int) -> tuple[dict, np.ndarray, 
         if not found.any():
             raise TemplateError(path, "no face found in any frame of the template")
     meta = {"width": w, "height": h, "fps": f"{fps.numerator}/{fps.denominator}", "n_frames": n,
-            "is_image": is_image, "notes": notes}
+            "is_image": is_image, "notes": notes, "colour": list(astuple(colour[0] if colour else display.Colour()))}
     return meta, lms, found, tracked
 
 

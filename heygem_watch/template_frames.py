@@ -89,11 +89,13 @@ def rgb_from_yuv(yuv: np.ndarray, w: int, h: int) -> np.ndarray:
     return cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
 
 
-def decode(path: Path, notes: list[str], limit: int, spare=None, want: Callable[[int], bool] | None = None):
+def decode(path: Path, notes: list[str], limit: int, spare=None, want: Callable[[int], bool] | None = None,
+           colour: list | None = None):
     """Frames 0..limit-1 as from_bgr's triples, straight from the decoder's yuv420p (no BGR round trip), as players
     show them (display.look_of: turned upright, HDR made SDR; its notes go to `notes`).
     spare: a queue of yuv arrays the consumer is done with, refilled instead of allocating (see yuv420p).
-    want(i): False when frame i is only stored, not tracked: its RGB copy is skipped (None)."""
+    want(i): False when frame i is only stored, not tracked: its RGB copy is skipped (None).
+    colour: a list that gets the stream's display.Colour (how the yielded yuv420p is to be read)."""
     import av
 
     with open_container(path) as c:
@@ -108,6 +110,8 @@ def decode(path: Path, notes: list[str], limit: int, spare=None, want: Callable[
                 if look is None:  # one per stream: the first frame's
                     look = display.look_of(frame)
                     notes.extend(look.notes)
+                    if colour is not None:
+                        colour.append(display.stored_colour(frame, look))
                 rgb_wanted = want is None or want(i)
                 i += 1
                 w0, h0 = frame.width, frame.height
@@ -146,8 +150,13 @@ def yuv420p(frame, spare=None) -> np.ndarray:
     yuv420p already has each plane's visible part copied once, into an array from `spare` when one is there:
     to_ndarray copies each frame twice (the planes, then np.hstack), both into new memory, which for a 1080p
     template costs about 0.4 ms a frame more (measured on latentsync_demo1_video, 250 frames: 0.1 s of CPU)."""
+    if display.full_range(frame):  # made limited: OpenCV's I420 conversions in the engines assume it (and clip)
+        from av.video.reformatter import ColorRange
+
+        return frame.reformat(format="yuv420p", src_color_range=ColorRange.JPEG,
+                              dst_color_range=ColorRange.MPEG).to_ndarray()
     if frame.format.name != "yuv420p" or any(p.line_size < p.width for p in frame.planes):
-        return frame.to_ndarray(format="yuv420p")  # a conversion (yuvj420p, 10-bit, ...): swscale's, as before
+        return frame.to_ndarray(format="yuv420p")  # a conversion (10-bit, 4:2:2, ...): swscale's
     w, h = frame.width, frame.height
     out = None
     while spare is not None:

@@ -56,9 +56,11 @@ def _open_mouth(img: np.ndarray, amount: float) -> np.ndarray:
 
 
 def write_video(path: Path, frames, fps: Fraction | float = 25, audio: np.ndarray | None = None,
-                audio_rate: int = SR, fmt: str | None = None, display: tuple[float, bool] | None = None) -> Path:
+                audio_rate: int = SR, fmt: str | None = None, display: tuple[float, bool] | None = None,
+                colour: tuple[int, int, int, int] | None = None) -> Path:
     """H.264 (+ AAC when audio is given) in MP4/FLV/MKV by extension; frames=None writes audio only.
-    display=(degrees counter-clockwise, mirrored): the display matrix a phone writes; frames are stored as given."""
+    display=(degrees counter-clockwise, mirrored): the display matrix a phone writes; frames are stored as given.
+    colour=(matrix, primaries, transfer, range) in FFmpeg's numbers: the tags the stream carries (pixels unchanged)."""
     import av
 
     frames = iter(frames) if frames is not None else None
@@ -73,6 +75,9 @@ def write_video(path: Path, frames, fps: Fraction | float = 25, audio: np.ndarra
             vs.codec_context.options = {"preset": "ultrafast"}
             if display is not None:
                 vs.set_display_rotation(display[0], hflip=display[1])
+            if colour is not None:
+                cc = vs.codec_context
+                cc.colorspace, cc.color_primaries, cc.color_trc, cc.color_range = colour
         as_ = out.add_stream("aac", rate=audio_rate, layout="mono") if audio is not None else None
 
         audio_pos = 0  # samples muxed so far: audio is interleaved with the video, as a real recorder writes it

@@ -90,6 +90,39 @@ def test_a_phone_template_stored_sideways_gives_an_upright_output(media, tmp_pat
         assert np.abs(img - shown[0]).mean() < 8 < np.abs(img - shown[0][::-1, ::-1]).mean()
 
 
+def _output_colour(path):
+    with av.open(str(path)) as c:
+        f = next(c.decode(video=0))
+        return (f.colorspace, f.color_primaries, f.color_trc, f.color_range), f.to_ndarray(format="bgr24")
+
+
+@pytest.mark.parametrize("tags, said", [((6, 6, 6, 1), (6, 6, 6, 1)), ((1, 1, 1, 2), (1, 1, 1, 1)),
+                                        ((2, 2, 2, 0), (2, 2, 2, 0))],
+                         ids=["bt601 at 720p", "full range (made limited)", "untagged"])
+def test_an_output_says_how_its_template_is_coloured(media, tmp_path, tags, said):
+    d, tpl, rec = media
+    t = mediagen.write_video(tmp_path / "tpl.mp4", list(mediagen.face_frames(4, size=(720, 1280))), 25, colour=tags)
+    out = tmp_path / "o.mp4"
+    res = pipeline.process_files(rec, [t], [out], Passthrough(), var_dir=tmp_path / "var")
+    assert isinstance(res[0], pipeline.RenderResult), res
+    got, bgr = _output_colour(out)
+    assert got == said  # players read the bytes as the template's were read, not by a guess from the size
+    src, src_bgr = _output_colour(t)
+    assert src == tags and np.abs(bgr.astype(int) - src_bgr).mean() < 2  # the picture the template shows
+
+
+def test_a_still_photo_output_says_bt601_and_srgb(media, tmp_path):
+    import cv2
+
+    d, tpl, rec = media
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), next(mediagen.face_frames(1, size=(720, 640))))  # taller than 576: guessed BT.709
+    out = tmp_path / "o.mp4"
+    res = pipeline.process_files(rec, [photo], [out], Passthrough(), var_dir=tmp_path / "var")
+    assert isinstance(res[0], pipeline.RenderResult), res
+    assert _output_colour(out)[0] == (6, 1, 13, 1)  # OpenCV's BGR -> I420 is BT.601, limited range
+
+
 def _x264_options(path) -> str:
     """The settings line x264 writes into the stream (an SEI message): what the encoder really ran with."""
     data = path.read_bytes()

@@ -219,8 +219,14 @@ def test_decoded_yuv_is_what_to_ndarray_gives_and_refills_a_spare_array():
     assert out is reused
     assert np.array_equal(out, frame.to_ndarray(format="yuv420p")) and np.array_equal(out, src)
     assert np.array_equal(_yuv420p(frame), src)  # nothing spare: a new array
+    from heygem_watch import display
+
     full = av.VideoFrame.from_ndarray(src, format="yuv420p").reformat(format="yuvj420p")
-    assert np.array_equal(_yuv420p(full), full.to_ndarray(format="yuv420p"))  # converted as before
+    full.color_range = display.FULL  # as a decoder tags it
+    assert full.to_ndarray()[:64].max() == 255  # full-range bytes
+    limited = _yuv420p(full)
+    assert limited[:64].max() == 235 and limited[:64].min() == 16  # made limited range ...
+    assert display.stored_colour(full, display.look_of(full)).range == display.LIMITED  # ... and said so
 
 
 @pytest.fixture(scope="module")
@@ -264,14 +270,19 @@ def test_an_hdr_template_is_cached_as_sdr(tpl_file, hlg_file, tmp_path):
         assert np.abs(t.frame(i).astype(int) - shown[i])[mid].mean() < 5
 
 
-def test_a_version_3_entry_is_kept_when_shown_as_stored_and_rebuilt_for_a_turned_or_hdr_one(
+def test_a_version_3_entry_is_kept_when_shown_as_stored_and_rebuilt_for_a_turned_hdr_or_full_range_one(
         tpl_file, phone_file, hlg_file, tmp_path):
-    for path, kept in ((tpl_file, True), (phone_file, False), (hlg_file, False)):
-        t = load_template(path, tmp_path)
+    full = mediagen.write_video(tmp_path / "full range.mp4", mediagen.face_frames(6), 25, colour=(1, 1, 1, 2))
+    photo = tmp_path / "photo.jpg"
+    cv2.imwrite(str(photo), mediagen.face_photo())
+    for path, kept in ((tpl_file, True), (photo, True), (phone_file, False), (hlg_file, False), (full, False)):
+        t = load_template(path, tmp_path / "c")
         meta_path = t.cache_dir / META_NAME
         meta = json.loads(meta_path.read_text())
-        meta["version"] = 3  # what the code before upright frames wrote
+        meta["version"] = 3  # what the code before wrote: no "colour" either
+        meta.pop("colour")
         meta_path.write_text(json.dumps(meta))
-        again = load_template(path, tmp_path)
-        assert again.cache_hit is kept
+        again = load_template(path, tmp_path / "c")
+        assert again.cache_hit is kept, path.name
         assert json.loads(meta_path.read_text())["version"] == 4
+        assert again.colour == t.colour  # what the entry lacked is read from the file
