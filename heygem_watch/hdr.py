@@ -89,7 +89,6 @@ _TABLES: dict[str, np.ndarray] = {}
 
 def to_sdr_rgb(frame, transfer: str) -> np.ndarray:
     """An HDR frame as (H, W, 3) uint8 RGB, SDR BT.709 (gamma 2.4), full range."""
-    import cv2
     from av.video.reformatter import ColorRange, Colorspace
 
     space = Colorspace.BT2020 if int(frame.colorspace or 0) in SPACE_BT2020 else Colorspace.ITU709
@@ -99,9 +98,21 @@ def to_sdr_rgb(frame, transfer: str) -> np.ndarray:
     table = _TABLES.get(transfer)
     if table is None:
         table = _TABLES[transfer] = _light_table(transfer)
-    light = table[rgb16]  # (H, W, 3) float32
+    out = np.empty(rgb16.shape, np.uint8)
+    # two bands of rows on two threads: numpy and OpenCV let go of the GIL for arrays this large
+    half = rgb16.shape[0] // 2
+    list(_pool().map(lambda rows: _to_sdr(rgb16[rows], table, transfer, out[rows]),
+                     (slice(0, half), slice(half, None))))
+    return out
+
+
+def _to_sdr(rgb16: np.ndarray, table: np.ndarray, transfer: str, out: np.ndarray) -> None:
+    """rgb48le codes (h, w, 3) -> 8-bit SDR RGB into out (the stages of the module docstring after swscale's)."""
+    import cv2
+
+    light = table[rgb16]  # (h, w, 3) float32
     if transfer == "HLG":  # OOTF: display light = peak * Ys^(gamma - 1) * E, Ys the scene luminance
-        ys = np.maximum(cv2.transform(light, np.float32([BT2020_LUMA])), 1e-6)  # (H, W)
+        ys = np.maximum(cv2.transform(light, np.float32([BT2020_LUMA])), 1e-6)  # (h, w)
         _scale(light, (HLG_PEAK_NITS / REF_WHITE_NITS) * cv2.pow(ys, HLG_GAMMA - 1))
     light = cv2.transform(light, bt2020_to_bt709().astype(np.float32))
     np.maximum(light, 0, out=light)  # colours outside BT.709 lose what it cannot show
@@ -114,7 +125,19 @@ def to_sdr_rgb(frame, transfer: str) -> np.ndarray:
     light *= OUT_STEPS - 1
     light += 0.5
     np.minimum(light, OUT_STEPS - 1, out=light)
-    return _gamma_table()[light.astype(np.uint16)]
+    out[...] = _gamma_table()[light.astype(np.uint16)]
+
+
+_POOL = []
+
+
+def _pool():
+    """The two threads to_sdr_rgb's bands run on (made on first use, kept: HDR templates are decoded in a row)."""
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.append(ThreadPoolExecutor(2, thread_name_prefix="hdr"))
+    return _POOL[0]
 
 
 def _scale(rgb: np.ndarray, factor: np.ndarray) -> None:
