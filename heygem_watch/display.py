@@ -113,12 +113,14 @@ def picture(frame, look: Look, fmt: str = "bgr24") -> np.ndarray:
 
 def stored_colour(frame, look: Look) -> Colour:
     """The Colour of the yuv420p a template's cache stores for this stream (template_frames.decode)."""
-    if look.transfer is not None:  # made SDR in the matrix players assume for its size (hdr.to_sdr_yuv420p)
-        return Colour(BT709 if hdr.is_hd(frame.width, frame.height) else BT601_MATRIX, BT709, BT709, LIMITED)
     source = Colour(int(frame.colorspace or 2), int(frame.color_primaries or 2), int(frame.color_trc or 2),
                     int(frame.color_range or 0))
+    if look.transfer is not None:  # made SDR: BT.709 primaries, gamma
+        source = Colour(source.matrix, BT709, BT709, LIMITED)
     if frame.width % 2 or frame.height % 2:  # through BGR and OpenCV's BT.601
         return Colour(BT601_MATRIX, source.primaries, source.trc, LIMITED)
+    if look.transfer is not None:  # in the matrix players assume for its size (hdr.to_sdr_yuv420p)
+        return Colour(BT709 if hdr.is_hd(frame.width, frame.height) else BT601_MATRIX, BT709, BT709, LIMITED)
     if full_range(frame):  # made limited range (template_frames.yuv420p)
         return Colour(source.matrix, source.primaries, source.trc, LIMITED)
     return source

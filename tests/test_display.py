@@ -63,3 +63,21 @@ def test_upright_matches_numpy_turns():
     assert np.array_equal(upright(img, (False, True, True)), np.rot90(img, 2))
     assert np.array_equal(upright(img[..., 0], (False, False, True)), img[:, ::-1, 0])
 
+
+
+def test_the_colour_a_cache_stores_is_said_for_each_way_a_frame_is_made():
+    from heygem_watch.display import BT601_MATRIX, Colour, Look, stored_colour
+
+    def frame(w, h, fmt="yuv420p", tags=(1, 1, 1, 1)):
+        f = av.VideoFrame(w, h, fmt)
+        f.colorspace, f.color_primaries, f.color_trc, f.color_range = tags
+        return f
+
+    hlg = Look(transfer="HLG")
+    assert stored_colour(frame(64, 48), Look()) == Colour(1, 1, 1, 1)  # its own tags
+    assert stored_colour(frame(64, 48, tags=(1, 1, 1, 2)), Look()) == Colour(1, 1, 1, 1)  # made limited
+    assert stored_colour(frame(64, 48, "yuvj420p", (1, 1, 1, 0)), Look()) == Colour(1, 1, 1, 1)
+    assert stored_colour(frame(64, 47, tags=(1, 1, 1, 1)), Look()) == Colour(BT601_MATRIX, 1, 1, 1)  # odd: OpenCV
+    assert stored_colour(frame(1920, 1080, "yuv420p10le", (9, 9, 18, 1)), hlg) == Colour(1, 1, 1, 1)  # SDR, HD
+    assert stored_colour(frame(640, 480, "yuv420p10le", (9, 9, 18, 1)), hlg) == Colour(BT601_MATRIX, 1, 1, 1)
+    assert stored_colour(frame(1919, 1080, "yuv420p10le", (9, 9, 18, 1)), hlg) == Colour(BT601_MATRIX, 1, 1, 1)
