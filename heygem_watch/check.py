@@ -116,7 +116,7 @@ def run_checks(settings) -> int:
         for t in tpls:
             try:
                 with _native_quiet():  # MediaPipe's start-up chatter would cut through the table
-                    tpl = load_template(t, settings.cache_dir)
+                    tpl = load_template(t, settings.cache_dir, max_side=settings.encoder.max_side)
             except MediaError as exc:
                 bad(f"template {t.name}: unusable, recordings skip it: {exc.reason}",
                     f"replace {t} with a video or image showing a face")

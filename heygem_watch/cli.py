@@ -156,7 +156,8 @@ def cmd_process(args, settings) -> int:
         remove_stale_work(cache_dir)
         # The templates' analysis (the longest step of a first run) starts before the engine is built, which imports
         # OpenCV and the engine's modules and starts the Whisper load: the analysis no longer waits for those.
-        prefetch = pipeline.Prefetch(args.recording, templates, Path(cache_dir), get_logger())
+        prefetch = pipeline.Prefetch(args.recording, templates, Path(cache_dir), get_logger(),
+                                     max_side=settings.encoder.max_side)
     model = args.model if args.model is not None else settings.model
     try:
         engine = engines.engine_from_settings(settings, args.engine, model)

@@ -167,7 +167,8 @@ class CeleryDispatcher:
         spec = {"task": task.id, "recording": rec.id, "audio_dir": str(s.tmp_dir / f"rec-{rec.id}"),
                 "template": task.template_path, "output": str(self.daemon._output_path(rec, task)),
                 "tmp_dir": str(s.tmp_dir), "encoder": {"preset": s.encoder.preset, "crf": s.encoder.crf,
-                                                             "params": s.encoder.params}}
+                                                             "params": s.encoder.params,
+                                                             "max_side": s.encoder.max_side}}
         try:
             self.app.send_task(self.farm.TASK_NAME, args=[spec], task_id=celery_id, queue=self.farm.QUEUE,
                                retry=False)

@@ -270,7 +270,8 @@ def _render(spec: dict, tmp: Path, progress) -> dict:
     job = _recording_job(spec["audio_dir"])
     enc = spec.get("encoder") or {}
     encoder = EncoderSettings(preset=enc.get("preset", s.encoder.preset), crf=int(enc.get("crf", s.encoder.crf)),
-                              threads=s.encoder.threads, params=enc.get("params", s.encoder.params))
+                              threads=s.encoder.threads, params=enc.get("params", s.encoder.params),
+                              max_side=int(enc.get("max_side", s.encoder.max_side)))
     t0 = time.monotonic()
     res = pipeline.run_task(job, spec["template"], _engine, spec["output"], tmp, s.process_cache_dir,
                             progress=progress, encoder=encoder, log=_log)

@@ -55,7 +55,7 @@ class Ingest:
                 if fp in checks:
                     continue
                 try:
-                    load_template(t, self.settings.cache_dir, log=self.log)
+                    load_template(t, self.settings.cache_dir, log=self.log, max_side=self.settings.encoder.max_side)
                     usable, reason = True, None
                 except MediaError as exc:
                     usable, reason = False, exc.reason

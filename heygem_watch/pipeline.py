@@ -138,7 +138,8 @@ def run_task(job: RecordingJob, template_path: os.PathLike | str, engine: Engine
     # only the shown ones made the built-in engine's mouths move a third as much (its mouth library then lacks what
     # the person does later, measured on liveportrait_d3), every 3rd one scores as the whole template does (judge
     # pooled correlation 0.6132 vs 0.6144) and skips a third of the FaceMesh work on the judge's pairs
-    tpl = load_template(template_path, cache_root, log=log, duration_s=job.track.duration)
+    tpl = load_template(template_path, cache_root, log=log, duration_s=job.track.duration,
+                        max_side=(encoder or EncoderSettings()).max_side)
     state = _template_state(engine, tpl)
     speech = job.speech_for(engine)
     fps = tpl.fps
@@ -199,7 +200,7 @@ def process_files(recording: os.PathLike | str, templates: Sequence[os.PathLike 
     cache = Path(cache_dir) if cache_dir is not None else work / "cache"
     results: list[RenderResult | BaseException] = []
     if prefetch is None:
-        prefetch = Prefetch(recording, templates, cache, log)
+        prefetch = Prefetch(recording, templates, cache, log, max_side=(encoder or EncoderSettings()).max_side)
     failed = True
     try:
         job = RecordingJob.prepare(recording, work)
@@ -244,7 +245,7 @@ class Prefetch:
     the load and reports them. The recording is probed on the thread too: the first probe imports PyAV (~0.15 s),
     which the caller's thread would otherwise pay before the analysis could start."""
 
-    def __init__(self, recording, templates: Sequence, cache_root: Path, log=None):
+    def __init__(self, recording, templates: Sequence, cache_root: Path, log=None, max_side: int = 0):
         self._done = [threading.Event() for _ in templates]
         self._stop = threading.Event()
         self.analysis: dict[int, tuple[float, bool]] = {}  # k -> (seconds, cache_hit) of what the thread did
@@ -257,7 +258,8 @@ class Prefetch:
             for k, (ev, tpl) in enumerate(zip(self._done, templates)):
                 try:
                     if duration > 0 and not self._stop.is_set():
-                        t = load_template(tpl, cache_root, log=log, duration_s=duration + PREFETCH_MARGIN_S)
+                        t = load_template(tpl, cache_root, log=log, duration_s=duration + PREFETCH_MARGIN_S,
+                                          max_side=max_side)
                         self.analysis[k] = (t.analysis_s, t.cache_hit)
                 except Exception:
                     pass

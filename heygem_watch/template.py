@@ -36,8 +36,8 @@ from heygem_watch.template_cache import entry_dir, install_entry, work_dir
 # them, display.py: turned upright, HDR made SDR; full range made limited; "colour" in meta.json)
 CACHE_VERSION = 4
 # Entries of these versions hold the same bytes for a template whose frames players show as stored (no display
-# matrix to apply, not HDR, limited range): such an entry has its meta.json rewritten to CACHE_VERSION on first use instead of the
-# template being analysed again
+# matrix to apply, not HDR, limited range): such an entry has its meta.json rewritten to CACHE_VERSION on first use
+# instead of the template being analysed again
 SAME_WHEN_AS_STORED = (3,)
 FRAMES_NAME = "frames.yuv"
 META_NAME = "meta.json"
@@ -146,13 +146,15 @@ def tracked_set(n: int, prefix: int) -> np.ndarray:
 
 
 def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=None,
-                  duration_s: float | None = None) -> Template:
+                  duration_s: float | None = None, max_side: int = 0) -> Template:
     """Open a template, analysing it on first use. Raises MediaError/TemplateError naming the file and the reason.
 
     duration_s: the output to render lasts this long. An output shorter than the template plays frames 0..N-1
     (ping-pong starts forwards), so those N (and SMOOTH_MARGIN more) are tracked, and after them only every
     LIBRARY_STRIDE-th frame; every frame is still decoded into the cache. A later, longer output tracks the rest of
-    its prefix from the cache. None: every frame tracked (the face check, the web UI)."""
+    its prefix from the cache. None: every frame tracked (the face check, the web UI).
+    max_side: a template larger than this on its long side is cached (and rendered) scaled down to it
+    (EncoderSettings.max_side, HEYGEM_MAX_SIDE); an entry made with another limit is made again. 0: its own size."""
     path = Path(path)
     if not path.exists():
         raise MediaError(path, "template not found")
@@ -163,7 +165,7 @@ def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=No
     except OSError as exc:
         raise MediaError(path, f"cannot read the template ({exc.strerror or exc})") from None
     cache_dir = entry_dir(cache_root, fp)
-    tpl = _read_cache(path, fp, cache_dir)
+    tpl = _read_cache(path, fp, cache_dir, max_side)
     need = MAX_TEMPLATE_FRAMES
     if duration_s is not None:
         fps = tpl.fps if tpl is not None else _probe_fps(path)
@@ -188,7 +190,7 @@ def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=No
     tmp.mkdir(parents=True)
     try:
         if tpl is None:
-            meta, lms, found, tracked = _analyse(path, tmp, need)
+            meta, lms, found, tracked = _analyse(path, tmp, need, max_side)
         else:  # the frames are all cached: track the rest of the longer prefix, keep what is tracked
             meta, lms, found, tracked = _extend(tpl, tmp, need)
         smoothed = face.smooth_landmarks(lms, found)
@@ -204,7 +206,7 @@ def load_template(path: os.PathLike | str, cache_root: os.PathLike | str, log=No
             # daemon's disk-full pause looks for
             raise OSError(exc.errno, exc.strerror, str(tmp)) from exc
         raise
-    tpl = _read_cache(path, fp, cache_dir)
+    tpl = _read_cache(path, fp, cache_dir, max_side)
     if tpl is None:
         raise TemplateError(path, f"template analysis produced an unreadable cache in {cache_dir}")
     tpl.analysis_s = time.monotonic() - t0
@@ -224,7 +226,7 @@ def _probe_fps(path: Path) -> Fraction:
         return stream_fps(c.streams.video[0])
 
 
-def _read_cache(path: Path, fp: str, cache_dir: Path) -> Template | None:
+def _read_cache(path: Path, fp: str, cache_dir: Path, max_side: int = 0) -> Template | None:
     try:
         meta = json.loads((cache_dir / META_NAME).read_text())
         if meta.get("fingerprint") != fp:
@@ -237,6 +239,8 @@ def _read_cache(path: Path, fp: str, cache_dir: Path) -> Template | None:
         if meta.get("version") != CACHE_VERSION:
             return None
         w, h, n = int(meta["width"]), int(meta["height"]), int(meta["n_frames"])
+        if template_frames.scaled_size(*meta.get("source_size", (w, h)), max_side) != (w, h):
+            return None  # made under another HEYGEM_MAX_SIDE
         if (cache_dir / FRAMES_NAME).stat().st_size != n * w * h * 3 // 2:
             return None
         with np.load(cache_dir / TRACK_NAME) as z:
@@ -278,26 +282,32 @@ def _rewrite_meta(cache_dir: Path, meta: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _analyse(path: Path, out_dir: Path, prefix: int) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
-    """Decode the template (MAX_TEMPLATE_FRAMES at most) into out_dir/FRAMES_NAME as raw yuv420p and track the face
-    on its first `prefix` frames and every LIBRARY_STRIDE-th after them. Decoding and colour conversion run on their
-    own thread, the face tracking on face.TrackPool's (two FaceMesh instances on two cores)."""
+def _analyse(path: Path, out_dir: Path, prefix: int, max_side: int = 0) -> tuple[dict, np.ndarray, np.ndarray,
+                                                                                 np.ndarray]:
+    """Decode the template (MAX_TEMPLATE_FRAMES at most, scaled to max_side) into out_dir/FRAMES_NAME as raw yuv420p
+    and track the face on its first `prefix` frames and every LIBRARY_STRIDE-th after them. Decoding and colour
+    conversion run on their own thread, the face tracking on face.TrackPool's (two FaceMesh instances on two cores)."""
     import cv2
 
     notes: list[str] = []
-    colour: list[display.Colour] = []  # the stream's, from its first frame
+    facts: dict = {}  # the stream's colour and size, from its first frame
     spare: queue.SimpleQueue = queue.SimpleQueue()  # written yuv arrays, handed back to the decode thread to refill
     if path.suffix.lower() in IMAGE_EXTENSIONS:
-        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)  # EXIF orientation applied
         if img is None:
             raise TemplateError(path, "not a readable image")
-        frames_iter = iter([template_frames.from_bgr(img)])
+        h0, w0 = img.shape[:2]
+        size = template_frames.scaled_size(w0, h0, max_side)
+        if size != even_size(w0, h0):
+            notes.append(f"{w0}x{h0} scaled to {size[0]}x{size[1]} (HEYGEM_MAX_SIDE={max_side})")
+        frames_iter = iter([template_frames.from_bgr(template_frames.fit(img, size))])
         fps, is_image = DEFAULT_FPS, True
-        colour.append(display.STILL_COLOUR)
+        facts.update(colour=display.STILL_COLOUR, source_size=(w0, h0))
     else:
         fps = _probe_fps(path)
         frames_iter = template_frames.threaded(template_frames.decode(
-            path, notes, MAX_TEMPLATE_FRAMES, spare, want=lambda i: first_tracked(i, prefix), colour=colour))
+            path, notes, MAX_TEMPLATE_FRAMES, spare, want=lambda i: first_tracked(i, prefix), facts=facts,
+            max_side=max_side))
         is_image = False
     w = h = n = 0
     with open(out_dir / FRAMES_NAME, "ab") as raw, face.TrackPool(static_image=is_image) as pool:
@@ -327,7 +337,8 @@ def _analyse(path: Path, out_dir: Path, prefix: int) -> tuple[dict, np.ndarray, 
         if not found.any():
             raise TemplateError(path, "no face found in any frame of the template")
     meta = {"width": w, "height": h, "fps": f"{fps.numerator}/{fps.denominator}", "n_frames": n,
-            "is_image": is_image, "notes": notes, "colour": list(astuple(colour[0] if colour else display.Colour()))}
+            "is_image": is_image, "notes": notes, "colour": list(astuple(facts.get("colour", display.Colour()))),
+            "source_size": list(facts.get("source_size", (w, h)))}
     return meta, lms, found, tracked
 
 

@@ -90,12 +90,14 @@ def rgb_from_yuv(yuv: np.ndarray, w: int, h: int) -> np.ndarray:
 
 
 def decode(path: Path, notes: list[str], limit: int, spare=None, want: Callable[[int], bool] | None = None,
-           colour: list | None = None):
+           facts: dict | None = None, max_side: int = 0):
     """Frames 0..limit-1 as from_bgr's triples, straight from the decoder's yuv420p (no BGR round trip), as players
     show them (display.look_of: turned upright, HDR made SDR; its notes go to `notes`).
     spare: a queue of yuv arrays the consumer is done with, refilled instead of allocating (see yuv420p).
     want(i): False when frame i is only stored, not tracked: its RGB copy is skipped (None).
-    colour: a list that gets the stream's display.Colour (how the yielded yuv420p is to be read)."""
+    facts: a dict that gets the stream's "colour" (display.Colour: how the yielded yuv420p is read) and "source_size"
+    (w, h as players show it, before scaling). max_side: frames larger than that on their long side are scaled down
+    (scaled_size); 0 keeps them."""
     import av
 
     with open_container(path) as c:
@@ -110,13 +112,18 @@ def decode(path: Path, notes: list[str], limit: int, spare=None, want: Callable[
                 if look is None:  # one per stream: the first frame's
                     look = display.look_of(frame)
                     notes.extend(look.notes)
-                    if colour is not None:
-                        colour.append(display.stored_colour(frame, look))
+                    shown = (frame.height, frame.width) if look.orientation[0] else (frame.width, frame.height)
+                    size = scaled_size(*shown, max_side)
+                    if size != even_size(*shown):
+                        notes.append(f"{shown[0]}x{shown[1]} scaled to {size[0]}x{size[1]} "
+                                     f"(HEYGEM_MAX_SIDE={max_side})")
+                    if facts is not None:
+                        facts.update(colour=display.stored_colour(frame, look), source_size=shown)
                 rgb_wanted = want is None or want(i)
                 i += 1
                 w0, h0 = frame.width, frame.height
                 if w0 % 2 or h0 % 2:  # odd sizes are cropped (not scaled) to even, as H.264 needs
-                    yield from_bgr(display.picture(frame, look), rgb_wanted)
+                    yield from_bgr(fit(display.picture(frame, look), size), rgb_wanted)
                     continue
                 if look.transfer is not None:
                     yuv = hdr.to_sdr_yuv420p(frame, look.transfer)
@@ -125,6 +132,8 @@ def decode(path: Path, notes: list[str], limit: int, spare=None, want: Callable[
                 if look.orientation != display.UPRIGHT:  # a turned copy (the consumer's spares then mostly go unused)
                     yuv = upright_yuv(yuv, w0, h0, look.orientation)
                     w0, h0 = (h0, w0) if look.orientation[0] else (w0, h0)
+                if (w0, h0) != size:
+                    yuv, (w0, h0) = scale_yuv(yuv, w0, h0, size), size
                 if not rgb_wanted:
                     yield (w0, h0), yuv, None
                     continue
@@ -137,6 +146,36 @@ def decode(path: Path, notes: list[str], limit: int, spare=None, want: Callable[
                 yield (w0, h0), yuv, rgb
         except av.error.FFmpegError as exc:
             notes.append(f"video decoding stopped early: {exc.strerror or exc}")
+
+
+def scaled_size(w: int, h: int, max_side: int) -> tuple[int, int]:
+    """(w, h) of a template as cached: even, and at most max_side on the long side (0: no limit), shape kept."""
+    if max_side <= 0 or max(w, h) <= max_side:
+        return even_size(w, h)
+    s = max_side / max(w, h)
+    return max(2, round(w * s / 2) * 2), max(2, round(h * s / 2) * 2)
+
+
+def fit(bgr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A BGR picture scaled down to size (w, h) (area averaging) when it is larger; as it is otherwise (from_bgr
+    crops an odd size to even)."""
+    import cv2
+
+    h, w = bgr.shape[:2]
+    if w <= size[0] + 1 and h <= size[1] + 1:
+        return bgr
+    return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
+
+
+def scale_yuv(yuv: np.ndarray, w: int, h: int, size: tuple[int, int]) -> np.ndarray:
+    """A yuv420p (h*3/2, w) frame scaled down plane by plane (area averaging) to size (w', h'), both even."""
+    import cv2
+
+    tw, th = size
+    y, u, v = planes(yuv, w, h)
+    parts = [cv2.resize(y, (tw, th), interpolation=cv2.INTER_AREA)]
+    parts += [cv2.resize(p, (tw // 2, th // 2), interpolation=cv2.INTER_AREA) for p in (u, v)]
+    return np.concatenate([p.reshape(-1) for p in parts]).reshape(th * 3 // 2, tw)
 
 
 def upright_yuv(yuv: np.ndarray, w: int, h: int, o: Orientation) -> np.ndarray:

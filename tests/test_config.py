@@ -156,3 +156,11 @@ def test_speech_detector_switch(tmp_path):
     assert load_settings(None, environ={"HEYGEM_SPEECH_DETECTOR": "off"}, cwd=tmp_path).speech_detector is False
     with pytest.raises(ConfigError, match="HEYGEM_SPEECH_DETECTOR: expected true/false, got 'sometimes'"):
         load_settings(None, environ={"HEYGEM_SPEECH_DETECTOR": "sometimes"}, cwd=tmp_path)
+
+
+def test_max_side(tmp_path):
+    assert load_settings(None, environ={}, cwd=tmp_path).encoder.max_side == 1920
+    assert load_settings(None, environ={"HEYGEM_MAX_SIDE": "0"}, cwd=tmp_path).encoder.max_side == 0
+    for bad in ("100", "-1", "big"):
+        with pytest.raises(ConfigError, match="HEYGEM_MAX_SIDE"):
+            load_settings(None, environ={"HEYGEM_MAX_SIDE": bad}, cwd=tmp_path)

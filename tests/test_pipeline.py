@@ -90,6 +90,18 @@ def test_a_phone_template_stored_sideways_gives_an_upright_output(media, tmp_pat
         assert np.abs(img - shown[0]).mean() < 8 < np.abs(img - shown[0][::-1, ::-1]).mean()
 
 
+def test_max_side_scales_a_large_template_down_for_the_output(media, tmp_path):
+    from heygem_watch.config import EncoderSettings
+
+    d, tpl, rec = media  # 192 x 160
+    out = tmp_path / "o.mp4"
+    res = pipeline.process_files(rec, [tpl], [out], Passthrough(), var_dir=tmp_path / "var",
+                                 encoder=EncoderSettings(max_side=96))
+    assert isinstance(res[0], pipeline.RenderResult), res
+    with av.open(str(out)) as c:
+        assert (c.streams.video[0].codec_context.width, c.streams.video[0].codec_context.height) == (96, 80)
+
+
 def _output_colour(path):
     with av.open(str(path)) as c:
         f = next(c.decode(video=0))

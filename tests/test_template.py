@@ -286,3 +286,26 @@ def test_a_version_3_entry_is_kept_when_shown_as_stored_and_rebuilt_for_a_turned
         assert again.cache_hit is kept, path.name
         assert json.loads(meta_path.read_text())["version"] == 4
         assert again.colour == t.colour  # what the entry lacked is read from the file
+
+
+def test_a_template_larger_than_max_side_is_cached_scaled_down(tpl_file, tmp_path):
+    big = mediagen.write_video(tmp_path / "4k-ish.mp4", mediagen.face_frames(6, size=(640, 768)), 25)  # 768 x 640
+    t = load_template(big, tmp_path / "c", max_side=384)
+    assert (t.width, t.height) == (384, 320) and t.face_found.all()
+    assert any("768x640 scaled to 384x320" in n for n in t.notes)
+    shown = cv2.resize(next(mediagen.face_frames(1, size=(640, 768))), (384, 320), interpolation=cv2.INTER_AREA)
+    assert np.abs(t.frame(0).astype(int) - shown).mean() < 4
+    assert load_template(big, tmp_path / "c", max_side=384).cache_hit
+    # another limit makes the entry again; one the template is within keeps its own size
+    assert (load_template(big, tmp_path / "c", max_side=0).width, load_template(big, tmp_path / "c").cache_hit) == \
+        (768, True)
+    small = load_template(tpl_file, tmp_path / "c", max_side=384)
+    assert (small.width, small.height) == (384, 320) and not any("scaled" in n for n in small.notes)
+    assert load_template(tpl_file, tmp_path / "c", max_side=1920).cache_hit  # the same entry serves both
+
+
+def test_a_still_larger_than_max_side_is_scaled_down(tmp_path):
+    p = tmp_path / "photo.jpg"
+    cv2.imwrite(str(p), mediagen.face_photo())  # 512 x 600
+    t = load_template(p, tmp_path / "c", max_side=300)
+    assert (t.width, t.height) == (256, 300) and t.face_found[0]

@@ -34,13 +34,17 @@ class WebConfig:
     max_upload_mb: int = 2048
     token: str | None = None
     face_check: bool = True
+    max_side: int = 1920  # HEYGEM_MAX_SIDE: the face check analyses a template as renders will
 
     @classmethod
     def from_settings(cls, settings) -> "WebConfig":
         exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in
                      (getattr(settings, "extensions", None) or DEFAULT_EXTENSIONS))
+        encoder = getattr(settings, "encoder", None)
         return cls(Path(settings.var_dir), Path(settings.template_dir), exts,
-                   int(getattr(settings, "web_max_upload_mb", 2048) or 2048), getattr(settings, "web_token", None) or None)
+                   int(getattr(settings, "web_max_upload_mb", 2048) or 2048),
+                   getattr(settings, "web_token", None) or None,
+                   max_side=encoder.max_side if encoder is not None else 1920)
 
 
 def create_app(cfg: WebConfig) -> FastAPI:

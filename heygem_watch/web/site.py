@@ -30,7 +30,8 @@ class Site:
         self.failed, self.logs = var / "failed", var / "logs"
         self.thumbs = var / "cache" / "web-thumbs"
         self.db_path = var / "ledger.sqlite3"
-        self.checker = FaceChecker(var / "cache", ledger_path=self.db_path) if cfg.face_check else None
+        self.checker = FaceChecker(var / "cache", ledger_path=self.db_path, max_side=cfg.max_side) \
+            if cfg.face_check else None
         self.max_bytes = cfg.max_upload_mb << 20
         self.snapshot = StatusSnapshot(self.db_path)
 

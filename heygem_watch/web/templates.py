@@ -46,8 +46,9 @@ def list_template_files(template_dir: Path) -> list[Path]:
 class FaceChecker:
     """Background face analysis of templates; results as JSON under cache_root/RESULTS_DIR/<fingerprint>.json."""
 
-    def __init__(self, cache_root: Path, ledger_path: Path | None = None):
+    def __init__(self, cache_root: Path, ledger_path: Path | None = None, max_side: int = 0):
         self.cache_root = Path(cache_root)
+        self.max_side = max_side  # the daemon's HEYGEM_MAX_SIDE: its renders then find this analysis cached
         self.ledger_path = ledger_path  # the verdict goes into the ledger too: the daemon's fan-out skips a bad one
         self.results = self.cache_root / RESULTS_DIR
         self._queue: queue.Queue[tuple[Path, str]] = queue.Queue()
@@ -103,7 +104,7 @@ class FaceChecker:
             pass
 
     def _analyse(self, path: Path) -> dict:
-        cmd = [sys.executable, "-m", "heygem_watch.web.templates", str(path), str(self.cache_root)]
+        cmd = [sys.executable, "-m", "heygem_watch.web.templates", str(path), str(self.cache_root), str(self.max_side)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=FACE_CHECK_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -117,7 +118,7 @@ class FaceChecker:
         return {"state": "error", "message": f"face check crashed (exit {proc.returncode}): {tail}"}
 
 
-def face_check(path: Path, cache_root: Path) -> dict:
+def face_check(path: Path, cache_root: Path, max_side: int = 0) -> dict:
     """The check itself (runs in the child): {state, ok, face_fraction, message}."""
     try:
         from heygem_watch.media import MediaError
@@ -125,7 +126,7 @@ def face_check(path: Path, cache_root: Path) -> dict:
     except ImportError as exc:
         return {"state": "unavailable", "message": f"analysis pending (template module not available: {exc})"}
     try:
-        tpl = load_template(path, cache_root)
+        tpl = load_template(path, cache_root, max_side=max_side)
     except MediaError as exc:
         return {"state": "error", "ok": False, "face_fraction": 0.0, "message": exc.reason}
     frac = round(tpl.face_fraction, 3)
@@ -145,4 +146,5 @@ def describe(path: Path, checker: FaceChecker | None) -> dict:
 
 if __name__ == "__main__":
     os.nice(CHILD_NICE)
-    print(json.dumps(face_check(Path(sys.argv[1]), Path(sys.argv[2]))), flush=True)
+    print(json.dumps(face_check(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0)),
+          flush=True)
