@@ -28,7 +28,9 @@ def frame_orientation(frame) -> tuple[Orientation, str | None]:
     Phones store a portrait video as landscape frames plus a matrix that players apply; decoders hand out the
     stored frames. A matrix that is not a quarter turn or a mirror (a free angle, a scale) is left alone: UPRIGHT
     and a note that says so."""
-    for sd in frame.side_data:
+    box = frame.side_data
+    for entry in box:  # PyAV 18.1.0 gives the entries, 18.1.1 on their types (keys of a mapping)
+        sd = entry if hasattr(entry, "type") else box[entry]
         if getattr(sd.type, "name", "") != "DISPLAYMATRIX":
             continue
         m = np.frombuffer(bytes(sd), np.int32, count=9)  # a b u / c d v / x y w, native byte order
@@ -39,8 +41,8 @@ def frame_orientation(frame) -> tuple[Orientation, str | None]:
         elif a == d == 0 and abs(b) == abs(c) == MATRIX_ONE:
             o = (True, b < 0, c < 0)
         else:
-            return UPRIGHT, (f"display matrix {[int(v) for v in m[:2]] + [int(v) for v in m[3:5]]} is not a quarter "
-                             f"turn or a mirror: frames used as stored")
+            return UPRIGHT, (f"display matrix (a b c d) = ({a} {b} {c} {d}) / {MATRIX_ONE} is not a quarter turn or "
+                             "a mirror: frames used as stored")
         if o == UPRIGHT:
             return UPRIGHT, None
         return o, f"stored {frame.width}x{frame.height}, {_TURNS[o]} on display: used upright as players show it"
