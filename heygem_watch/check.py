@@ -125,6 +125,8 @@ def run_checks(settings) -> int:
                 bad(f"template {t.name}: {type(exc).__name__}: {exc}", f"replace or remove {t}")
                 continue
             desc = f"template {t.name}: {tpl.width}x{tpl.height}, {tpl.n_frames} frames, face in {tpl.face_fraction:.0%}"
+            if tpl.notes:  # turned upright, HDR made SDR, scaled down, cut...: what outputs will differ in
+                desc += f" ({'; '.join(tpl.notes)})"
             if tpl.face_fraction < MIN_FACE_FRACTION:
                 bad(desc, "use a clip where the face is visible in most frames (face-less frames pass through "
                           "without lip-sync)")

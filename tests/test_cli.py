@@ -7,10 +7,11 @@ import time
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from heygem_watch import cli
-from tests import gen_media
+from tests import gen_media, mediagen
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "heygem-watch.service"
@@ -225,6 +226,19 @@ def test_check_reports_problems_with_fixes(in_tmp, capsys, face_template_file, f
     assert "ok       template anchor.png" in out
     assert "PROBLEM  template wall.png: unusable, recordings skip it: no face" in out
     assert "ok       speech model shipped" in out and "Whisper base verified; silero-vad 6.2.3 verified" in out
+
+
+def test_check_says_how_a_template_is_changed_for_the_outputs(in_tmp, capsys):
+    tdir = in_tmp / "var" / "templates"
+    tdir.mkdir(parents=True)
+    stored = [np.ascontiguousarray(np.rot90(f, -1)) for f in mediagen.face_frames(3)]  # 384 x 320 as shown
+    mediagen.write_video(tdir / "phone.mp4", stored, 25, display=(90, False))
+    in_tmp.joinpath("config.env").write_text("HEYGEM_MAX_SIDE=256\n")
+    assert cli.main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "ok       template phone.mp4: 256x214, 3 frames, face in 100% (stored 320x384, turned 90° counter-" \
+           "clockwise on display: used upright as players show it; 384x320 scaled to 256x214 (HEYGEM_MAX_SIDE=256))" \
+           in out, out
 
 
 def test_check_names_a_missing_speech_detector(in_tmp, capsys, no_speech_detector):
