@@ -103,9 +103,12 @@ def run_checks(settings) -> int:
         ok(f"onnxruntime {ort.__version__}, providers: {', '.join(ort.get_available_providers())}")
     except Exception as exc:  # noqa: BLE001 - any import failure is the same problem
         bad(f"onnxruntime cannot be imported ({exc})", "run ./setup.sh again (pip install -e .)")
-    from heygem_watch.housekeeping import list_templates
+    from heygem_watch.housekeeping import list_templates, unused_in_template_dir
 
     tpls = list_templates(settings.template_dir)
+    for name in unused_in_template_dir(settings.template_dir):  # said, not a problem: notes sit there too
+        print(f"note     {name} in the templates folder is not used: not a video or image type heygem-watch reads "
+              f"(an iPhone's HEIC photo: save it as JPEG; a GIF: as MP4)")
     if not tpls:
         bad(f"no templates in {settings.template_dir}",
             "copy at least one avatar video (a talking head, face visible) or photo there")

@@ -63,6 +63,7 @@ class Daemon(Ingest, Reload, Filing, DiskGuard):
         self._job = None  # (recording_id, pipeline.RecordingJob) shared by that recording's templates
         self._job_notes: list[str] = []
         self._tpl_fp: dict[tuple[str, int, int], str] = {}
+        self._tpl_unused_said: set[str] = set()  # template-folder files of a type not read, logged once each
         self.current: Task | None = None
         self.watcher = self._make_watcher()
         self.dispatcher = dispatch.create(self)  # renders here, or sends to the farm (HEYGEM_DISPATCH)

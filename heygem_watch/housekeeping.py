@@ -97,6 +97,15 @@ def list_templates(template_dir: Path) -> list[Path]:
         return []
 
 
+def unused_in_template_dir(template_dir: Path) -> list[str]:
+    """Names of the visible files in the template folder that list_templates leaves out (their type)."""
+    try:
+        return sorted(p.name for p in template_dir.iterdir()
+                      if p.is_file() and not ignored_name(p.name) and p.suffix.lower() not in TEMPLATE_EXTENSIONS)
+    except OSError:
+        return []
+
+
 def unique_path(path: Path) -> Path:
     """path, or path with -2, -3... before the suffix when something is already there."""
     if not os.path.lexists(path):

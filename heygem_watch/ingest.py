@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from heygem_watch.housekeeping import disk_full, list_templates
+from heygem_watch.housekeeping import disk_full, list_templates, unused_in_template_dir
 from heygem_watch.ledger import fingerprint_file
 from heygem_watch.logs import log_context, recording_log
 
@@ -47,6 +47,13 @@ class Ingest:
 
         with self._checks_lock:
             checks = self.ledger.template_checks()
+            if templates is None:
+                for name in unused_in_template_dir(self.settings.template_dir):
+                    if name not in self._tpl_unused_said:  # once per name and run: the folder is rescanned
+                        self._tpl_unused_said.add(name)
+                        self.log.warning("template_file_not_used", file=name,
+                                         reason="not a video or image type heygem-watch reads",
+                                         fix="an iPhone's HEIC photo: save it as JPEG; a GIF: as MP4")
             for t in list_templates(self.settings.template_dir) if templates is None else templates:
                 try:
                     fp = self._template_fingerprint(t)

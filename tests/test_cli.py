@@ -225,6 +225,12 @@ def test_check_reports_problems_with_fixes(in_tmp, capsys, face_template_file, f
     out = capsys.readouterr().out
     assert "ok       template anchor.png" in out
     assert "PROBLEM  template wall.png: unusable, recordings skip it: no face" in out
+    (tdir / "IMG_0001.HEIC").write_bytes(b"not read")
+    (tdir / ".hidden").write_bytes(b"")
+    cli.main(["check"])
+    out = capsys.readouterr().out
+    assert "note     IMG_0001.HEIC in the templates folder is not used: not a video or image type" in out
+    assert ".hidden" not in out
     assert "ok       speech model shipped" in out and "Whisper base verified; silero-vad 6.2.3 verified" in out
 
 

@@ -115,6 +115,17 @@ def test_a_template_is_checked_when_it_appears(daemon_factory, faceless_template
     assert checks["anchor.png"]["usable"] and not checks["wall.png"]["usable"]
 
 
+def test_a_file_in_the_template_folder_of_a_type_not_read_is_logged_once(daemon_factory, capsys):
+    d = daemon_factory()
+    (d.settings.template_dir / "IMG_0001.HEIC").write_bytes(b"an iPhone photo")
+    d.check_templates()
+    d.check_templates()  # the periodic rescan
+    out = capsys.readouterr()
+    lines = [ln for ln in (out.out + out.err).splitlines() if "template_file_not_used" in ln]
+    assert len(lines) == 1 and "IMG_0001.HEIC" in lines[0] and "JPEG" in lines[0]
+    assert [c["name"] for c in d.ledger.template_checks().values()] == ["anchor.png"]
+
+
 def test_sighup_to_the_running_daemon_watches_the_new_folder(tmp_path, face_template_file):
     import signal
     import subprocess
