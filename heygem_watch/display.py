@@ -63,6 +63,16 @@ def upright(img: np.ndarray, o: Orientation) -> np.ndarray:
     return img
 
 
+def pixel_aspect(stream):
+    """A video stream's pixel width over height (Fraction; 1 unless it says otherwise, or says something absurd)."""
+    from fractions import Fraction
+
+    for sar in (stream.sample_aspect_ratio, stream.codec_context.sample_aspect_ratio):
+        if sar and 0.25 <= sar <= 4:
+            return Fraction(sar.numerator, sar.denominator)
+    return Fraction(1)
+
+
 @dataclass(frozen=True)
 class Colour:
     """How stored yuv420p bytes are read, in FFmpeg's numbers (AVColorSpace, AVColorPrimaries,

@@ -108,7 +108,8 @@ def _shown_size(container, vs) -> tuple[int, int]:
     try:
         for n, packet in enumerate(container.demux(vs)):
             for frame in packet.decode():
-                return (h, w) if display.frame_orientation(frame)[0][0] else (w, h)
+                wide = round(w * display.pixel_aspect(vs))  # anamorphic pixels shown square
+                return (h, wide) if display.frame_orientation(frame)[0][0] else (wide, h)
             if n >= SIZE_PROBE_PACKETS:
                 break
     except (av.error.FFmpegError, ValueError):

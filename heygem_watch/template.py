@@ -257,15 +257,16 @@ def _read_cache(path: Path, fp: str, cache_dir: Path, max_side: int = 0) -> Temp
 
 def _colour_if_shown_as_stored(path: Path, meta: dict) -> display.Colour | None:
     """The cached frames' Colour when players show the template's frames as stored (see SAME_WHEN_AS_STORED): a
-    still, or a video whose first frame has no display matrix to apply, is not HDR and is limited range. None
-    otherwise, or when that cannot be read (the entry is then rebuilt)."""
+    still, or a video whose first frame has no display matrix to apply, is not HDR, is limited range and has square
+    pixels. None otherwise, or when that cannot be read (the entry is then rebuilt)."""
     if meta.get("is_image"):
         return display.STILL_COLOUR
     try:
         with open_container(path) as c:
             for frame in c.decode(c.streams.video[0]):
                 look = display.look_of(frame)  # version 3 kept full-range bytes as they were: those are redone
-                same = look.as_stored and not display.full_range(frame)
+                same = (look.as_stored and not display.full_range(frame)
+                        and display.pixel_aspect(c.streams.video[0]) == 1)
                 return display.stored_colour(frame, look) if same else None
     except Exception:  # noqa: BLE001 - unreadable now: analysing it again reports why, naming the file
         return None

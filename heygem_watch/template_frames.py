@@ -112,7 +112,12 @@ def decode(path: Path, notes: list[str], limit: int, spare=None, want: Callable[
                 if look is None:  # one per stream: the first frame's
                     look = display.look_of(frame)
                     notes.extend(look.notes)
-                    shown = (frame.height, frame.width) if look.orientation[0] else (frame.width, frame.height)
+                    sar = display.pixel_aspect(vs)
+                    wide = round(frame.width * sar)  # non-square pixels (anamorphic video): made square
+                    if wide != frame.width:
+                        notes.append(f"stored {frame.width}x{frame.height} with pixels {sar} as wide as high: "
+                                     f"shown {wide}x{frame.height}")
+                    shown = (frame.height, wide) if look.orientation[0] else (wide, frame.height)
                     size = scaled_size(*shown, max_side)
                     if size != even_size(*shown):
                         notes.append(f"{shown[0]}x{shown[1]} scaled to {size[0]}x{size[1]} "
@@ -157,24 +162,26 @@ def scaled_size(w: int, h: int, max_side: int) -> tuple[int, int]:
 
 
 def fit(bgr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A BGR picture scaled down to size (w, h) (area averaging) when it is larger; as it is otherwise (from_bgr
-    crops an odd size to even)."""
+    """A BGR picture scaled to size (w, h); as it is when it is that size or one more (from_bgr crops an odd size
+    to even)."""
     import cv2
 
     h, w = bgr.shape[:2]
-    if w <= size[0] + 1 and h <= size[1] + 1:
+    if size[0] <= w <= size[0] + 1 and size[1] <= h <= size[1] + 1:
         return bgr
-    return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
+    return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA if size[0] <= w and size[1] <= h else cv2.INTER_LINEAR)
 
 
 def scale_yuv(yuv: np.ndarray, w: int, h: int, size: tuple[int, int]) -> np.ndarray:
-    """A yuv420p (h*3/2, w) frame scaled down plane by plane (area averaging) to size (w', h'), both even."""
+    """A yuv420p (h*3/2, w) frame scaled plane by plane to size (w', h'), both even: area averaging down,
+    bilinear where a side grows (square pixels from anamorphic ones)."""
     import cv2
 
     tw, th = size
+    how = cv2.INTER_AREA if tw <= w and th <= h else cv2.INTER_LINEAR  # anamorphic pixels can widen a picture
     y, u, v = planes(yuv, w, h)
-    parts = [cv2.resize(y, (tw, th), interpolation=cv2.INTER_AREA)]
-    parts += [cv2.resize(p, (tw // 2, th // 2), interpolation=cv2.INTER_AREA) for p in (u, v)]
+    parts = [cv2.resize(y, (tw, th), interpolation=how)]
+    parts += [cv2.resize(p, (tw // 2, th // 2), interpolation=how) for p in (u, v)]
     return np.concatenate([p.reshape(-1) for p in parts]).reshape(th * 3 // 2, tw)
 
 

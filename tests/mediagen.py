@@ -57,10 +57,11 @@ def _open_mouth(img: np.ndarray, amount: float) -> np.ndarray:
 
 def write_video(path: Path, frames, fps: Fraction | float = 25, audio: np.ndarray | None = None,
                 audio_rate: int = SR, fmt: str | None = None, display: tuple[float, bool] | None = None,
-                colour: tuple[int, int, int, int] | None = None) -> Path:
+                colour: tuple[int, int, int, int] | None = None, sar: Fraction | None = None) -> Path:
     """H.264 (+ AAC when audio is given) in MP4/FLV/MKV by extension; frames=None writes audio only.
     display=(degrees counter-clockwise, mirrored): the display matrix a phone writes; frames are stored as given.
-    colour=(matrix, primaries, transfer, range) in FFmpeg's numbers: the tags the stream carries (pixels unchanged)."""
+    colour=(matrix, primaries, transfer, range) in FFmpeg's numbers: the tags the stream carries (pixels unchanged).
+    sar: the pixels' width over height (anamorphic video), as tagged; frames are stored as given."""
     import av
 
     frames = iter(frames) if frames is not None else None
@@ -75,6 +76,8 @@ def write_video(path: Path, frames, fps: Fraction | float = 25, audio: np.ndarra
             vs.codec_context.options = {"preset": "ultrafast"}
             if display is not None:
                 vs.set_display_rotation(display[0], hflip=display[1])
+            if sar is not None:
+                vs.codec_context.sample_aspect_ratio = sar
             if colour is not None:
                 cc = vs.codec_context
                 cc.colorspace, cc.color_primaries, cc.color_trc, cc.color_range = colour

@@ -272,10 +272,14 @@ def test_an_hdr_template_is_cached_as_sdr(tpl_file, hlg_file, tmp_path):
 
 def test_a_version_3_entry_is_kept_when_shown_as_stored_and_rebuilt_for_a_turned_hdr_or_full_range_one(
         tpl_file, phone_file, hlg_file, tmp_path):
+    from fractions import Fraction
+
     full = mediagen.write_video(tmp_path / "full range.mp4", mediagen.face_frames(6), 25, colour=(1, 1, 1, 2))
+    dv = mediagen.write_video(tmp_path / "anamorphic.mp4", mediagen.face_frames(6), 25, sar=Fraction(8, 9))
     photo = tmp_path / "photo.jpg"
     cv2.imwrite(str(photo), mediagen.face_photo())
-    for path, kept in ((tpl_file, True), (photo, True), (phone_file, False), (hlg_file, False), (full, False)):
+    for path, kept in ((tpl_file, True), (photo, True), (phone_file, False), (hlg_file, False), (full, False),
+                       (dv, False)):
         t = load_template(path, tmp_path / "c")
         meta_path = t.cache_dir / META_NAME
         meta = json.loads(meta_path.read_text())
@@ -309,3 +313,18 @@ def test_a_still_larger_than_max_side_is_scaled_down(tmp_path):
     cv2.imwrite(str(p), mediagen.face_photo())  # 512 x 600
     t = load_template(p, tmp_path / "c", max_side=300)
     assert (t.width, t.height) == (256, 300) and t.face_found[0]
+
+
+def test_an_anamorphic_template_is_cached_with_square_pixels(tmp_path):
+    from fractions import Fraction
+
+    shown = list(mediagen.face_frames(4))  # 384 x 320 as shown
+    squeezed = [cv2.resize(f, (288, 320), interpolation=cv2.INTER_AREA) for f in shown]  # pixels 4/3 as wide
+    p = mediagen.write_video(tmp_path / "dv.mp4", squeezed, 25, sar=Fraction(4, 3))
+    t = load_template(p, tmp_path / "c")
+    assert (t.width, t.height) == (384, 320) and t.face_found.all()
+    assert any("pixels 4/3 as wide as high: shown 384x320" in n for n in t.notes)
+    assert np.abs(t.frame(0).astype(int) - shown[0]).mean() < 6
+    from heygem_watch.media import probe
+
+    assert (probe(p).width, probe(p).height) == (384, 320)
