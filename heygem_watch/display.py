@@ -6,6 +6,7 @@ per stream, to every frame a template, thumbnail or training clip is made of:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -63,10 +64,8 @@ def upright(img: np.ndarray, o: Orientation) -> np.ndarray:
     return img
 
 
-def pixel_aspect(stream):
-    """A video stream's pixel width over height (Fraction; 1 unless it says otherwise, or says something absurd)."""
-    from fractions import Fraction
-
+def pixel_aspect(stream) -> Fraction:
+    """A video stream's pixel width over height (1 unless it says otherwise, or says something absurd)."""
     for sar in (stream.sample_aspect_ratio, stream.codec_context.sample_aspect_ratio):
         if sar and 0.25 <= sar <= 4:
             return Fraction(sar.numerator, sar.denominator)
@@ -93,24 +92,37 @@ STILL_COLOUR = Colour(BT601_MATRIX, BT709, SRGB_TRC, LIMITED)
 @dataclass(frozen=True)
 class Look:
     """How a stream's frames are shown: the turn that makes them upright, their HDR transfer ("HLG", "PQ"; None for
-    SDR) and what an operator should be told about either."""
+    SDR), their pixels' width over height, whether their Y'CbCr is full range, and what an operator should be told."""
     orientation: Orientation = UPRIGHT
     transfer: str | None = None
     notes: tuple[str, ...] = ()
+    pixel_aspect: Fraction = Fraction(1)
+    full_range: bool = False
 
     @property
     def as_stored(self) -> bool:
-        """Nothing to do: the decoded frame is what players show."""
-        return self.orientation == UPRIGHT and self.transfer is None
+        """Nothing to do: a template's cache keeps the decoded bytes as they are (template_frames.decode)."""
+        return (self.orientation == UPRIGHT and self.transfer is None and self.pixel_aspect == 1
+                and not self.full_range)
+
+    def shown_size(self, width: int, height: int) -> tuple[int, int]:
+        """(w, h) players show a stored width x height frame at: square pixels, turned upright."""
+        wide = round(width * self.pixel_aspect)
+        return (height, wide) if self.orientation[0] else (wide, height)
 
 
-def look_of(frame) -> Look:
-    """The Look of a stream, from its first decoded frame (the matrix and the transfer travel with every frame)."""
+def look_of(frame, stream=None) -> Look:
+    """The Look of a stream, from its first decoded frame (the matrix, the transfer and the range travel with every
+    frame) and the stream (its pixel aspect; square without one)."""
     o, note = frame_orientation(frame)
     transfer = hdr.transfer_of(frame)
     notes = ([note] if note else []) + ([f"HDR ({transfer}) video: made SDR (BT.709) for the outputs"]
                                         if transfer else [])
-    return Look(o, transfer, tuple(notes))
+    sar = pixel_aspect(stream) if stream is not None else Fraction(1)
+    if round(frame.width * sar) != frame.width:  # non-square pixels (anamorphic video): made square
+        notes.append(f"stored {frame.width}x{frame.height} with pixels {sar} as wide as high: "
+                     f"shown {round(frame.width * sar)}x{frame.height}")
+    return Look(o, transfer, tuple(notes), sar, full_range(frame))
 
 
 def picture(frame, look: Look, fmt: str = "bgr24") -> np.ndarray:

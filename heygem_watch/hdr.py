@@ -13,6 +13,8 @@ HDR reference white becomes SDR white: skin, clothes and walls keep the brightne
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 TRC_PQ = 16  # AVColorTransferCharacteristic: SMPTE ST 2084
@@ -49,9 +51,13 @@ def rgb_to_xyz(primaries, white=D65) -> np.ndarray:
     return xyz * scale
 
 
+@functools.cache
 def bt2020_to_bt709() -> np.ndarray:
-    """3x3 matrix taking linear BT.2020 RGB to linear BT.709 RGB (ITU-R BT.2087 gives the inverse)."""
-    return np.linalg.solve(rgb_to_xyz(BT709_PRIMARIES), rgb_to_xyz(BT2020_PRIMARIES))
+    """3x3 matrix taking linear BT.2020 RGB to linear BT.709 RGB (ITU-R BT.2087 gives the inverse); read-only, as
+    every call returns the same array."""
+    m = np.linalg.solve(rgb_to_xyz(BT709_PRIMARIES), rgb_to_xyz(BT2020_PRIMARIES))
+    m.flags.writeable = False
+    return m
 
 
 def hlg_inverse_oetf(e: np.ndarray) -> np.ndarray:
@@ -75,6 +81,7 @@ def roll_off(x: np.ndarray) -> np.ndarray:
     return np.where(x <= KNEE, x, KNEE + span * (1 - np.exp(-(x - KNEE) / span)))
 
 
+@functools.cache
 def _light_table(transfer: str) -> np.ndarray:
     """(CODES,) float32: rgb48le code -> HLG scene light E (0..1, the OOTF needs all three channels) or PQ display
     light in units of reference white."""
@@ -84,20 +91,17 @@ def _light_table(transfer: str) -> np.ndarray:
     return (pq_eotf(e) / REF_WHITE_NITS).astype(np.float32)
 
 
-_TABLES: dict[str, np.ndarray] = {}
-
 
 def to_sdr_rgb(frame, transfer: str) -> np.ndarray:
     """An HDR frame as (H, W, 3) uint8 RGB, SDR BT.709 (gamma 2.4), full range."""
     from av.video.reformatter import ColorRange, Colorspace
 
     space = Colorspace.BT2020 if int(frame.colorspace or 0) in SPACE_BT2020 else Colorspace.ITU709
-    full = int(frame.color_range or 0) == 2  # AVCOL_RANGE_JPEG
+    from heygem_watch.display import full_range  # (display imports this module)
+
     rgb16 = frame.reformat(format="rgb48le", src_colorspace=space,
-                           src_color_range=ColorRange.JPEG if full else ColorRange.MPEG).to_ndarray()
-    table = _TABLES.get(transfer)
-    if table is None:
-        table = _TABLES[transfer] = _light_table(transfer)
+                           src_color_range=ColorRange.JPEG if full_range(frame) else ColorRange.MPEG).to_ndarray()
+    table = _light_table(transfer)
     out = np.empty(rgb16.shape, np.uint8)
     # two bands of rows on two threads: numpy and OpenCV let go of the GIL for arrays this large
     half = rgb16.shape[0] // 2
@@ -114,7 +118,7 @@ def _to_sdr(rgb16: np.ndarray, table: np.ndarray, transfer: str, out: np.ndarray
     if transfer == "HLG":  # OOTF: display light = peak * Ys^(gamma - 1) * E, Ys the scene luminance
         ys = np.maximum(cv2.transform(light, np.float32([BT2020_LUMA])), 1e-6)  # (h, w)
         _scale(light, (HLG_PEAK_NITS / REF_WHITE_NITS) * cv2.pow(ys, HLG_GAMMA - 1))
-    light = cv2.transform(light, bt2020_to_bt709().astype(np.float32))
+    light = cv2.transform(light, bt2020_to_bt709().astype(np.float32))  # (a cached 3x3)
     np.maximum(light, 0, out=light)  # colours outside BT.709 lose what it cannot show
     # the brightest channel is rolled off and the other two scaled with it (hue kept)
     r, g, b = cv2.split(light)
@@ -128,16 +132,12 @@ def _to_sdr(rgb16: np.ndarray, table: np.ndarray, transfer: str, out: np.ndarray
     out[...] = _gamma_table()[light.astype(np.uint16)]
 
 
-_POOL = []
-
-
+@functools.cache
 def _pool():
     """The two threads to_sdr_rgb's bands run on (made on first use, kept: HDR templates are decoded in a row)."""
-    if not _POOL:
-        from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
-        _POOL.append(ThreadPoolExecutor(2, thread_name_prefix="hdr"))
-    return _POOL[0]
+    return ThreadPoolExecutor(2, thread_name_prefix="hdr")
 
 
 def _scale(rgb: np.ndarray, factor: np.ndarray) -> None:
@@ -147,12 +147,10 @@ def _scale(rgb: np.ndarray, factor: np.ndarray) -> None:
     cv2.multiply(rgb, cv2.merge((factor, factor, factor)), dst=rgb)
 
 
+@functools.cache
 def _gamma_table() -> np.ndarray:
     """(OUT_STEPS,) uint8: linear light 0..1 (in OUT_STEPS steps) -> 8-bit BT.1886 code, full range."""
-    if "gamma" not in _TABLES:
-        _TABLES["gamma"] = np.round(255 * np.power(np.arange(OUT_STEPS) / (OUT_STEPS - 1), 1 / SDR_GAMMA)).astype(
-            np.uint8)
-    return _TABLES["gamma"]
+    return np.round(255 * np.power(np.arange(OUT_STEPS) / (OUT_STEPS - 1), 1 / SDR_GAMMA)).astype(np.uint8)
 
 
 def is_hd(width: int, height: int) -> bool:

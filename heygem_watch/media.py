@@ -100,16 +100,16 @@ def probe(path: os.PathLike | str, shown_size: bool = True) -> MediaInfo:
 
 
 def _shown_size(container, vs) -> tuple[int, int]:
-    """(width, height) as players show the stream: a display matrix that turns it a quarter swaps them. Reads the
-    first frame (the matrix travels with frames); the stored size when that frame cannot be decoded."""
+    """(width, height) as players show the stream (display.Look.shown_size: non-square pixels made square, a quarter
+    turn swaps them). Reads the first frame (the matrix travels with frames); the stored size when that frame
+    cannot be decoded."""
     import av
 
     w, h = vs.codec_context.width, vs.codec_context.height
     try:
         for n, packet in enumerate(container.demux(vs)):
             for frame in packet.decode():
-                wide = round(w * display.pixel_aspect(vs))  # anamorphic pixels shown square
-                return (h, wide) if display.frame_orientation(frame)[0][0] else (wide, h)
+                return display.look_of(frame, vs).shown_size(w, h)
             if n >= SIZE_PROBE_PACKETS:
                 break
     except (av.error.FFmpegError, ValueError):

@@ -18,7 +18,6 @@ import json
 import os
 import queue
 import shutil
-import threading
 import time
 from dataclasses import astuple, dataclass, field
 from fractions import Fraction
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from heygem_watch import display, face, template_frames
+from heygem_watch.housekeeping import write_json_atomic
 from heygem_watch.ledger import fingerprint_file
 from heygem_watch.media import DEFAULT_FPS, IMAGE_EXTENSIONS, MediaError, even_size, open_container, stream_fps
 from heygem_watch.template_cache import entry_dir, install_entry, work_dir
@@ -264,10 +264,8 @@ def _colour_if_shown_as_stored(path: Path, meta: dict) -> display.Colour | None:
     try:
         with open_container(path) as c:
             for frame in c.decode(c.streams.video[0]):
-                look = display.look_of(frame)  # version 3 kept full-range bytes as they were: those are redone
-                same = (look.as_stored and not display.full_range(frame)
-                        and display.pixel_aspect(c.streams.video[0]) == 1)
-                return display.stored_colour(frame, look) if same else None
+                look = display.look_of(frame, c.streams.video[0])
+                return display.stored_colour(frame, look) if look.as_stored else None
     except Exception:  # noqa: BLE001 - unreadable now: analysing it again reports why, naming the file
         return None
     return None
@@ -275,12 +273,10 @@ def _colour_if_shown_as_stored(path: Path, meta: dict) -> display.Colour | None:
 
 def _rewrite_meta(cache_dir: Path, meta: dict) -> None:
     """Replace an entry's meta.json whole (readers see the old or the new file, never part of one)."""
-    tmp = cache_dir / f"{META_NAME}.{os.getpid()}.{threading.get_ident()}"
     try:
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, cache_dir / META_NAME)
+        write_json_atomic(cache_dir / META_NAME, meta)
     except OSError:  # a read-only cache still serves this run; the check is simply made again next time
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 def _analyse(path: Path, out_dir: Path, prefix: int, max_side: int = 0) -> tuple[dict, np.ndarray, np.ndarray,

@@ -59,8 +59,12 @@ def crop_bgr(yuv_planes, box: tuple[int, int, int, int]) -> np.ndarray:
     y, u, v = yuv_planes
     x0, y0, x1, y1 = box
     parts = (y[y0:y1, x0:x1], u[y0 // 2:y1 // 2, x0 // 2:x1 // 2], v[y0 // 2:y1 // 2, x0 // 2:x1 // 2])
-    i420 = np.concatenate([np.asarray(p).reshape(-1) for p in parts]).reshape(-1, x1 - x0)
-    return cv2.cvtColor(i420, cv2.COLOR_YUV2BGR_I420)
+    return cv2.cvtColor(join_planes(*parts), cv2.COLOR_YUV2BGR_I420)
+
+
+def join_planes(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """A contiguous yuv420p frame (h*3/2, w) from its planes Y (h, w), U and V (h/2, w/2): planes()'s inverse."""
+    return np.concatenate([np.asarray(p).reshape(-1) for p in (y, u, v)]).reshape(-1, y.shape[1])
 
 
 def paste_bgr(yuv_planes, box: tuple[int, int, int, int], bgr: np.ndarray) -> None:
@@ -110,14 +114,9 @@ def decode(path: Path, notes: list[str], limit: int, spare=None, want: Callable[
                 if i >= limit:
                     break
                 if look is None:  # one per stream: the first frame's
-                    look = display.look_of(frame)
+                    look = display.look_of(frame, vs)
                     notes.extend(look.notes)
-                    sar = display.pixel_aspect(vs)
-                    wide = round(frame.width * sar)  # non-square pixels (anamorphic video): made square
-                    if wide != frame.width:
-                        notes.append(f"stored {frame.width}x{frame.height} with pixels {sar} as wide as high: "
-                                     f"shown {wide}x{frame.height}")
-                    shown = (frame.height, wide) if look.orientation[0] else (wide, frame.height)
+                    shown = look.shown_size(frame.width, frame.height)
                     size = scaled_size(*shown, max_side)
                     if size != even_size(*shown):
                         notes.append(f"{shown[0]}x{shown[1]} scaled to {size[0]}x{size[1]} "
@@ -180,15 +179,13 @@ def scale_yuv(yuv: np.ndarray, w: int, h: int, size: tuple[int, int]) -> np.ndar
     tw, th = size
     how = cv2.INTER_AREA if tw <= w and th <= h else cv2.INTER_LINEAR  # anamorphic pixels can widen a picture
     y, u, v = planes(yuv, w, h)
-    parts = [cv2.resize(y, (tw, th), interpolation=how)]
-    parts += [cv2.resize(p, (tw // 2, th // 2), interpolation=how) for p in (u, v)]
-    return np.concatenate([p.reshape(-1) for p in parts]).reshape(th * 3 // 2, tw)
+    return join_planes(cv2.resize(y, (tw, th), interpolation=how),
+                       *(cv2.resize(p, (tw // 2, th // 2), interpolation=how) for p in (u, v)))
 
 
 def upright_yuv(yuv: np.ndarray, w: int, h: int, o: Orientation) -> np.ndarray:
     """A yuv420p (h*3/2, w) frame turned upright plane by plane: (h'*3/2, w'), w' x h' as players show it."""
-    y, u, v = (upright(p, o) for p in planes(yuv, w, h))
-    return np.concatenate([y.reshape(-1), u.reshape(-1), v.reshape(-1)]).reshape(-1, y.shape[1])
+    return join_planes(*(upright(p, o) for p in planes(yuv, w, h)))
 
 
 def yuv420p(frame, spare=None) -> np.ndarray:
